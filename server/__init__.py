@@ -1,0 +1,1 @@
+"""DVReward server: reward math, model engines, queue, API and workers."""

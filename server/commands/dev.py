@@ -1,0 +1,23 @@
+"""`dvreward dev ...`: developer tooling (tiny random models for offline runs and tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _tiny_models(args: argparse.Namespace) -> int:
+    from server.engines.tiny import write_tiny_models
+
+    paths = write_tiny_models(Path(args.dir), seed=args.seed)
+    print(json.dumps(paths, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="dev_command", required=True)
+    p = dev.add_parser("tiny-models", help="write a tiny random verifier and decomposer to DIR")
+    p.add_argument("dir", help="output directory; DIR/verifier and DIR/decomposer are created")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tiny_models)

@@ -1,0 +1,1 @@
+"""Pure-Python core (no torch): question model, scoring and reward aggregation."""

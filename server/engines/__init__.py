@@ -1,0 +1,1 @@
+"""Model engines: a narrow verifier / decomposer interface and its implementations."""

@@ -1,0 +1,154 @@
+"""Tiny random models of the real architectures, for development, tests and benchmarks.
+
+They are written to a directory exactly as a hub checkpoint would be (config, safetensors,
+tokenizer, image processor, chat template) so the engines load them through their real
+loading code, offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+VISION_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Qwen-style chat template: an image entry in a user message becomes the vision block.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Enough English, JSON and answer words that byte-level BPE learns whole-word tokens for them.
+_CORPUS = [
+    "yes", "Yes", "YES", "no", "No", "NO",
+    "Yes yes YES No no NO",
+    " Yes yes YES No no NO",
+    "Is there a cat? Is the dog red? Are there two apples on the table? Does the image look sharp?",
+    "a photo of a red car next to a blue house under a cloudy sky, in watercolor style",
+    '{"semantic": [{"id": "1", "text": "Is there a cat?", "tag": "Existence", "depends_on": []}],'
+    ' "quality": [{"id": "q1", "text": "Is the cat anatomically correct?", "aspect": "Anatomy"}]}',
+    "Style Environment Viewpoint Existence Count Attribute Action Spatial Text Negative",
+    "Geometry Anatomy Texture Coherence Lighting Physics Legibility Aesthetics",
+    "entity attribute relation global whole part color count spatial action",
+    "You are a careful visual verifier. Answer only yes or no.",
+]
+
+
+def _build_tokenizer(vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(CHAT_SPECIALS + VISION_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 50, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(VISION_SPECIALS),
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _tiny_vl_config(tokenizer: Any, size: str) -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    dims = {
+        "tiny": dict(h=64, inter=128, layers=2, heads=4, kv=2, vdepth=2, vh=32, vinter=64, vheads=2, full=[1]),
+        "small": dict(h=256, inter=512, layers=4, heads=4, kv=2, vdepth=4, vh=128, vinter=256, vheads=4,
+                      full=[1, 3]),
+    }[size]
+    # M-RoPE splits head_dim / 2 rotary pairs over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
+    half = dims["h"] // dims["heads"] // 2
+    mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=dims["h"], intermediate_size=dims["inter"], num_hidden_layers=dims["layers"],
+            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv"], vocab_size=len(tokenizer),
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+        ),
+        vision_config=dict(
+            depth=dims["vdepth"], hidden_size=dims["vh"], intermediate_size=dims["vinter"],
+            num_heads=dims["vheads"], out_hidden_size=dims["h"], fullatt_block_indexes=dims["full"],
+            window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def write_tiny_verifier(path: Path, size: str = "tiny", seed: int = 0, max_pixels: int = 448 * 448) -> Path:
+    """A random Qwen2.5-VL with tokenizer, image processor and chat template."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(1000)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(_tiny_vl_config(tokenizer, size), dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28 * 4, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    ).save_pretrained(path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return path
+
+
+def write_tiny_decomposer(path: Path, seed: int = 0) -> Path:
+    """A random Qwen2-style causal LM with a chat template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(1000)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=8192,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=True,
+    )
+    Qwen2ForCausalLM._from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return path
+
+
+def write_tiny_models(root: Path, seed: int = 0) -> dict[str, str]:
+    root = Path(root)
+    out = {
+        "verifier": str(write_tiny_verifier(root / "verifier", seed=seed)),
+        "decomposer": str(write_tiny_decomposer(root / "decomposer", seed=seed)),
+    }
+    (root / "README.json").write_text(json.dumps({"what": "tiny random DVReward models", **out}, indent=2))
+    return out

@@ -1,0 +1,83 @@
+"""GRPO helpers shared by the trainer client and the server (pure Python, no numpy).
+
+A failed image (None reward) is left out of every statistic and gets a None advantage:
+it must never be treated as a reward of 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+StdMode = Literal["group", "global"]
+
+
+def _std(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def group_advantages(
+    rewards: Sequence[Sequence[float | None]],
+    std: StdMode = "group",
+    eps: float = 1e-4,
+    clip: float | None = None,
+) -> list[list[float | None]]:
+    """(r - group mean) / (std + eps), std per group or over the whole batch, optionally clipped.
+
+    A group whose valid rewards are all equal gets zero advantages (never NaN).
+    """
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    if clip is not None and clip <= 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    for g in rewards:
+        for r in g:
+            if r is not None and not math.isfinite(r):
+                raise ValueError(f"reward {r} is not finite; pass None for a failed image")
+    valid = [[r for r in g if r is not None] for g in rewards]
+    global_std = _std([r for g in valid for r in g])
+    out: list[list[float | None]] = []
+    for g, vg in zip(rewards, valid, strict=True):
+        mean = sum(vg) / len(vg) if vg else 0.0
+        s = _std(vg) if std == "group" else global_std
+        adv: list[float | None] = []
+        for r in g:
+            if r is None:
+                adv.append(None)
+                continue
+            a = 0.0 if max(vg) == min(vg) else (r - mean) / (s + eps)
+            if clip is not None:
+                a = max(-clip, min(clip, a))
+            adv.append(a)
+        out.append(adv)
+    return out
+
+
+def false_positive_rectification(
+    refined: Sequence[Sequence[float | None]],
+    start: Sequence[Sequence[float | None]],
+) -> list[list[float | None]]:
+    """A refined image whose reward is not above its starting image's gets the group's minimum start reward.
+
+    Groups are aligned: refined[g][i] is the refinement of start[g][i].
+    """
+    if len(refined) != len(start):
+        raise ValueError(f"{len(refined)} refined groups but {len(start)} start groups")
+    out: list[list[float | None]] = []
+    for gi, (rg, sg) in enumerate(zip(refined, start, strict=True)):
+        if len(rg) != len(sg):
+            raise ValueError(f"group {gi}: {len(rg)} refined images but {len(sg)} start images")
+        valid_start = [s for s in sg if s is not None]
+        floor = min(valid_start) if valid_start else None
+        row: list[float | None] = []
+        for r, s in zip(rg, sg, strict=True):
+            if r is None or s is None or floor is None:
+                row.append(r)
+            else:
+                row.append(r if r > s else floor)
+        out.append(row)
+    return out
