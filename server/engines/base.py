@@ -1,0 +1,48 @@
+"""The narrow engine interface every backend implements (transformers, vLLM, remote).
+
+Engines are synchronous and import no web stack: workers call them in a thread, and the
+benchmarks and the GPU machine import them without FastAPI or Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from server.core.questions import Decomposition
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+class EngineError(RuntimeError):
+    """A model could not produce a valid result; the message says why."""
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    """One unit of verification: the image(s) shown together and the questions asked of them.
+
+    More than one image serves editing rewards (source image beside the result).
+    """
+
+    images: tuple[Image, ...]
+    questions: tuple[str, ...]
+
+
+class Verifier(Protocol):
+    model_id: str
+
+    def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
+        """p = P(yes) / (P(yes) + P(no)) for every question of every item, in order."""
+        ...
+
+
+class Decomposer(Protocol):
+    model_id: str
+    pipeline: str
+
+    def decompose(self, prompts: Sequence[str]) -> list[Decomposition]:
+        """One validated decomposition per prompt, or EngineError saying why not."""
+        ...
