@@ -32,6 +32,7 @@ class RewardBreakdown:
 
 def gate(questions: Sequence[Question], p: Mapping[str, float], gating: Gating) -> dict[str, float]:
     """Apply dependency gating; parents are gated first so chains propagate."""
+    gating = Gating(gating)  # a plain string ("hard") must not silently mean "no gating"
     if gating is Gating.none:
         return {q.id: p[q.id] for q in questions}
     out: dict[str, float] = {}
@@ -66,6 +67,8 @@ def aggregate(
     tag_weights: Mapping[str, float] | None = None,
 ) -> RewardBreakdown:
     """One reward from the p of every question; empty halves count as 1.0."""
+    aggregation = Aggregation(aggregation)  # "geometric" as a str must not fall through to flat
+    gating = Gating(gating)
     missing = [q.id for q in questions if q.id not in p]
     if missing:
         raise ValueError(f"no p for questions {missing}")

@@ -38,7 +38,12 @@ def p_yes_from_logits(yes_logits: list[float], no_logits: list[float]) -> float:
     ly, ln = _logsumexp(yes_logits), _logsumexp(no_logits)
     if ly == -math.inf and ln == -math.inf:
         raise UnscorableError("both yes and no have zero probability")
-    return 1.0 / (1.0 + math.exp(min(ln - ly, 700.0)))
+    # Numerically stable sigmoid(ly - ln): exact 0 / 1 when one side has zero probability.
+    d = ly - ln
+    if d >= 0:
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
 
 
 def p_yes_from_top_logprobs(top: Mapping[str, float]) -> float:

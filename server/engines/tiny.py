@@ -43,7 +43,7 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer(vocab_size: int) -> Any:
+def build_tokenizer(vocab_size: int = 1000) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,22 +67,30 @@ def _build_tokenizer(vocab_size: int) -> Any:
     return fast
 
 
-def _tiny_vl_config(tokenizer: Any, size: str) -> Any:
+VERIFIER_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(h=64, inter=128, layers=2, heads=4, kv=2, vdepth=2, vh=32, vinter=64, vheads=2, full=[1]),
+    "small": dict(h=256, inter=512, layers=4, heads=4, kv=2, vdepth=4, vh=128, vinter=256, vheads=4, full=[1, 3]),
+    # The real Qwen2.5-VL-7B-Instruct shapes (8.29B parameters), for GPU benchmarks with random weights.
+    "qwen2.5-vl-7b": dict(h=3584, inter=18944, layers=28, heads=28, kv=4, vdepth=32, vh=1280, vinter=3420,
+                          vheads=16, full=[7, 15, 23, 31], vocab=152064),
+}
+
+
+def verifier_config(tokenizer: Any, size: str) -> Any:
+    """A Qwen2.5-VL config of the given size whose special token ids match `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
 
-    dims = {
-        "tiny": dict(h=64, inter=128, layers=2, heads=4, kv=2, vdepth=2, vh=32, vinter=64, vheads=2, full=[1]),
-        "small": dict(h=256, inter=512, layers=4, heads=4, kv=2, vdepth=4, vh=128, vinter=256, vheads=4,
-                      full=[1, 3]),
-    }[size]
+    dims = VERIFIER_SIZES[size]
     # M-RoPE splits head_dim / 2 rotary pairs over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
     half = dims["h"] // dims["heads"] // 2
     mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
     return Qwen2_5_VLConfig(
         text_config=dict(
             hidden_size=dims["h"], intermediate_size=dims["inter"], num_hidden_layers=dims["layers"],
-            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv"], vocab_size=len(tokenizer),
+            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv"],
+            vocab_size=max(len(tokenizer), dims.get("vocab", 0)),
             max_position_embeddings=4096,
+            initializer_range=0.2,  # sharper random outputs, so scores differ visibly between inputs
             bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
             pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
@@ -91,7 +99,7 @@ def _tiny_vl_config(tokenizer: Any, size: str) -> Any:
         vision_config=dict(
             depth=dims["vdepth"], hidden_size=dims["vh"], intermediate_size=dims["vinter"],
             num_heads=dims["vheads"], out_hidden_size=dims["h"], fullatt_block_indexes=dims["full"],
-            window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=112, patch_size=14, initializer_range=0.2, spatial_merge_size=2, temporal_patch_size=2,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -110,9 +118,9 @@ def write_tiny_verifier(path: Path, size: str = "tiny", seed: int = 0, max_pixel
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(1000)
+    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(_tiny_vl_config(tokenizer, size), dtype=torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(verifier_config(tokenizer, size), dtype=torch.float32)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     Qwen2VLImageProcessorPil(
@@ -128,7 +136,7 @@ def write_tiny_decomposer(path: Path, seed: int = 0) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(1000)
+    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

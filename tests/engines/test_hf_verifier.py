@@ -1,0 +1,107 @@
+"""The packed verifier must equal one-sequence-per-pair scoring, on a tiny real Qwen2.5-VL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.engines.base import EngineError, VerifyItem
+from server.engines.hf_verifier import HFVerifier
+
+TOL = 1e-4
+
+
+def _image(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def items() -> list[VerifyItem]:
+    """Mixed image sizes, K from 1 to 5, question lengths from 1 to 25 words, a two-image item."""
+    rng = np.random.default_rng(0)
+    return [
+        VerifyItem((_image(rng, 100, 60),), ("Is there a cat?", "Is the dog red?", "Does it look sharp?")),
+        VerifyItem((_image(rng, 56, 56),), ("Are there exactly two apples on the wooden kitchen table?",)),
+        VerifyItem(
+            (_image(rng, 224, 140),),
+            ("Red?", "Is the car next to a blue house under a cloudy sky in watercolor style, "
+             "seen from above with soft light and long shadows on the ground?", "Is it night?",
+             "Is the text legible?", "Is the cat anatomically correct?"),
+        ),
+        VerifyItem((_image(rng, 120, 200), _image(rng, 64, 64)), ("Is the background unchanged?", "Is it blue?")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_verifier(tiny_models: dict[str, Path]) -> HFVerifier:
+    return HFVerifier.load(str(tiny_models["verifier"]))
+
+
+def _flat(scores: list[list[float]]) -> np.ndarray:
+    return np.concatenate([np.asarray(s, dtype=np.float64) for s in scores])
+
+
+def _reference(tiny_verifier: HFVerifier, items: list[VerifyItem]) -> np.ndarray:
+    tiny_verifier.mode = "per_pair"
+    try:
+        return _flat(tiny_verifier.verify(items))
+    finally:
+        tiny_verifier.mode = "packed"
+
+
+def test_packed_equals_per_pair(tiny_verifier: HFVerifier, items: list[VerifyItem]) -> None:
+    packed = tiny_verifier.verify(items)
+    assert [len(s) for s in packed] == [len(it.questions) for it in items]
+    ref = _reference(tiny_verifier, items)
+    got = _flat(packed)
+    assert np.all((got > 0) & (got < 1))
+    assert np.abs(got - ref).max() <= TOL
+    assert got.std() > 0.01, "scores should differ between questions, or the comparison proves little"
+
+
+def test_block_mask_is_what_makes_it_exact(tiny_verifier: HFVerifier, items: list[VerifyItem]) -> None:
+    """A plain causal mask over the packed sequence lets blocks see each other: far beyond TOL."""
+    ref = _reference(tiny_verifier, items)
+    tiny_verifier.attn_mask_mode = "causal"
+    try:
+        leaky = _flat(tiny_verifier.verify(items))
+    finally:
+        tiny_verifier.attn_mask_mode = "block"
+    assert np.abs(leaky - ref).max() > 100 * TOL
+
+
+def test_micro_batching_and_order_do_not_change_scores(
+    tiny_verifier: HFVerifier, items: list[VerifyItem]
+) -> None:
+    whole = _flat(tiny_verifier.verify(items))
+    tiny_verifier.max_batch_tokens = 64  # forces one item per forward pass
+    try:
+        reversed_scores = tiny_verifier.verify(items[::-1])[::-1]
+    finally:
+        tiny_verifier.max_batch_tokens = 32768
+    assert np.abs(_flat(reversed_scores) - whole).max() <= TOL
+
+
+def test_yes_no_variants_are_single_tokens(tiny_verifier: HFVerifier) -> None:
+    decode = tiny_verifier.tokenizer.decode
+    assert {decode([i]).strip().lower() for i in tiny_verifier.yes_ids} == {"yes"}
+    assert {decode([i]).strip().lower() for i in tiny_verifier.no_ids} == {"no"}
+    assert len(tiny_verifier.yes_ids) >= 4 and len(tiny_verifier.no_ids) >= 4
+
+
+def test_empty_item_is_rejected(tiny_verifier: HFVerifier) -> None:
+    img = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="at least one question"):
+        tiny_verifier.verify([VerifyItem((img,), ())])
+    with pytest.raises(ValueError, match="at least one image"):
+        tiny_verifier.verify([VerifyItem((), ("Is it red?",))])
+
+
+def test_unknown_model_points_to_offline_options(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="tiny-models"):
+        HFVerifier.load("no-such-org/no-such-verifier")
+    with pytest.raises(EngineError, match="local directory"):
+        HFVerifier.load(str(tmp_path))
