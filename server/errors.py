@@ -1,0 +1,52 @@
+"""One error taxonomy for the whole service, mapped to HTTP status codes in one place."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    bad_request = "bad_request"
+    bad_image = "bad_image"
+    too_large = "too_large"
+    unauthorized = "unauthorized"
+    not_found = "not_found"
+    rate_limited = "rate_limited"
+    unavailable = "unavailable"
+    timeout = "timeout"
+    decomposition_failed = "decomposition_failed"
+    verification_failed = "verification_failed"
+    delivery_limit = "delivery_limit"
+    expired = "expired"
+    internal = "internal"
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.bad_request: 422,
+    ErrorCode.bad_image: 422,
+    ErrorCode.too_large: 413,
+    ErrorCode.unauthorized: 401,
+    ErrorCode.not_found: 404,
+    ErrorCode.rate_limited: 429,
+    ErrorCode.unavailable: 503,
+    ErrorCode.timeout: 504,
+    ErrorCode.decomposition_failed: 502,
+    ErrorCode.verification_failed: 502,
+    ErrorCode.delivery_limit: 502,
+    ErrorCode.expired: 504,
+    ErrorCode.internal: 500,
+}
+
+
+class ServiceError(Exception):
+    """An error with a code the API maps to a status and a message the user can act on."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS[self.code]

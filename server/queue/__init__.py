@@ -1,0 +1,1 @@
+"""Task queues between the API and the workers: one interface, in-process and Redis Streams."""

@@ -1,0 +1,161 @@
+"""The broker interface both queue implementations satisfy (and the contract tests check)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from server.errors import ErrorCode, ServiceError
+from server.schemas import WorkerInfo
+
+
+class TaskKind(StrEnum):
+    verify = "verify"
+    decompose = "decompose"
+
+
+@dataclass
+class Task:
+    """One unit of work. `payload` is JSON; `blobs` are raw image bytes (never pickled)."""
+
+    task_id: str
+    kind: TaskKind
+    reply_to: str
+    deadline: float  # epoch seconds; past it nobody waits for the result
+    payload: dict[str, Any]
+    blobs: list[bytes] = field(default_factory=list)
+    delivery: int = 1
+    receipt: str | None = None  # broker-specific handle used to acknowledge
+
+    def header(self) -> bytes:
+        return json.dumps({
+            "task_id": self.task_id, "kind": self.kind.value, "reply_to": self.reply_to,
+            "deadline": self.deadline, "payload": self.payload,
+        }).encode()
+
+    @classmethod
+    def from_header(cls, raw: bytes, blobs: list[bytes], receipt: str | None) -> Task:
+        h = json.loads(raw)
+        return cls(h["task_id"], TaskKind(h["kind"]), h["reply_to"], h["deadline"], h["payload"], blobs,
+                   receipt=receipt)
+
+    @property
+    def expired(self) -> bool:
+        return time.time() > self.deadline
+
+
+@dataclass
+class Result:
+    task_id: str
+    data: dict[str, Any] | None = None
+    error_code: ErrorCode | None = None
+    error: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps({"task_id": self.task_id, "data": self.data,
+                           "error_code": self.error_code, "error": self.error}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Result:
+        d = json.loads(raw)
+        code = ErrorCode(d["error_code"]) if d.get("error_code") else None
+        return cls(d["task_id"], d.get("data"), code, d.get("error"))
+
+    @classmethod
+    def failure(cls, task_id: str, code: ErrorCode, message: str) -> Result:
+        return cls(task_id, None, code, message)
+
+
+Compute = Callable[[], Awaitable[bytes]]
+
+
+class Broker(Protocol):
+    """API side: submit, gather, single-flight. Worker side: claim, complete, heartbeat."""
+
+    async def submit(self, tasks: Sequence[Task]) -> None:
+        """Enqueue, or raise ServiceError(rate_limited) when the queue is full."""
+        ...
+
+    async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
+        """Wait (blocking, no polling) until every task has a result, or raise ServiceError(timeout)."""
+        ...
+
+    async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
+        """The cached value of `key`, or compute it once however many callers ask concurrently.
+
+        Returns (value, was_cached). A failed compute is not cached; its error reaches every waiter.
+        """
+        ...
+
+    async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]: ...
+
+    async def complete(self, task: Task, result: Result) -> None:
+        """Deliver the result (idempotent on task id), then acknowledge the task."""
+        ...
+
+    async def heartbeat(self, info: WorkerInfo, ttl: float) -> None: ...
+
+    async def remove_worker(self, worker_id: str) -> None: ...
+
+    async def workers(self) -> list[WorkerInfo]: ...
+
+    async def ping(self) -> None:
+        """Raise ServiceError(unavailable) when the backend cannot be reached."""
+        ...
+
+    async def queue_depth(self, kind: TaskKind) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def singleflight_message(value: bytes | None, error: ServiceError | None) -> bytes:
+    if error is not None:
+        return json.dumps({"ok": False, "code": error.code.value, "message": error.message}).encode()
+    assert value is not None
+    return json.dumps({"ok": True, "value": value.decode()}).encode()
+
+
+def singleflight_value(raw: bytes) -> bytes:
+    msg = json.loads(raw)
+    if not msg["ok"]:
+        raise ServiceError(ErrorCode(msg["code"]), msg["message"])
+    return msg["value"].encode()
+
+
+async def collect_batch(
+    fetch: Callable[[int, float], Awaitable[list[Any]]], max_size: int, max_wait: float
+) -> list[Any]:
+    """Fill a batch up to max_size, waiting at most max_wait once the first item has arrived.
+
+    `fetch(n, timeout)` returns up to n items, blocking up to timeout seconds for the first.
+    The first call blocks for max_wait too, so an idle worker loops at that period.
+    """
+    batch: list[Any] = list(await fetch(max_size, max_wait))
+    if not batch:
+        return batch
+    end = time.monotonic() + max_wait
+    while len(batch) < max_size:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        more = await fetch(max_size - len(batch), left)
+        if not more:
+            break
+        batch.extend(more)
+    return batch
+
+
+def remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.time())
+
+
+async def wait_until(deadline: float, aw: Awaitable[Any], what: str) -> Any:
+    try:
+        return await asyncio.wait_for(aw, timeout=remaining(deadline))
+    except TimeoutError as exc:
+        raise ServiceError(ErrorCode.timeout, f"{what} did not finish before the request deadline") from exc

@@ -1,0 +1,46 @@
+"""Every Redis key the service uses, built in one place so prefixes and TTLs stay consistent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.queue.base import TaskKind
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "dvr"
+
+    def stream(self, kind: TaskKind) -> str:
+        return f"{self.prefix}:stream:{kind.value}"
+
+    def reply(self, request_id: str) -> str:
+        """List the results of one request's tasks are pushed to (the API BLPOPs it)."""
+        return f"{self.prefix}:reply:{request_id}"
+
+    def done(self, task_id: str) -> str:
+        """Marks a delivered task: re-delivery after a crash must not deliver twice."""
+        return f"{self.prefix}:done:{task_id}"
+
+    def deliveries(self, task_id: str) -> str:
+        return f"{self.prefix}:deliveries:{task_id}"
+
+    def value(self, key: str) -> str:
+        return f"{self.prefix}:sf:value:{key}"
+
+    def lock(self, key: str) -> str:
+        return f"{self.prefix}:sf:lock:{key}"
+
+    def waiters(self, key: str) -> str:
+        return f"{self.prefix}:sf:waiters:{key}"
+
+    def waiter(self, token: str) -> str:
+        return f"{self.prefix}:sf:waiter:{token}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"

@@ -1,0 +1,114 @@
+"""The in-process broker of the embedded default: same contract as Redis, no server needed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from server.errors import ErrorCode, ServiceError
+from server.queue.base import Compute, Result, Task, TaskKind, wait_until
+from server.schemas import WorkerInfo
+
+
+class MemoryBroker:
+    def __init__(self, max_queue: int = 4096, result_ttl: float = 600.0) -> None:
+        self.max_queue = max_queue
+        self.result_ttl = result_ttl
+        self._queues: dict[TaskKind, asyncio.Queue[Task]] = {k: asyncio.Queue() for k in TaskKind}
+        self._replies: dict[str, asyncio.Queue[Result]] = {}
+        self._done: dict[str, float] = {}  # task id -> expiry, for idempotent completion
+        self._values: dict[str, tuple[bytes, float]] = {}  # single-flight cache: value, expiry
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+
+    # ---- API side -----------------------------------------------------------------------
+    async def submit(self, tasks: Sequence[Task]) -> None:
+        for kind in TaskKind:
+            n = sum(1 for t in tasks if t.kind is kind)
+            depth = self._queues[kind].qsize()
+            if n and depth + n > self.max_queue:
+                raise ServiceError(
+                    ErrorCode.rate_limited,
+                    f"the {kind.value} queue holds {depth} tasks and takes at most {self.max_queue}; retry later",
+                    retry_after=1.0,
+                )
+        for t in tasks:
+            self._replies.setdefault(t.reply_to, asyncio.Queue())
+            self._queues[t.kind].put_nowait(t)
+
+    async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
+        q = self._replies.setdefault(reply_to, asyncio.Queue())
+        out: dict[str, Result] = {}
+        try:
+            while len(out) < len(task_ids):
+                r = await wait_until(deadline, q.get(), f"{len(task_ids) - len(out)} of {len(task_ids)} tasks")
+                if r.task_id in task_ids:
+                    out[r.task_id] = r
+        finally:
+            self._replies.pop(reply_to, None)
+        return out
+
+    async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
+        hit = self._values.get(key)
+        if hit and hit[1] > time.time():
+            return hit[0], True
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return await wait_until(deadline, asyncio.shield(fut), "a concurrent identical computation"), True
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            value = await compute()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters may be gone
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        self._values[key] = (value, time.time() + ttl)
+        fut.set_result(value)
+        return value, False
+
+    # ---- worker side ----------------------------------------------------------------------
+    async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]:
+        q = self._queues[kind]
+        out: list[Task] = []
+        if q.empty():
+            try:
+                out.append(await asyncio.wait_for(q.get(), timeout=max_wait))
+            except TimeoutError:
+                return out
+        while len(out) < max_n and not q.empty():
+            out.append(q.get_nowait())
+        return out
+
+    async def complete(self, task: Task, result: Result) -> None:
+        now = time.time()
+        if self._done.get(task.task_id, 0) > now:
+            return
+        self._done = {k: v for k, v in self._done.items() if v > now} if len(self._done) > 100_000 else self._done
+        self._done[task.task_id] = now + self.result_ttl
+        q = self._replies.get(task.reply_to)
+        if q is not None:  # nobody waits any more when the request has finished or timed out
+            q.put_nowait(result)
+
+    async def heartbeat(self, info: WorkerInfo, ttl: float) -> None:
+        self._workers[info.worker_id] = (info, time.time() + ttl)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    async def workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        return [info for info, exp in self._workers.values() if exp > now]
+
+    async def ping(self) -> None:
+        return None
+
+    async def queue_depth(self, kind: TaskKind) -> int:
+        return self._queues[kind].qsize()
+
+    async def close(self) -> None:
+        return None
+

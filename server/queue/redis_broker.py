@@ -1,0 +1,266 @@
+"""Redis Streams broker: consumer groups, at-least-once delivery, XAUTOCLAIM of dead workers' tasks.
+
+Results are delivered by an atomic script (mark done + push to the request's reply list) before
+XACK, so a crash between the two re-delivers a task that is then acknowledged without a second
+reply. Every key carries a TTL. Image bytes travel as raw stream fields, never pickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.errors import ErrorCode, ServiceError
+from server.queue.base import (
+    Compute,
+    Result,
+    Task,
+    TaskKind,
+    remaining,
+    singleflight_message,
+    singleflight_value,
+)
+from server.queue.keys import GROUP, Keys
+from server.schemas import WorkerInfo
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# KEYS: done, reply. ARGV: result, ttl. Delivers once per task id.
+_DELIVER = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: value, waiters, lock. ARGV: message, value-or-empty, ttl, msg-ttl. Publishes to every waiter.
+_PUBLISH = """
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  redis.call('RPUSH', w, ARGV[1])
+  redis.call('EXPIRE', w, ARGV[4])
+end
+redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
+def _unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Any lost Redis connection becomes a 503 with a message saying what is down."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise ServiceError(ErrorCode.unavailable, f"the queue (Redis) is unreachable: {exc}",
+                               retry_after=2.0) from exc
+
+    return wrapper
+
+
+class RedisBroker:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "dvr",
+        max_queue: int = 4096,
+        result_ttl: int = 600,
+        visibility_timeout: float = 60.0,
+        max_deliveries: int = 3,
+        consumer: str | None = None,
+    ) -> None:
+        self.url = url
+        self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=2.0,
+                                             health_check_interval=10)
+        self.keys = Keys(prefix)
+        self.max_queue = max_queue
+        self.result_ttl = result_ttl
+        self.visibility_ms = int(visibility_timeout * 1000)
+        self.max_deliveries = max_deliveries
+        self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
+        self._deliver = self.redis.register_script(_DELIVER)
+        self._publish = self.redis.register_script(_PUBLISH)
+        self._groups_ready: set[TaskKind] = set()
+
+    async def _ensure_group(self, kind: TaskKind) -> None:
+        if kind in self._groups_ready:
+            return
+        try:
+            await self.redis.xgroup_create(self.keys.stream(kind), GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups_ready.add(kind)
+
+    # ---- API side -----------------------------------------------------------------------
+    @_unavailable
+    async def submit(self, tasks: Sequence[Task]) -> None:
+        for kind in {t.kind for t in tasks}:
+            await self._ensure_group(kind)
+            n = sum(1 for t in tasks if t.kind is kind)
+            depth = await self.redis.xlen(self.keys.stream(kind))
+            if depth + n > self.max_queue:
+                raise ServiceError(
+                    ErrorCode.rate_limited,
+                    f"the {kind.value} queue holds {depth} tasks and takes at most {self.max_queue}; retry later",
+                    retry_after=1.0,
+                )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for t in tasks:
+                fields: dict[str, bytes] = {"task": t.header()}
+                fields.update({f"blob{i}": b for i, b in enumerate(t.blobs)})
+                pipe.xadd(self.keys.stream(t.kind), fields)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    @_unavailable
+    async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
+        out: dict[str, Result] = {}
+        try:
+            while len(out) < len(task_ids):
+                left = remaining(deadline)
+                if left <= 0:
+                    raise ServiceError(
+                        ErrorCode.timeout,
+                        f"{len(task_ids) - len(out)} of {len(task_ids)} tasks did not finish before the deadline",
+                    )
+                item = await self.redis.blpop([reply_to], timeout=max(0.01, min(left, 5.0)))
+                if item is None:
+                    continue
+                r = Result.from_json(item[1])
+                if r.task_id in task_ids:
+                    out[r.task_id] = r
+        finally:
+            await self.redis.delete(reply_to)
+        return out
+
+    @_unavailable
+    async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
+        k = self.keys
+        hit = await self.redis.get(k.value(key))
+        if hit is not None:
+            return hit, True
+        me = k.waiter(uuid.uuid4().hex)
+        wait_ttl = int(max(1.0, remaining(deadline))) + 5
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(k.waiters(key), me).expire(k.waiters(key), wait_ttl).get(k.value(key))
+            _, _, hit = await pipe.execute()
+        if hit is not None:
+            await self.redis.srem(k.waiters(key), me)
+            return hit, True
+        if await self.redis.set(k.lock(key), self.consumer, nx=True, ex=wait_ttl):
+            await self.redis.srem(k.waiters(key), me)
+            return await self._compute_and_publish(key, compute, ttl, wait_ttl), False
+        return await self._wait_for(me, deadline), True
+
+    async def _compute_and_publish(self, key: str, compute: Compute, ttl: float, msg_ttl: int) -> bytes:
+        k = self.keys
+        keys = [k.value(key), k.waiters(key), k.lock(key)]
+        try:
+            value = await compute()
+        except ServiceError as exc:
+            await self._publish(keys=keys, args=[singleflight_message(None, exc), "", 1, msg_ttl])
+            raise
+        await self._publish(keys=keys, args=[singleflight_message(value, None), value, int(ttl), msg_ttl])
+        return value
+
+    async def _wait_for(self, me: str, deadline: float) -> bytes:
+        while True:
+            left = remaining(deadline)
+            if left <= 0:
+                raise ServiceError(ErrorCode.timeout, "a concurrent identical computation did not finish in time")
+            item = await self.redis.blpop([me], timeout=max(0.01, min(left, 5.0)))
+            if item is not None:
+                await self.redis.delete(me)
+                return singleflight_value(item[1])
+
+    # ---- worker side ----------------------------------------------------------------------
+    @_unavailable
+    async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]:
+        await self._ensure_group(kind)
+        stream = self.keys.stream(kind)
+        _, entries, _ = await self.redis.xautoclaim(
+            stream, GROUP, self.consumer, min_idle_time=self.visibility_ms, start_id="0-0", count=max_n
+        )
+        if len(entries) < max_n:
+            got = await self.redis.xreadgroup(
+                GROUP, self.consumer, {stream: ">"}, count=max_n - len(entries),
+                block=max(1, int(max_wait * 1000)) if not entries else None,
+            )
+            for _, items in got or []:
+                entries.extend(items)
+        return [t for t in [await self._accept(kind, eid, fields) for eid, fields in entries] if t is not None]
+
+    async def _accept(self, kind: TaskKind, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Task | None:
+        """Turn a stream entry into a task, settling duplicates and over-delivered ones on the spot."""
+        stream = self.keys.stream(kind)
+        if not fields or b"task" not in fields:  # deleted while pending: nothing left to do
+            await self.redis.xack(stream, GROUP, entry_id)
+            return None
+        blobs = [fields[f"blob{i}".encode()] for i in range(len(fields) - 1)]
+        task = Task.from_header(fields[b"task"], blobs, receipt=entry_id.decode())
+        if await self.redis.exists(self.keys.done(task.task_id)):
+            await self._ack(task)
+            return None
+        dkey = self.keys.deliveries(task.task_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(dkey).expire(dkey, self.result_ttl)
+            task.delivery, _ = await pipe.execute()
+        if task.delivery > self.max_deliveries:
+            await self.complete(task, Result.failure(
+                task.task_id, ErrorCode.delivery_limit,
+                f"task was delivered {task.delivery - 1} times without completing (workers crashed or timed out)",
+            ))
+            return None
+        return task
+
+    async def _ack(self, task: Task) -> None:
+        stream = self.keys.stream(task.kind)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, task.receipt).xdel(stream, task.receipt)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    @_unavailable
+    async def complete(self, task: Task, result: Result) -> None:
+        await self._deliver(keys=[self.keys.done(task.task_id), task.reply_to],
+                            args=[result.to_json(), self.result_ttl])
+        await self._ack(task)
+
+    @_unavailable
+    async def heartbeat(self, info: WorkerInfo, ttl: float) -> None:
+        await self.redis.set(self.keys.worker(info.worker_id), info.model_dump_json(), ex=max(1, int(ttl)))
+
+    @_unavailable
+    async def remove_worker(self, worker_id: str) -> None:
+        await self.redis.delete(self.keys.worker(worker_id))
+
+    @_unavailable
+    async def workers(self) -> list[WorkerInfo]:
+        keys = [k async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=100)]
+        values = await self.redis.mget(keys) if keys else []
+        return [WorkerInfo.model_validate(json.loads(v)) for v in values if v is not None]
+
+    @_unavailable
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    @_unavailable
+    async def queue_depth(self, kind: TaskKind) -> int:
+        return int(await self.redis.xlen(self.keys.stream(kind)))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+

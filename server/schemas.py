@@ -1,0 +1,140 @@
+"""The JSON wire format of /v1, shared by the API and the trainer client.
+
+Pure pydantic (no FastAPI, torch or PIL), so the trainer client imports it without the
+server stack. Limits that depend on deployment settings are enforced by the API, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.core.questions import Decomposition, Question
+from server.core.reward import Aggregation, Gating
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdvantageOptions(_Model):
+    std: Literal["group", "global"] = "group"
+    clip: float | None = Field(None, gt=0)
+    eps: float = Field(1e-4, ge=0)
+
+
+class ScoreGroup(_Model):
+    prompt: str | None = Field(None, description="the generation prompt; decomposed unless questions are given")
+    questions: list[Question] | None = Field(None, description="explicit questions: skip the decomposer")
+    images: list[str] = Field(min_length=1, description="base64 PNG / JPEG / WebP (data URLs accepted)")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScoreRequest(_Model):
+    groups: list[ScoreGroup] = Field(min_length=1)
+    aggregation: Aggregation = Aggregation.geometric
+    gating: Gating = Gating.none
+    tag_weights: dict[str, float] | None = None
+    advantages: AdvantageOptions = Field(default_factory=AdvantageOptions)
+    details: bool = Field(True, description="include per-image, per-question p")
+
+
+class ErrorInfo(_Model):
+    code: str
+    message: str
+
+
+class ImageResult(_Model):
+    index: int
+    reward: float | None
+    sc: float | None = None
+    pq: float | None = None
+    p: dict[str, float] | None = Field(None, description="question id -> P(yes)/(P(yes)+P(no))")
+    failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p < 0.5)")
+    error: ErrorInfo | None = None
+
+
+class GroupResult(_Model):
+    prompt: str | None
+    questions: list[Question]
+    rewards: list[float | None] = Field(description="one per image; null where that image failed")
+    advantages: list[float | None]
+    images: list[ImageResult] | None = None
+    decomposition_cached: bool | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timings(_Model):
+    decompose_ms: float = 0.0
+    verify_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class ModelIds(_Model):
+    verifier: str
+    decomposer: str | None
+    pipeline: str | None = None
+
+
+class ScoreResponse(_Model):
+    request_id: str
+    models: ModelIds
+    template_version: str
+    aggregation: Aggregation
+    gating: Gating
+    groups: list[GroupResult]
+    timings: Timings
+
+
+class DecomposeRequest(_Model):
+    prompts: list[str] = Field(min_length=1)
+
+
+class DecomposeResponse(_Model):
+    request_id: str
+    decompositions: list[Decomposition]
+    cached: list[bool]
+    timings: Timings
+
+
+class VerifyItemIn(_Model):
+    images: list[str] = Field(min_length=1, description="one image, or source and result for editing")
+    questions: list[str] = Field(min_length=1)
+
+
+class VerifyRequest(_Model):
+    items: list[VerifyItemIn] = Field(min_length=1)
+
+
+class VerifyItemResult(_Model):
+    p: list[float] | None
+    error: ErrorInfo | None = None
+
+
+class VerifyResponse(_Model):
+    request_id: str
+    model: str
+    template_version: str
+    results: list[VerifyItemResult]
+    timings: Timings
+
+
+class WorkerInfo(_Model):
+    worker_id: str
+    verifier: str
+    decomposer: str | None
+    pipeline: str | None
+    template_version: str
+    capacity: int
+    started_at: float
+    heartbeat_at: float
+
+
+class ModelsResponse(_Model):
+    workers: list[WorkerInfo]
+
+
+class ErrorResponse(_Model):
+    error: ErrorInfo
+    request_id: str | None = None

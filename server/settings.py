@@ -1,0 +1,61 @@
+"""All service settings: one pydantic-settings class, environment prefix DVREWARD_.
+
+Every CLI flag of `dvreward serve|api|worker` maps onto a field here, so a deployment can be
+configured entirely by environment (docker-compose) or entirely by flags.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DVREWARD_", extra="ignore")
+
+    # models
+    verifier: str = Field("Qwen/Qwen2.5-VL-3B-Instruct", description="verifier checkpoint: local dir or hub id")
+    decomposer: str | None = Field(
+        "Qwen/Qwen2.5-1.5B-Instruct", description="decomposer checkpoint; empty disables decomposition"
+    )
+    pipeline: Literal["fast", "dsg"] = Field("fast", description="decomposition pipeline")
+    device: str = Field("cpu", description="torch device of the engines, e.g. cpu or cuda:0")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
+    verifier_mode: Literal["packed", "per_pair"] = Field("packed", description="verifier scoring layout")
+    min_pixels: int = Field(28 * 28 * 4, description="smallest image area fed to the verifier (resized up)")
+    max_pixels: int = Field(448 * 448, description="largest image area fed to the verifier (resized down)")
+    max_batch_tokens: int = Field(32768, description="token budget of one verifier forward pass")
+
+    # queue
+    redis_url: str | None = Field(None, description="Redis URL; unset runs the embedded in-process queue")
+    queue_prefix: str = Field("dvr", description="prefix of every Redis key")
+    max_queue: int = Field(4096, description="queued verification items beyond which requests get 429")
+    batch_size: int = Field(32, description="most items a worker takes into one batch")
+    batch_wait_ms: int = Field(10, description="how long a worker waits to fill a batch")
+    visibility_timeout_s: float = Field(60.0, description="a claimed task idle this long is re-delivered")
+    max_deliveries: int = Field(3, description="deliveries after which a task fails with an error")
+    result_ttl_s: int = Field(600, description="TTL of results, replies and idempotency records")
+    cache_ttl_s: int = Field(7 * 24 * 3600, description="TTL of cached decompositions")
+    heartbeat_s: float = Field(2.0, description="worker heartbeat period; a worker silent 3x this is dead")
+
+    # API
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, description="bind port")
+    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty = no auth")
+    request_timeout_s: float = Field(120.0, description="deadline of one request; past it the API answers 504")
+    max_body_bytes: int = Field(64 * 1024 * 1024, description="largest request body")
+    max_images: int = Field(512, description="most images in one request")
+    max_image_bytes: int = Field(8 * 1024 * 1024, description="largest encoded image")
+    max_image_pixels: int = Field(4096 * 4096, description="largest decoded image area (bombs are refused)")
+    max_questions: int = Field(64, description="most questions per group")
+    max_prompt_chars: int = Field(2000, description="longest prompt")
+    max_groups: int = Field(128, description="most groups in one request")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
