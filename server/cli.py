@@ -11,6 +11,7 @@ from collections.abc import Sequence
 # `set_defaults(func=...)`; the func takes the parsed args and returns an exit code.
 COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.dev",
+    "server.commands.importer",
 )
 
 

@@ -1,0 +1,1 @@
+"""Evaluation tooling: turning benchmark decompositions into our question format."""
