@@ -12,6 +12,8 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.dev",
     "server.commands.importer",
+    "server.commands.service",
+    "server.commands.decompose",
 )
 
 

@@ -1,0 +1,1 @@
+"""The FastAPI application: routers per resource, one error mapping, limits, metrics."""

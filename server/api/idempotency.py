@@ -1,0 +1,39 @@
+"""Idempotency keys: a retried request is answered from the first attempt's result, never re-scored.
+
+Built on the broker's single-flight, so a retry that arrives while the first attempt is still
+running waits for it instead of starting a second computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+
+from pydantic import BaseModel
+
+from server.errors import ErrorCode, ServiceError
+from server.queue.base import Broker
+
+
+async def once(
+    broker: Broker, route: str, key: str | None, body: BaseModel, ttl: float, deadline: float,
+    run: Callable[[], Awaitable[BaseModel]],
+) -> tuple[dict, bool]:
+    """(response JSON, replayed). Without a key, just runs."""
+    if key is None:
+        return (await run()).model_dump(mode="json"), False
+    if not 1 <= len(key) <= 200:
+        raise ServiceError(ErrorCode.bad_request, "Idempotency-Key must be 1 to 200 characters")
+    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+    async def compute() -> bytes:
+        resp = (await run()).model_dump(mode="json")
+        return json.dumps({"body": digest, "response": resp}).encode()
+
+    skey = "idem:" + hashlib.sha256(f"{route}\n{key}".encode()).hexdigest()
+    raw, replayed = await broker.singleflight(skey, compute, ttl, deadline)
+    stored = json.loads(raw)
+    if stored["body"] != digest:
+        raise ServiceError(ErrorCode.bad_request, "this Idempotency-Key was already used with a different body")
+    return stored["response"], replayed

@@ -1,0 +1,63 @@
+"""Request limits from Settings, checked before any work is queued; messages name field and limit."""
+
+from __future__ import annotations
+
+import math
+
+from server.errors import ErrorCode, ServiceError
+from server.images import decode_base64, inspect_image
+from server.schemas import ScoreRequest, VerifyRequest
+from server.settings import Settings
+
+
+def _too_many(field: str, n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise ServiceError(ErrorCode.too_large, f"{field}: {n} {what}, the limit is {limit}")
+
+
+def check_prompt(field: str, prompt: str | None, s: Settings) -> None:
+    if prompt is not None and len(prompt) > s.max_prompt_chars:
+        raise ServiceError(ErrorCode.too_large, f"{field}: prompt has {len(prompt)} characters, "
+                           f"the limit is {s.max_prompt_chars}")
+
+
+def check_prompts(prompts: list[str], s: Settings) -> None:
+    _too_many("prompts", len(prompts), s.max_groups, "prompts")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ServiceError(ErrorCode.bad_request, f"prompts[{i}]: prompt is empty")
+        check_prompt(f"prompts[{i}]", p, s)
+
+
+def decode_images(field: str, images: list[str], s: Settings) -> list[bytes]:
+    out = []
+    for i, text in enumerate(images):
+        data = decode_base64(text, f"{field}[{i}]", s.max_image_bytes)
+        inspect_image(data, f"{field}[{i}]", s.max_image_pixels)
+        out.append(data)
+    return out
+
+
+def check_score(req: ScoreRequest, s: Settings) -> list[list[bytes]]:
+    """Validate limits and return the raw bytes of every image, per group."""
+    _too_many("groups", len(req.groups), s.max_groups, "groups")
+    _too_many("images", sum(len(g.images) for g in req.groups), s.max_images, "images in the request")
+    for tag, w in (req.tag_weights or {}).items():
+        if not math.isfinite(w) or w < 0:
+            raise ServiceError(ErrorCode.bad_request, f"tag_weights[{tag!r}]: must be a finite number >= 0")
+    for g, group in enumerate(req.groups):
+        check_prompt(f"groups[{g}].prompt", group.prompt, s)
+        if group.questions is not None:
+            _too_many(f"groups[{g}].questions", len(group.questions), s.max_questions, "questions")
+    return [decode_images(f"groups[{g}].images", group.images, s) for g, group in enumerate(req.groups)]
+
+
+def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes]]:
+    _too_many("images", sum(len(it.images) for it in req.items), s.max_images, "images in the request")
+    for i, it in enumerate(req.items):
+        _too_many(f"items[{i}].questions", len(it.questions), s.max_questions, "questions")
+        for k, q in enumerate(it.questions):
+            if not q.strip():
+                raise ServiceError(ErrorCode.bad_request, f"items[{i}].questions[{k}]: question is empty")
+            check_prompt(f"items[{i}].questions[{k}]", q, s)
+    return [decode_images(f"items[{i}].images", it.images, s) for i, it in enumerate(req.items)]

@@ -1,0 +1,75 @@
+"""POST /v1/score, /v1/decompose and /v1/verify."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+
+from server.api import limits
+from server.api.deps import Authorized, MetricsDep, RequestId, ServiceDep, SettingsDep
+from server.api.idempotency import once
+from server.schemas import (
+    DecomposeRequest,
+    DecomposeResponse,
+    ErrorResponse,
+    ScoreRequest,
+    ScoreResponse,
+    VerifyRequest,
+    VerifyResponse,
+)
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 502, 503, 504)}
+router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERRORS)
+IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+
+def _timing_headers(response: Response, request_id: str, body: dict, replayed: bool) -> None:
+    response.headers["X-Request-Id"] = request_id
+    for name, value in body.get("timings", {}).items():
+        response.headers[f"X-{name.replace('_ms', '').title()}-Time-Ms"] = str(value)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(req: ScoreRequest, response: Response, request_id: RequestId, service: ServiceDep,
+                settings: SettingsDep, metrics: MetricsDep, idempotency_key: IdemKey = None) -> dict:
+    """Rewards, per-question evidence and GRPO advantages for groups of images."""
+    blobs = await asyncio.to_thread(limits.check_score, req, settings)
+    body, replayed = await once(service.broker, "score", idempotency_key, req, settings.result_ttl_s,
+                                time.time() + settings.request_timeout_s,
+                                lambda: service.score(req, blobs, request_id))
+    for g in body["groups"]:
+        for r in g["rewards"]:
+            metrics.images.labels("ok" if r is not None else "failed").inc()
+        if g.get("decomposition_cached") is not None:
+            metrics.cache.labels("hit" if g["decomposition_cached"] else "miss").inc()
+    _timing_headers(response, request_id, body, replayed)
+    return body
+
+
+@router.post("/decompose", response_model=DecomposeResponse)
+async def decompose(req: DecomposeRequest, response: Response, request_id: RequestId, service: ServiceDep,
+                    settings: SettingsDep) -> dict:
+    """Prompts to atomic yes/no questions (cached by prompt, pipeline, model and template version)."""
+    limits.check_prompts(req.prompts, settings)
+    body = (await service.decompose(req.prompts, request_id)).model_dump(mode="json")
+    _timing_headers(response, request_id, body, False)
+    return body
+
+
+@router.post("/verify", response_model=VerifyResponse)
+async def verify(req: VerifyRequest, response: Response, request_id: RequestId, service: ServiceDep,
+                 settings: SettingsDep, metrics: MetricsDep, idempotency_key: IdemKey = None) -> dict:
+    """P(yes) for explicit questions about images; no decomposition."""
+    blobs = await asyncio.to_thread(limits.check_verify, req, settings)
+    body, replayed = await once(service.broker, "verify", idempotency_key, req, settings.result_ttl_s,
+                                time.time() + settings.request_timeout_s,
+                                lambda: service.verify(req, blobs, request_id))
+    for r in body["results"]:
+        metrics.images.labels("ok" if r["p"] is not None else "failed").inc()
+    _timing_headers(response, request_id, body, replayed)
+    return body

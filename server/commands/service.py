@@ -1,0 +1,120 @@
+"""`dvreward serve | api | worker`: every flag is generated from a Settings field (and vice versa)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import types
+import typing
+from typing import Any
+
+from server.settings import Settings
+
+API_ONLY = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
+            "max_pixels", "device", "dtype"}
+WORKER_ONLY = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
+               "max_prompt_chars", "max_groups", "request_timeout_s"}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, {"choices": list(typing.get_args(annotation))}
+    if typing.get_origin(annotation) is list:
+        return str, {"nargs": "*"}
+    return annotation, {}
+
+
+def add_settings_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:
+    for name, field in Settings.model_fields.items():
+        if name in skip:
+            continue
+        typ, extra = _arg_type(field.annotation)
+        env = f"DVREWARD_{name.upper()}"
+        p.add_argument(flag(name), dest=name, type=typ, default=None,
+                       help=f"{field.description} (env {env}; default {field.default!r})", **extra)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Flags override the environment, which overrides the defaults."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.runtime import build_app, load_decomposer, load_verifier
+
+    _logging()
+    s = settings_from(args)
+    app = build_app(s, (load_verifier(s), load_decomposer(s)))
+    queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
+    logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
+    uvicorn.run(app, host=s.host, port=s.port, log_level="info")
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.runtime import build_app
+
+    _logging()
+    s = settings_from(args)
+    if not s.redis_url:
+        print("dvreward api needs --redis-url (or DVREWARD_REDIS_URL); for one process use `dvreward serve`",
+              file=sys.stderr)
+        return 2
+    uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from server.runtime import build_broker, build_worker, load_decomposer, load_verifier
+
+    _logging()
+    s = settings_from(args)
+    if not s.redis_url:
+        print("dvreward worker needs --redis-url (or DVREWARD_REDIS_URL)", file=sys.stderr)
+        return 2
+    worker = build_worker(s, build_broker(s), load_verifier(s), load_decomposer(s))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        logging.getLogger("dvreward").info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
+        try:
+            await worker.run(stop)
+        finally:
+            await worker.broker.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="API and worker in one process (embedded queue unless --redis-url)")
+    add_settings_flags(p, set())
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("api", help="the API alone, against Redis")
+    add_settings_flags(p, API_ONLY)
+    p.set_defaults(func=_api)
+    p = sub.add_parser("worker", help="a GPU/CPU worker, against Redis")
+    add_settings_flags(p, WORKER_ONLY)
+    p.set_defaults(func=_worker)

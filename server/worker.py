@@ -1,0 +1,160 @@
+"""A worker: claims batches from the broker, runs the engines off the event loop, delivers results.
+
+One loop per task kind owns its batch (every task in a failed batch gets the error), a
+heartbeat keeps the worker visible to /readyz and /v1/models, and a stop event drains:
+the batch in hand is finished and delivered, nothing new is claimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from server.engines.base import Decomposer, EngineError, Verifier, VerifyItem
+from server.errors import ErrorCode, ServiceError
+from server.images import load_image
+from server.queue.base import Broker, Result, Task, TaskKind, collect_batch
+from server.schemas import WorkerInfo
+
+log = logging.getLogger("dvreward.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        broker: Broker,
+        verifier: Verifier | None,
+        decomposer: Decomposer | None,
+        *,
+        template_version: str,
+        batch_size: int = 32,
+        batch_wait: float = 0.01,
+        heartbeat_s: float = 2.0,
+        max_image_pixels: int = 4096 * 4096,
+        worker_id: str | None = None,
+    ) -> None:
+        if verifier is None and decomposer is None:
+            raise ValueError("a worker needs a verifier, a decomposer, or both")
+        self.broker = broker
+        self.verifier = verifier
+        self.decomposer = decomposer
+        self.batch_size = batch_size
+        self.batch_wait = batch_wait
+        self.heartbeat_s = heartbeat_s
+        self.max_image_pixels = max_image_pixels
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.info = WorkerInfo(
+            worker_id=self.worker_id,
+            verifier=verifier.model_id if verifier else "",
+            decomposer=decomposer.model_id if decomposer else None,
+            pipeline=decomposer.pipeline if decomposer else None,
+            template_version=template_version,
+            capacity=batch_size,
+            started_at=time.time(),
+            heartbeat_at=time.time(),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loops = [self._heartbeat(stop)]
+        if self.verifier is not None:
+            loops.append(self._loop(stop, TaskKind.verify, self._verify))
+        if self.decomposer is not None:
+            loops.append(self._loop(stop, TaskKind.decompose, self._decompose))
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            try:
+                await self.broker.remove_worker(self.worker_id)
+            except ServiceError as exc:
+                log.warning("could not deregister worker %s: %s", self.worker_id, exc.message)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.info.heartbeat_at = time.time()
+            try:
+                await self.broker.heartbeat(self.info, ttl=3 * self.heartbeat_s)
+            except ServiceError as exc:
+                log.warning("heartbeat failed: %s", exc.message)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.heartbeat_s)
+            except TimeoutError:
+                continue
+
+    async def _loop(
+        self, stop: asyncio.Event, kind: TaskKind, handle: Callable[[list[Task]], Awaitable[list[Result]]]
+    ) -> None:
+        async def fetch(n: int, timeout: float) -> list[Task]:
+            return await self.broker.claim(kind, n, timeout)
+
+        while not stop.is_set():
+            try:
+                batch = await collect_batch(fetch, self.batch_size, self.batch_wait if self.batch_wait > 0 else 0.001)
+            except ServiceError as exc:
+                log.warning("claiming %s tasks failed (%s); retrying in 1 s", kind.value, exc.message)
+                await asyncio.sleep(1.0)
+                continue
+            if not batch:
+                continue
+            live = []
+            for t in batch:
+                if t.expired:
+                    await self._deliver(t, Result.failure(t.task_id, ErrorCode.expired, "request deadline passed"))
+                else:
+                    live.append(t)
+            if live:
+                for t, r in zip(live, await handle(live), strict=True):
+                    await self._deliver(t, r)
+
+    async def _deliver(self, task: Task, result: Result) -> None:
+        while True:
+            try:
+                await self.broker.complete(task, result)
+                return
+            except ServiceError as exc:  # the result must not be lost: keep it until the queue is back
+                log.warning("delivering %s failed (%s); retrying in 1 s", task.task_id, exc.message)
+                await asyncio.sleep(1.0)
+
+    async def _verify(self, tasks: list[Task]) -> list[Result]:
+        assert self.verifier is not None
+        results: list[Result | None] = [None] * len(tasks)
+        items: list[VerifyItem] = []
+        owners: list[int] = []
+        for i, t in enumerate(tasks):
+            try:
+                images = tuple(load_image(b, self.max_image_pixels) for b in t.blobs)
+                items.append(VerifyItem(images, tuple(t.payload["questions"])))
+                owners.append(i)
+            except (ValueError, ServiceError) as exc:
+                results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
+        if items:
+            try:
+                scores = await asyncio.to_thread(self.verifier.verify, items)
+                for i, p in zip(owners, scores, strict=True):
+                    results[i] = Result(tasks[i].task_id, {"p": p})
+            except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets the error
+                log.exception("verifier batch of %d items failed", len(items))
+                for i in owners:
+                    results[i] = Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(exc))
+        return [r for r in results if r is not None]
+
+    async def _decompose(self, tasks: list[Task]) -> list[Result]:
+        assert self.decomposer is not None
+        out = []
+        for t in tasks:  # one prompt at a time, so one bad prompt cannot fail the others
+            try:
+                (dec,) = await asyncio.to_thread(self.decomposer.decompose, [t.payload["prompt"]])
+                out.append(Result(t.task_id, dec.model_dump(mode="json")))
+            except Exception as exc:  # noqa: BLE001 - reported to the request, never swallowed
+                log.warning("decomposition of task %s failed: %s", t.task_id, exc)
+                out.append(Result.failure(t.task_id, ErrorCode.decomposition_failed, _reason(exc)))
+        return out
+
+
+def _reason(exc: Exception) -> str:
+    kind = "" if isinstance(exc, EngineError) else f"{type(exc).__name__}: "
+    return f"{kind}{exc}"
