@@ -6,20 +6,25 @@ configured entirely by environment (docker-compose) or entirely by flags.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Real models by hub id, as model servers conventionally default: 7B on a GPU, the small siblings on a CPU.
+DEFAULT_MODELS = {
+    "gpu": ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
+    "cpu": ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
+}
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DVREWARD_", extra="ignore")
 
     # models
-    verifier: str = Field("Qwen/Qwen2.5-VL-3B-Instruct", description="verifier checkpoint: local dir or hub id")
+    verifier: str = Field("", description="verifier checkpoint: local dir or hub id (unset: by device)")
     decomposer: str | None = Field(
-        "Qwen/Qwen2.5-1.5B-Instruct", description="decomposer checkpoint; empty disables decomposition"
+        None, description="decomposer checkpoint: local dir or hub id (unset: by device; empty string disables)"
     )
     pipeline: Literal["fast", "dsg"] = Field("fast", description="decomposition pipeline")
     device: str = Field("cpu", description="torch device of the engines, e.g. cpu or cuda:0")
@@ -54,8 +59,12 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2000, description="longest prompt")
     max_groups: int = Field(128, description="most groups in one request")
 
+    @model_validator(mode="after")
+    def _default_models(self) -> Settings:
+        verifier, decomposer = DEFAULT_MODELS["cpu" if self.device == "cpu" else "gpu"]
+        self.verifier = self.verifier or verifier
+        if self.decomposer is None:
+            self.decomposer = decomposer
+        self.decomposer = self.decomposer or None
+        return self
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings, read from the environment once."""
-    return Settings()

@@ -1,0 +1,15 @@
+# Slim API image: FastAPI + Redis client, no torch. Workers do the model work.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY trainer_client ./trainer_client
+RUN pip install . "fastapi>=0.115" "uvicorn[standard]>=0.30" "redis>=5.0" "pillow>=10" \
+        "pydantic-settings>=2.3" "prometheus-client>=0.20"
+RUN useradd --create-home dvreward
+USER dvreward
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+CMD ["dvreward", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,75 @@
+"""`dvreward score`: score images offline, in-process, and print JSON (no server, no queue)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
+from server.core.reward import Aggregation, Gating, aggregate
+
+
+def read_questions(path: Path) -> list[Question]:
+    """A JSON list of questions, or an object / first JSONL record with a `questions` list."""
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = json.loads(text.splitlines()[0])
+    if isinstance(data, dict):
+        data = data.get("questions")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of questions or an object with `questions`")
+    return validate_questions([Question.model_validate(q) for q in data])
+
+
+def _score(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from server.engines.base import VerifyItem
+    from server.engines.hf_verifier import HFVerifier
+
+    try:
+        if args.questions:
+            dec = Decomposition(prompt=args.prompt or "", questions=tuple(read_questions(Path(args.questions))))
+        elif args.decomposer and args.prompt:
+            from server.engines.hf_decomposer import HFDecomposer
+
+            (dec,) = HFDecomposer(args.decomposer, args.pipeline, device=args.device).decompose([args.prompt])
+        else:
+            print("give --questions FILE, or --decomposer PATH with --prompt", file=sys.stderr)
+            return 2
+        images = [Image.open(p).convert("RGB") for p in args.images]
+    except (OSError, ValueError, ValidationError, DecompositionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype)
+    texts = tuple(q.text for q in dec.questions)
+    scores = verifier.verify([VerifyItem((im,), texts) for im in images])
+    out = []
+    for path, ps in zip(args.images, scores, strict=True):
+        p = {q.id: v for q, v in zip(dec.questions, ps, strict=True)}
+        b = aggregate(list(dec.questions), p, Aggregation(args.aggregation), Gating(args.gating))
+        out.append({"image": path, "reward": b.reward, "sc": b.sc, "pq": b.pq, "p": p})
+    print(json.dumps({"prompt": dec.prompt, "questions": [q.model_dump(mode="json") for q in dec.questions],
+                      "verifier": args.verifier, "results": out}, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score images in-process and print JSON")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--verifier", required=True, help="verifier checkpoint (local dir or hub id)")
+    p.add_argument("--decomposer", help="decomposer checkpoint, used when --questions is not given")
+    p.add_argument("--pipeline", choices=["fast", "dsg"], default="fast")
+    p.add_argument("--prompt", help="the generation prompt")
+    p.add_argument("--questions", help="JSON file of questions (skips the decomposer)")
+    p.add_argument("--aggregation", choices=[a.value for a in Aggregation], default="geometric")
+    p.add_argument("--gating", choices=[g.value for g in Gating], default="none")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=_score)
