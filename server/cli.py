@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.dev",
     "server.commands.importer",
     "server.commands.service",
+    "server.commands.score",
     "server.commands.decompose",
 )
 

@@ -166,7 +166,7 @@ class ScoringService:
         out: list[tuple[Decomposition, bool | None] | None] = [None] * len(req.groups)
         pending: dict[str, list[int]] = {}
         for g, group in enumerate(req.groups):
-            if group.questions:
+            if group.questions is not None:
                 out[g] = (_explicit(g, group.prompt, group.questions), None)
             elif group.prompt and group.prompt.strip():
                 pending.setdefault(group.prompt, []).append(g)

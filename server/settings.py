@@ -18,6 +18,12 @@ DEFAULT_MODELS = {
 }
 
 
+
+def default_models(device: str) -> tuple[str, str]:
+    """(verifier, decomposer) hub ids used when none is given."""
+    return DEFAULT_MODELS["cpu" if device == "cpu" else "gpu"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DVREWARD_", extra="ignore")
 
@@ -61,7 +67,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_models(self) -> Settings:
-        verifier, decomposer = DEFAULT_MODELS["cpu" if self.device == "cpu" else "gpu"]
+        verifier, decomposer = default_models(self.device)
         self.verifier = self.verifier or verifier
         if self.decomposer is None:
             self.decomposer = decomposer

@@ -32,3 +32,102 @@ def template_hash() -> str:
         f"{k}={v}" for k, v in sorted(vars(mod).items()) if k.isupper() and isinstance(v, str)
     )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# --- Decomposer ----------------------------------------------------------------------------
+# Placeholders are filled with str.format; the user's prompt is passed as an argument, so
+# braces inside it are never interpreted. Literal JSON braces here are doubled.
+
+DECOMPOSER_SYSTEM = (
+    "You turn text-to-image prompts into atomic yes/no questions that decide whether a generated "
+    "image matches the prompt. Reply in exactly the format requested and nothing else."
+)
+
+_QUALITY_RULES = (
+    "Quality questions ask whether what the prompt asks for is rendered well. Each checks one aspect "
+    "of: {aspects} (Geometry = shapes, perspective and straight lines; Anatomy = bodies, faces and "
+    "hands; Texture = surfaces and materials; Coherence = parts fit together, nothing duplicated or "
+    "fused; Lighting = consistent light and shadows; Physics = plausible support, contact and "
+    "reflections; Legibility = requested text is readable and spelled right; Aesthetics = composition "
+    "and overall appeal). Phrase them so that yes means good, never ask about anything the prompt did "
+    "not state, and let the prompt win over realism (for \"a floating stone\" ask whether the stone "
+    "clearly floats)."
+)
+
+DECOMPOSER_FAST = (
+    "Prompt: {prompt}\n\n"
+    "Write the questions as one JSON object with two lists.\n"
+    "\"semantic\": atomic yes/no questions, one fact each, that together check everything the prompt "
+    "asks for and nothing more; yes means the image shows the fact. Each item has \"id\" (\"s1\", "
+    "\"s2\", ... in order), \"text\" (the question), \"tag\" (one of: {tags}) and \"depends_on\" (ids "
+    "of earlier questions that must be answered yes for this one to make sense; a question about the "
+    "cat's colour depends on \"Is there a cat?\").\n"
+    "\"quality\": items with \"id\" (\"q1\", \"q2\", ...), \"text\" and \"aspect\". "
+    + _QUALITY_RULES
+    + "\n\nExample: {{\"semantic\": [{{\"id\": \"s1\", \"text\": \"Is there a cat?\", \"tag\": "
+    "\"Existence\", \"depends_on\": []}}, {{\"id\": \"s2\", \"text\": \"Is the cat black?\", \"tag\": "
+    "\"Attribute\", \"depends_on\": [\"s1\"]}}], \"quality\": [{{\"id\": \"q1\", \"text\": \"Is the "
+    "cat anatomically correct?\", \"aspect\": \"Anatomy\"}}]}}"
+)
+
+DSG_TUPLES = (
+    "Prompt: {prompt}\n\n"
+    "Break the prompt into Davidsonian scene-graph tuples: the atomic facts an image must show for "
+    "the prompt to hold. Categories: \"entity\" (an object or person; type whole or part), "
+    "\"attribute\" (a property of an entity; type such as color, count, material, shape, size, "
+    "texture, state or text), \"relation\" (between entities; type spatial or action) and \"global\" "
+    "(the whole image; type such as style, viewpoint, environment or lighting). \"args\" names the "
+    "entities and the value: entity whole (cat); attribute color (cat, black); relation spatial "
+    "(cat, table, on). Number the tuples t1, t2, ... in order. Keep every fact the prompt states and "
+    "add none it does not.\n"
+    "Answer as JSON: {{\"tuples\": [{{\"id\": \"t1\", \"category\": \"entity\", \"type\": \"whole\", "
+    "\"args\": [\"cat\"]}}]}}"
+)
+
+DSG_DEPENDENCIES = (
+    "Prompt: {prompt}\nTuples:\n{tuples}\n\n"
+    "For every tuple list the earlier tuples it depends on: an attribute, part or relation of an "
+    "entity depends on the tuple saying that the entity exists; entities and global tuples usually "
+    "depend on nothing.\n"
+    "Answer as JSON with one item per tuple, in order: {{\"dependencies\": [{{\"id\": \"t1\", "
+    "\"parents\": []}}, {{\"id\": \"t2\", \"parents\": [\"t1\"]}}]}}"
+)
+
+DSG_QUESTIONS = (
+    "Prompt: {prompt}\nTuples:\n{tuples}\n\n"
+    "Turn every tuple into one natural yes/no question about the image, answerable by looking at it, "
+    "where yes means the image shows the fact: entity whole (cat) becomes \"Is there a cat?\", "
+    "attribute color (cat, black) becomes \"Is the cat black?\".\n"
+    "Answer as JSON with one item per tuple, in order: {{\"questions\": [{{\"id\": \"t1\", \"text\": "
+    "\"Is there a cat?\"}}]}}"
+)
+
+DSG_VALIDITY = (
+    "Prompt: {prompt}\nQuestion: {question}\n\n"
+    "Is this question strictly required by the prompt, that is, would an image for which the answer "
+    "is no fail to match the prompt? An ambiguous noun may be read as the object alone (for \"a jump "
+    "rope\", asking whether there is a jump rope is fine). Answer yes or no."
+)
+
+DSG_TAG = (
+    "Prompt: {prompt}\nQuestion: {question}\n\n"
+    "Which one category does the question check? Style = artistic style or medium; Environment = "
+    "setting or background; Viewpoint = camera angle or framing; Existence = an object is present; "
+    "Count = how many; Attribute = colour, material, shape, size or state; Action = what someone or "
+    "something does; Spatial = relative position; Text = written text in the image; Negative = "
+    "something that must be absent. Answer with one of: {tags}."
+)
+
+DSG_QUALITY = (
+    "Prompt: {prompt}\nSemantic questions already asked:\n{questions}\n\n"
+    + _QUALITY_RULES
+    + "\nWrite the quality questions this prompt needs (none if nothing needs checking), with ids "
+    "q1, q2, ... in order.\n"
+    "Answer as JSON: {{\"quality\": [{{\"id\": \"q1\", \"text\": \"Is the cat anatomically "
+    "correct?\", \"aspect\": \"Anatomy\"}}]}}"
+)
+
+
+def template_version() -> str:
+    """TEMPLATE_VERSION plus a digest of the templates, so cache keys follow any edit."""
+    return f"{TEMPLATE_VERSION}+{template_hash()}"

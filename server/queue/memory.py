@@ -12,8 +12,9 @@ from server.schemas import WorkerInfo
 
 
 class MemoryBroker:
-    def __init__(self, max_queue: int = 4096, result_ttl: float = 600.0) -> None:
+    def __init__(self, max_queue: int = 4096, result_ttl: float = 600.0, max_values: int = 10_000) -> None:
         self.max_queue = max_queue
+        self.max_values = max_values
         self.result_ttl = result_ttl
         self._queues: dict[TaskKind, asyncio.Queue[Task]] = {k: asyncio.Queue() for k in TaskKind}
         self._replies: dict[str, asyncio.Queue[Result]] = {}
@@ -66,9 +67,18 @@ class MemoryBroker:
             raise
         finally:
             self._inflight.pop(key, None)
-        self._values[key] = (value, time.time() + ttl)
+        self._remember(key, value, ttl)
         fut.set_result(value)
         return value, False
+
+    def _remember(self, key: str, value: bytes, ttl: float) -> None:
+        """Bounded like a cache should be: expired entries go first, then the oldest."""
+        now = time.time()
+        if len(self._values) >= self.max_values:
+            self._values = {k: v for k, v in self._values.items() if v[1] > now}
+            while len(self._values) >= self.max_values:
+                del self._values[next(iter(self._values))]
+        self._values[key] = (value, now + ttl)
 
     # ---- worker side ----------------------------------------------------------------------
     async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]:

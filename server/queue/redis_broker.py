@@ -171,8 +171,9 @@ class RedisBroker:
         keys = [k.value(key), k.waiters(key), k.lock(key)]
         try:
             value = await compute()
-        except ServiceError as exc:
-            await self._publish(keys=keys, args=[singleflight_message(None, exc), "", 1, msg_ttl])
+        except Exception as exc:
+            err = exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"failed: {exc}")
+            await self._publish(keys=keys, args=[singleflight_message(None, err), "", 1, msg_ttl])
             raise
         await self._publish(keys=keys, args=[singleflight_message(value, None), value, int(ttl), msg_ttl])
         return value

@@ -1,0 +1,747 @@
+"""The decomposer on transformers: prompts become validated semantic and quality questions.
+
+Two pipelines share one constrained decoder:
+- ``fast``: one generation per prompt writes every question as one JSON object;
+- ``dsg``: the published multi-stage pipeline (DSG tuples -> dependencies -> questions, one
+  validity and one tagging call per question, one call for the quality questions).
+
+Every generation is constrained by xgrammar, so even a random model writes well-formed JSON
+with known tags, positional ids and backward-only dependencies. What a grammar cannot promise
+(a finished output, non-blank text, the model's own validity verdicts) is checked, the prompt is
+retried with sampling, and exhausted retries raise EngineError: never a partial decomposition.
+
+The parsing and assembly functions are pure and import no torch, so remote engines can parse
+unconstrained output with the same rules and tests can feed them hand-written outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from server.core.questions import (
+    QUALITY_ASPECTS,
+    SEMANTIC_TAGS,
+    Decomposition,
+    DecompositionError,
+    Kind,
+    Question,
+    find_cycle,
+)
+from server.core.scoring import NO_WORDS, YES_WORDS, answer_variants
+from server.engines import prompts as P
+from server.engines.base import EngineError
+from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
+
+PIPELINES: tuple[str, ...] = ("fast", "dsg")
+DSG_CATEGORIES: tuple[str, ...] = ("entity", "attribute", "relation", "global")
+
+T = TypeVar("T")
+
+
+# --- Output bounds and JSON schemas ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds written into every schema: they make any model, even a random one, terminate."""
+
+    max_semantic: int = 16
+    max_quality: int = 8
+    max_text_chars: int = 200
+    max_parents: int = 4
+    max_args: int = 3
+    max_arg_chars: int = 48
+
+
+def _text(limits: Limits) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": limits.max_text_chars}
+
+
+def _obj(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+def _positional(items: list[dict[str, Any]], min_items: int) -> dict[str, Any]:
+    """An array whose i-th item follows the i-th schema: ids are fixed by position, never repeated."""
+    return {"type": "array", "prefixItems": items, "items": False, "minItems": min_items,
+            "maxItems": len(items)}
+
+
+def _parents(earlier: Sequence[str], limits: Limits) -> dict[str, Any]:
+    """Only earlier ids may be parents, so dependencies are known and acyclic by construction."""
+    if not earlier:
+        return {"type": "array", "maxItems": 0}
+    return {"type": "array", "items": {"enum": list(earlier)}, "maxItems": min(len(earlier), limits.max_parents)}
+
+
+def _quality_items(limits: Limits) -> dict[str, Any]:
+    items = [_obj({"id": {"const": f"q{i}"}, "text": _text(limits), "aspect": {"enum": list(QUALITY_ASPECTS)}})
+             for i in range(1, limits.max_quality + 1)]
+    return _positional(items, 0)
+
+
+def fast_schema(limits: Limits = Limits()) -> dict[str, Any]:
+    """The one-shot output: at least one semantic question, ids s1.. and q1.. by position."""
+    ids = [f"s{i}" for i in range(1, limits.max_semantic + 1)]
+    semantic = [_obj({"id": {"const": sid}, "text": _text(limits), "tag": {"enum": list(SEMANTIC_TAGS)},
+                      "depends_on": _parents(ids[:n], limits)}) for n, sid in enumerate(ids)]
+    return _obj({"semantic": _positional(semantic, 1), "quality": _quality_items(limits)})
+
+
+def tuples_schema(limits: Limits = Limits()) -> dict[str, Any]:
+    """DSG stage 1: tuples t1.. with a category, a free type and 1..max_args arguments."""
+    arg = {"type": "string", "minLength": 1, "maxLength": limits.max_arg_chars}
+    items = [_obj({"id": {"const": f"t{i}"}, "category": {"enum": list(DSG_CATEGORIES)},
+                   "type": {"type": "string", "minLength": 1, "maxLength": 24},
+                   "args": {"type": "array", "items": arg, "minItems": 1, "maxItems": limits.max_args}})
+             for i in range(1, limits.max_semantic + 1)]
+    return _obj({"tuples": _positional(items, 1)})
+
+
+def dependencies_schema(ids: Sequence[str], limits: Limits = Limits()) -> dict[str, Any]:
+    """DSG stage 2: exactly one item per tuple, in order, parents among earlier tuples only."""
+    items = [_obj({"id": {"const": tid}, "parents": _parents(ids[:n], limits)}) for n, tid in enumerate(ids)]
+    return _obj({"dependencies": _positional(items, len(items))})
+
+
+def questions_schema(ids: Sequence[str], limits: Limits = Limits()) -> dict[str, Any]:
+    """DSG stage 3: exactly one question per tuple, in order."""
+    items = [_obj({"id": {"const": tid}, "text": _text(limits)}) for tid in ids]
+    return _obj({"questions": _positional(items, len(items))})
+
+
+def quality_schema(limits: Limits = Limits()) -> dict[str, Any]:
+    """DSG stage 6: zero or more quality questions q1.. with an aspect each."""
+    return _obj({"quality": _quality_items(limits)})
+
+
+def tag_grammar(kind: Kind = Kind.semantic) -> str:
+    """DSG stage 5 as EBNF: the answer is exactly one tag name, nothing else."""
+    from server.core.questions import TAGS_BY_KIND
+
+    return "root ::= " + " | ".join(json.dumps(t) for t in TAGS_BY_KIND[kind])
+
+
+# --- Messages (templates live in prompts.py) ------------------------------------------------
+
+Messages = list[dict[str, str]]
+
+
+def _messages(user: str) -> Messages:
+    return [{"role": "system", "content": P.DECOMPOSER_SYSTEM}, {"role": "user", "content": user}]
+
+
+def fast_messages(prompt: str) -> Messages:
+    return _messages(P.DECOMPOSER_FAST.format(prompt=prompt, tags=", ".join(SEMANTIC_TAGS),
+                                              aspects=", ".join(QUALITY_ASPECTS)))
+
+
+def dsg_tuples_messages(prompt: str) -> Messages:
+    return _messages(P.DSG_TUPLES.format(prompt=prompt))
+
+
+def dsg_dependencies_messages(prompt: str, tuples: Sequence[DSGTuple]) -> Messages:
+    return _messages(P.DSG_DEPENDENCIES.format(prompt=prompt, tuples="\n".join(t.render() for t in tuples)))
+
+
+def dsg_questions_messages(prompt: str, tuples: Sequence[DSGTuple]) -> Messages:
+    return _messages(P.DSG_QUESTIONS.format(prompt=prompt, tuples="\n".join(t.render() for t in tuples)))
+
+
+def dsg_validity_messages(prompt: str, question: str) -> Messages:
+    return _messages(P.DSG_VALIDITY.format(prompt=prompt, question=question))
+
+
+def dsg_tag_messages(prompt: str, question: str) -> Messages:
+    return _messages(P.DSG_TAG.format(prompt=prompt, question=question, tags=", ".join(SEMANTIC_TAGS)))
+
+
+def dsg_quality_messages(prompt: str, questions: Mapping[str, str]) -> Messages:
+    listing = "\n".join(f"{qid}: {text}" for qid, text in questions.items())
+    return _messages(P.DSG_QUALITY.format(prompt=prompt, questions=listing, aspects=", ".join(QUALITY_ASPECTS)))
+
+
+# --- Parsing (pure; also for unconstrained output of remote models) -------------------------
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One decoded output; ``finished`` is False when max_new_tokens cut it short."""
+
+    text: str
+    finished: bool
+    n_tokens: int
+
+
+def require_finished(gen: Generation, what: str, max_new_tokens: int) -> str:
+    """A cut-off output must fail loudly: a prefix of valid JSON is not a smaller valid answer."""
+    if not gen.finished:
+        raise ValueError(
+            f"{what} output truncated: the model did not finish within max_new_tokens={max_new_tokens} "
+            f"({gen.n_tokens} tokens generated); raise max_new_tokens"
+        )
+    return gen.text
+
+
+def load_json_object(text: str, what: str) -> dict[str, Any]:
+    """Parse one JSON object, tolerating a Markdown code fence around it."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON in {what} output: {e.msg} at char {e.pos}: {body[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} output must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _field(data: Mapping[str, Any], key: str, typ: type | UnionType, where: str) -> Any:
+    if key not in data:
+        raise ValueError(f"{where}: missing field {key!r}")
+    value = data[key]
+    if not isinstance(value, typ) or isinstance(value, bool):
+        raise ValueError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _items(data: Mapping[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    items = _field(data, key, list, where)
+    for n, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: {key}[{n}] must be an object, got {type(item).__name__}")
+    return items
+
+
+def _ids(values: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{where}: expected a list of ids")
+    return tuple(dict.fromkeys(str(v) for v in values))
+
+
+def _question(where: str, **fields: Any) -> Question:
+    """Build a Question, turning pydantic's verbose error into one clear line."""
+    try:
+        return Question(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
+
+
+def _decomposition(prompt: str, questions: list[Question], **meta: Any) -> Decomposition:
+    try:
+        return Decomposition(prompt=prompt, questions=tuple(questions), **meta)
+    except ValidationError as e:
+        raise DecompositionError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
+def _quality_questions(data: Mapping[str, Any], what: str) -> list[Question]:
+    out = []
+    for n, item in enumerate(_items(data, "quality", what)):
+        where = f"{what}: quality[{n}]"
+        out.append(_question(where, id=str(_field(item, "id", str | int, where)), kind=Kind.quality,
+                             text=_field(item, "text", str, where), tag=_field(item, "aspect", str, where)))
+    return out
+
+
+def parse_fast_output(text: str, prompt: str = "", **meta: Any) -> Decomposition:
+    """Parse the one-shot JSON into a validated Decomposition; ValueError says what is wrong.
+
+    ``meta`` (pipeline, model, template_version) is passed to the Decomposition.
+    """
+    what = "decomposition"
+    data = load_json_object(text, what)
+    semantic = []
+    for n, item in enumerate(_items(data, "semantic", what)):
+        where = f"{what}: semantic[{n}]"
+        semantic.append(_question(
+            where, id=str(_field(item, "id", str | int, where)), text=_field(item, "text", str, where),
+            tag=_field(item, "tag", str, where), depends_on=_ids(item.get("depends_on", []), where)))
+    if not semantic:
+        raise ValueError(f"{what}: no semantic questions")
+    quality = _quality_questions(data, what)
+    return _decomposition(prompt, semantic + quality, **{"pipeline": "fast", **meta})
+
+
+@dataclass(frozen=True)
+class DSGTuple:
+    """One Davidsonian scene-graph fact, e.g. attribute - color (cat, black)."""
+
+    id: str
+    category: str
+    type: str
+    args: tuple[str, ...]
+
+    def render(self) -> str:
+        return f"{self.id} | {self.category} - {self.type} ({', '.join(self.args)})"
+
+
+def parse_tuples(text: str) -> list[DSGTuple]:
+    """Stage 1: a non-empty list of tuples with unique ids and known categories."""
+    what = "DSG tuples"
+    out: list[DSGTuple] = []
+    for n, item in enumerate(_items(load_json_object(text, what), "tuples", what)):
+        where = f"{what}: tuples[{n}]"
+        tid = str(_field(item, "id", str | int, where))
+        category = _field(item, "category", str, where)
+        if category not in DSG_CATEGORIES:
+            raise ValueError(f"{where}: unknown category {category!r}; expected one of {', '.join(DSG_CATEGORIES)}")
+        args = _field(item, "args", list, where)
+        if not args or not all(isinstance(a, str) and a.strip() for a in args):
+            raise ValueError(f"{where}: args must be a non-empty list of non-blank strings")
+        if tid in {t.id for t in out}:
+            raise ValueError(f"{where}: duplicate tuple id {tid!r}")
+        out.append(DSGTuple(tid, category, _field(item, "type", str, where).strip(), tuple(a.strip() for a in args)))
+    if not out:
+        raise ValueError(f"{what}: no tuples")
+    return out
+
+
+def _one_per_id(items: list[dict[str, Any]], ids: Sequence[str], what: str) -> dict[str, dict[str, Any]]:
+    """Map items to the expected ids: each exactly once, none unknown."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for n, item in enumerate(items):
+        tid = str(_field(item, "id", str | int, f"{what}[{n}]"))
+        if tid not in ids:
+            raise ValueError(f"{what}[{n}]: unknown tuple id {tid!r}")
+        if tid in by_id:
+            raise ValueError(f"{what}[{n}]: tuple id {tid!r} given twice")
+        by_id[tid] = item
+    missing = [t for t in ids if t not in by_id]
+    if missing:
+        raise ValueError(f"{what}: no entry for tuple(s) {', '.join(missing)}")
+    return by_id
+
+
+def parse_dependencies(text: str, ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Stage 2: parents for every tuple; unknown, self or cyclic references are errors."""
+    what = "DSG dependencies"
+    by_id = _one_per_id(_items(load_json_object(text, what), "dependencies", what), ids, what)
+    deps: dict[str, tuple[str, ...]] = {}
+    for tid in ids:
+        parents = _ids(by_id[tid].get("parents", []), f"{what}: {tid}")
+        bad = [p for p in parents if p not in ids or p == tid]
+        if bad:
+            raise ValueError(f"{what}: {tid} has invalid parent(s) {', '.join(bad)}")
+        deps[tid] = parents
+    cycle = find_cycle(deps)
+    if cycle:
+        raise ValueError(f"{what}: dependency cycle " + " -> ".join(cycle))
+    return deps
+
+
+def parse_dsg_questions(text: str, ids: Sequence[str]) -> dict[str, str]:
+    """Stage 3: one non-blank question per tuple."""
+    what = "DSG questions"
+    by_id = _one_per_id(_items(load_json_object(text, what), "questions", what), ids, what)
+    out = {}
+    for tid in ids:
+        q = _field(by_id[tid], "text", str, f"{what}: {tid}").strip()
+        if not q:
+            raise ValueError(f"{what}: {tid} has an empty question")
+        out[tid] = q
+    return out
+
+
+def parse_tag(text: str, kind: Kind = Kind.semantic) -> str:
+    """Stage 5: exactly one known tag, tolerating quotes, case and a trailing full stop."""
+    from server.core.questions import TAGS_BY_KIND
+
+    word = text.strip().strip("\"'`.: \t\n")
+    for tag in TAGS_BY_KIND[kind]:
+        if word.lower() == tag.lower():
+            return tag
+    raise ValueError(f"tag {word[:40]!r} is not one of {', '.join(TAGS_BY_KIND[kind])}")
+
+
+def parse_quality(text: str) -> list[Question]:
+    """Stage 6: the quality questions (possibly none)."""
+    what = "quality questions"
+    return _quality_questions(load_json_object(text, what), what)
+
+
+def is_required(p_yes: float, p_no: float) -> bool:
+    """Stage 4's verdict: the model must prefer yes to keep the question."""
+    return p_yes > p_no
+
+
+def check_validity(questions: Mapping[str, str], verdicts: Mapping[str, bool]) -> None:
+    """The published rule: one question judged not required rejects the whole decomposition."""
+    rejected = [f"{qid} ({text!r})" for qid, text in questions.items() if not verdicts[qid]]
+    if rejected:
+        raise DecompositionError("question(s) judged not strictly required by the prompt: " + "; ".join(rejected))
+
+
+def assemble_dsg(
+    prompt: str,
+    tuples: Sequence[DSGTuple],
+    dependencies: Mapping[str, tuple[str, ...]],
+    questions: Mapping[str, str],
+    verdicts: Mapping[str, bool],
+    tags: Mapping[str, str],
+    quality: Sequence[Question],
+    **meta: Any,
+) -> Decomposition:
+    """Join the six stages' outputs into one validated Decomposition (or DecompositionError)."""
+    check_validity(questions, verdicts)
+    semantic = [
+        _question(f"DSG question {t.id}", id=t.id, text=questions[t.id], tag=tags[t.id],
+                  depends_on=dependencies[t.id], metadata={"dsg_tuple": t.render()})
+        for t in tuples
+    ]
+    return _decomposition(prompt, semantic + list(quality), **{"pipeline": "dsg", **meta})
+
+
+# --- The engine -----------------------------------------------------------------------------
+
+
+def load_causal_lm(model_path: str | Path, device: str, dtype: str) -> tuple[Any, Any]:
+    """Tokenizer and model from a local directory (never touching the hub) or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        torch_dtype_ = torch_dtype(dtype)
+    except ValueError as e:
+        raise EngineError(str(e)) from e
+    kw = pretrained_kwargs(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype_, **kw)
+    except (OSError, ValueError) as e:
+        raise EngineError(load_error("decomposer", model_path, e)) from e
+    if not getattr(tokenizer, "chat_template", None):
+        raise EngineError(f"decomposer {model_path} has no chat template; an instruction-tuned model is needed")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model.to(device).eval()
+
+
+class HFDecomposer:
+    """Decomposer protocol on a chat-templated causal LM with grammar-constrained decoding."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        pipeline: str = "fast",
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_new_tokens: int = 2048,
+        max_retries: int = 2,
+        seed: int = 0,
+        retry_temperature: float = 0.7,
+        batch_size: int = 8,
+        limits: Limits = Limits(),
+    ) -> None:
+        if pipeline not in PIPELINES:
+            raise EngineError(f"unknown decomposer pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
+        if max_new_tokens < 1 or max_retries < 0 or batch_size < 1:
+            raise EngineError("max_new_tokens and batch_size must be positive and max_retries non-negative")
+        local = Path(model_path).expanduser()
+        self.model_id = str(local.resolve()) if local.is_dir() else str(model_path)
+        self.pipeline = pipeline
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+        self.max_retries = max_retries
+        self.seed = seed
+        self.retry_temperature = retry_temperature
+        self.batch_size = batch_size
+        self.limits = limits
+        self.template_version = P.template_version()
+        self.tokenizer, self.model = load_causal_lm(model_path, device, dtype)
+        self._init_decoding()
+
+    def _init_decoding(self) -> None:
+        import inspect
+
+        import xgrammar as xgr
+
+        # transformers renamed `past_key_values` to `cache` (argument and output field) during 5.x.
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+        # The bitmask spans the model's logits, which may be wider than the tokenizer (padded vocab).
+        self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        stops = {self.tokenizer.eos_token_id, *_as_list(getattr(self.model.generation_config, "eos_token_id", None))}
+        self._stop_ids = sorted(s for s in stops if s is not None)
+        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size,
+                                                  stop_token_ids=self._stop_ids)
+        self._compiler = xgr.GrammarCompiler(info)
+        self._banned = self._banned_tokens(info)
+        self._yes_ids = self._single_token_ids(answer_variants(YES_WORDS))
+        self._no_ids = self._single_token_ids(answer_variants(NO_WORDS))
+
+    def _banned_tokens(self, info: Any) -> Any:
+        """Tokens no output may contain, whatever the grammar says.
+
+        xgrammar 0.2 lets raw control bytes into length-bounded JSON strings and treats added
+        special tokens (<|im_start|>, vision pads) as plain text; stop tokens stay allowed.
+        """
+        import torch
+
+        control = [any(b < 0x20 for b in piece) for piece in info.decoded_vocab[: self._vocab_size]]
+        banned = torch.zeros(self._vocab_size, dtype=torch.bool)
+        banned[: len(control)] = torch.tensor(control, dtype=torch.bool)
+        special = set(self.tokenizer.all_special_ids) | {
+            i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        banned[[i for i in special - set(self._stop_ids) if i < self._vocab_size]] = True
+        return banned.to(self.device)
+
+    def _single_token_ids(self, words: Sequence[str]) -> list[int]:
+        ids = {tuple(self.tokenizer.encode(w, add_special_tokens=False)) for w in words}
+        return sorted(t[0] for t in ids if len(t) == 1)
+
+    def _json_grammar(self, schema: dict[str, Any]) -> Any:
+        # Compact separators, no free whitespace: a random model cannot pad forever.
+        return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+
+    # -- public API ----------------------------------------------------------------------
+
+    def decompose(self, prompts: Sequence[str]) -> list[Decomposition]:
+        """One validated decomposition per prompt; a prompt that fails every attempt raises EngineError."""
+        prompts = list(prompts)
+        for n, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise EngineError(f"prompt {n} is empty")
+        done: dict[int, Decomposition] = {}
+        errors: dict[int, str] = {}
+        attempt = self._fast_attempt if self.pipeline == "fast" else self._dsg_attempt
+        for n in range(self.max_retries + 1):
+            todo = [i for i in range(len(prompts)) if i not in done]
+            if not todo:
+                break
+            for i, result in zip(todo, attempt([prompts[i] for i in todo], n), strict=True):
+                if isinstance(result, Decomposition):
+                    done[i] = result
+                    errors.pop(i, None)
+                else:
+                    errors[i] = result
+        if errors:
+            raise EngineError(_failure_message(prompts, errors, self.max_retries + 1, self.pipeline))
+        return [done[i] for i in range(len(prompts))]
+
+    # -- pipelines -----------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline, "model": self.model_id, "template_version": self.template_version}
+
+    def _fast_attempt(self, prompts: list[str], attempt: int) -> list[Decomposition | str]:
+        grammar = self._json_grammar(fast_schema(self.limits))
+        gens = self._generate([self._chat(fast_messages(p)) for p in prompts], [grammar] * len(prompts), attempt)
+        out: list[Decomposition | str] = []
+        for prompt, gen in zip(prompts, gens, strict=True):
+            try:
+                text = require_finished(gen, "fast decomposition", self.max_new_tokens)
+                out.append(parse_fast_output(text, prompt, **self._meta()))
+            except ValueError as e:
+                out.append(str(e))
+        return out
+
+    def _dsg_attempt(self, prompts: list[str], attempt: int) -> list[Decomposition | str]:
+        """Stages 1-6 for every prompt, batched per stage; a prompt drops out at its first failure."""
+        errors: dict[int, str] = {}
+        tuples, deps, questions = self._dsg_graph(prompts, attempt, errors)
+        verdicts = self._validity(prompts, questions, errors)
+        g_tag = self._compiler.compile_grammar(tag_grammar())
+        tags = self._stage("DSG tagging", {
+            (i, qid): (dsg_tag_messages(prompts[i], q), g_tag, parse_tag)
+            for i in verdicts for qid, q in questions[i].items()}, attempt, errors)
+        tagged = [i for i in verdicts if all((i, qid) in tags for qid in questions[i])]
+        g_quality = self._json_grammar(quality_schema(self.limits))
+        quality = self._stage("DSG quality", {
+            i: (dsg_quality_messages(prompts[i], questions[i]), g_quality, parse_quality) for i in tagged},
+            attempt, errors)
+        out: list[Decomposition | str] = []
+        for i, prompt in enumerate(prompts):
+            if i not in quality:
+                out.append(errors.get(i, "no result (internal error)"))
+                continue
+            try:
+                out.append(assemble_dsg(prompt, tuples[i], deps[i], questions[i], verdicts[i],
+                                        {qid: tags[(i, qid)] for qid in questions[i]}, quality[i], **self._meta()))
+            except ValueError as e:
+                out.append(str(e))
+        return out
+
+    def _dsg_graph(self, prompts: list[str], attempt: int, errors: dict[int, str]) -> tuple[
+            dict[int, list[DSGTuple]], dict[int, dict[str, tuple[str, ...]]], dict[int, dict[str, str]]]:
+        """Stages 1-3: tuples, then their dependencies and questions (schemas built from the tuple ids)."""
+        g_tuples = self._json_grammar(tuples_schema(self.limits))
+        tuples = self._stage("DSG tuples", {
+            i: (dsg_tuples_messages(p), g_tuples, parse_tuples) for i, p in enumerate(prompts)}, attempt, errors)
+        ids = {i: _tids(ts) for i, ts in tuples.items()}
+        deps = self._stage("DSG dependencies", {
+            i: (dsg_dependencies_messages(prompts[i], tuples[i]),
+                self._json_grammar(dependencies_schema(ids[i], self.limits)),
+                _bind(parse_dependencies, ids[i])) for i in tuples}, attempt, errors)
+        questions = self._stage("DSG questions", {
+            i: (dsg_questions_messages(prompts[i], tuples[i]),
+                self._json_grammar(questions_schema(ids[i], self.limits)),
+                _bind(parse_dsg_questions, ids[i])) for i in deps}, attempt, errors)
+        return tuples, deps, questions
+
+    def _validity(self, prompts: list[str], questions: dict[int, dict[str, str]],
+                  errors: dict[int, str]) -> dict[int, dict[str, bool]]:
+        """Stage 4: P(yes) vs P(no) per question; prompts with a rejected question drop out here."""
+        keys = [(i, qid) for i in questions for qid in questions[i]]
+        texts = [self._chat(dsg_validity_messages(prompts[i], questions[i][qid])) for i, qid in keys]
+        probs = dict(zip(keys, self._yes_no(texts), strict=True))
+        verdicts: dict[int, dict[str, bool]] = {}
+        for i, qs in questions.items():
+            v = {qid: is_required(*probs[(i, qid)]) for qid in qs}
+            try:
+                check_validity(qs, v)
+                verdicts[i] = v
+            except ValueError as e:
+                errors[i] = f"DSG validity: {e}"
+        return verdicts
+
+    def _stage(self, what: str, jobs: dict[Any, tuple[Messages, Any, Callable[[str], T]]], attempt: int,
+               errors: dict[int, str]) -> dict[Any, T]:
+        """One constrained generation per job (key: prompt index or (index, question id)).
+
+        A parse failure or truncation is recorded against the job's prompt in ``errors``.
+        """
+        keys = list(jobs)
+        gens = self._generate([self._chat(jobs[k][0]) for k in keys], [jobs[k][1] for k in keys], attempt)
+        out: dict[Any, T] = {}
+        for k, gen in zip(keys, gens, strict=True):
+            try:
+                out[k] = jobs[k][2](require_finished(gen, what, self.max_new_tokens))
+            except ValueError as e:
+                msg = str(e)
+                errors[k[0] if isinstance(k, tuple) else k] = msg if msg.startswith(what) else f"{what}: {msg}"
+        return out
+
+    # -- model calls ---------------------------------------------------------------------
+
+    def _chat(self, messages: Messages) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError:  # some templates reject a system turn: fold it into the user turn
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, texts: Sequence[str]) -> tuple[Any, Any, Any]:
+        """Left-padded batch with positions counted from each row's first real token."""
+        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left",
+                             add_special_tokens=False)
+        ids, attn = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
+
+    def _yes_no(self, texts: Sequence[str]) -> list[tuple[float, float]]:
+        """P(yes) and P(no) of the next token, summed over case and leading-space variants."""
+        import torch
+
+        if not self._yes_ids or not self._no_ids:
+            raise EngineError("the dsg validity stage needs single-token yes/no words; this tokenizer has none")
+        out: list[tuple[float, float]] = []
+        for start in range(0, len(texts), self.batch_size):
+            ids, attn, pos = self._encode(texts[start:start + self.batch_size])
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1).logits
+            probs = logits[:, -1, :].float().softmax(-1)
+            yes, no = probs[:, self._yes_ids].sum(-1), probs[:, self._no_ids].sum(-1)
+            out += list(zip(yes.tolist(), no.tolist(), strict=True))
+        return out
+
+    def _generate(self, texts: Sequence[str], grammars: Sequence[Any], attempt: int) -> list[Generation]:
+        out: list[Generation] = []
+        for start in range(0, len(texts), self.batch_size):
+            end = start + self.batch_size
+            out += self._generate_batch(texts[start:end], grammars[start:end], attempt)
+        return out
+
+    def _generate_batch(self, texts: Sequence[str], grammars: Sequence[Any], attempt: int) -> list[Generation]:
+        """Constrained decoding with a KV cache: greedy on the first attempt, sampled on retries."""
+        import torch
+
+        with torch.inference_mode():
+            return self._decode(texts, grammars, attempt)
+
+    def _decode(self, texts: Sequence[str], grammars: Sequence[Any], attempt: int) -> list[Generation]:
+        import torch
+        import xgrammar as xgr
+
+        if not texts:
+            return []
+        ids, attn, pos = self._encode(texts)
+        matchers = [xgr.GrammarMatcher(g) for g in grammars]
+        bitmask = xgr.allocate_token_bitmask(len(texts), self._vocab_size)
+        rng = torch.Generator(device=self.device).manual_seed(self.seed + attempt) if attempt else None
+        tokens: list[list[int]] = [[] for _ in texts]
+        done = [False] * len(texts)
+        cache = None
+        for _ in range(self.max_new_tokens):
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **{self._cache_kw: cache})
+            cache = getattr(out, self._cache_kw)
+            nxt = self._pick(out.logits[:, -1, :], matchers, bitmask, done, rng)
+            for i, tok in enumerate(nxt):
+                if done[i]:
+                    continue
+                if not matchers[i].accept_token(tok):
+                    raise EngineError(f"grammar rejected token {tok} it allowed; xgrammar/tokenizer mismatch")
+                done[i] = matchers[i].is_terminated()
+                if not done[i]:
+                    tokens[i].append(tok)
+            if all(done):
+                break
+            ids = torch.tensor([[t] for t in nxt], device=self.device)
+            attn = torch.cat([attn, attn.new_ones((len(texts), 1))], dim=1)
+            pos = pos[:, -1:] + 1
+        return [Generation(self.tokenizer.decode(t), d or m.is_completed(), len(t))
+                for t, d, m in zip(tokens, done, matchers, strict=True)]
+
+    def _pick(self, logits: Any, matchers: list[Any], bitmask: Any, done: list[bool], rng: Any) -> list[int]:
+        """Mask each live row to what its grammar allows, then take argmax or sample."""
+        import torch
+        import xgrammar as xgr
+
+        logits = logits.float().clone()  # masked in place; the model's output stays untouched
+        for i, m in enumerate(matchers):
+            if not done[i]:
+                m.fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+        logits[:, self._banned] = float("-inf")
+        logits[torch.tensor(done, device=logits.device)] = 0.0  # finished rows: any token, ignored
+        if rng is None:
+            return logits.argmax(-1).tolist()
+        probs = (logits / max(self.retry_temperature, 1e-5)).softmax(-1)
+        return torch.multinomial(probs, 1, generator=rng).squeeze(-1).tolist()
+
+
+def _as_list(x: Any) -> list[Any]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def _tids(tuples: Sequence[DSGTuple]) -> list[str]:
+    return [t.id for t in tuples]
+
+
+def _bind(parse: Callable[[str, Sequence[str]], T], ids: Sequence[str]) -> Callable[[str], T]:
+    return lambda text: parse(text, ids)
+
+
+def _failure_message(prompts: Sequence[str], errors: Mapping[int, str], attempts: int, pipeline: str) -> str:
+    parts = [f"prompt {i} ({prompts[i][:60]!r}): {msg}" for i, msg in sorted(errors.items())]
+    return (f"{pipeline} decomposition failed after {attempts} attempt(s) for {len(errors)} of {len(prompts)} "
+            "prompt(s); last error: " + " | ".join(parts))
