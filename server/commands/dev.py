@@ -10,7 +10,7 @@ from pathlib import Path
 def _tiny_models(args: argparse.Namespace) -> int:
     from server.engines.tiny import write_tiny_models
 
-    paths = write_tiny_models(Path(args.dir), seed=args.seed)
+    paths = write_tiny_models(Path(args.dir), seed=args.seed, arch=args.arch)
     print(json.dumps(paths, indent=2))
     return 0
 
@@ -20,4 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dev.add_parser("tiny-models", help="write a tiny random verifier and decomposer to DIR")
     p.add_argument("dir", help="output directory; DIR/verifier and DIR/decomposer are created")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["qwen2.5-vl", "qwen2-vl", "qwen3-vl"], default="qwen2.5-vl",
+                   help="verifier architecture")
     p.set_defaults(func=_tiny_models)

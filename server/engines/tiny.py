@@ -76,55 +76,74 @@ VERIFIER_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def verifier_config(tokenizer: Any, size: str) -> Any:
-    """A Qwen2.5-VL config of the given size whose special token ids match `tokenizer`."""
-    from transformers import Qwen2_5_VLConfig
+VERIFIER_ARCHS = ("qwen2.5-vl", "qwen2-vl", "qwen3-vl")
 
-    dims = VERIFIER_SIZES[size]
-    # M-RoPE splits head_dim / 2 rotary pairs over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
-    half = dims["h"] // dims["heads"] // 2
-    mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            hidden_size=dims["h"], intermediate_size=dims["inter"], num_hidden_layers=dims["layers"],
-            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv"],
-            vocab_size=max(len(tokenizer), dims.get("vocab", 0)),
-            max_position_embeddings=4096,
-            initializer_range=0.2,  # sharper random outputs, so scores differ visibly between inputs
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-        ),
-        vision_config=dict(
-            depth=dims["vdepth"], hidden_size=dims["vh"], intermediate_size=dims["vinter"],
-            num_heads=dims["vheads"], out_hidden_size=dims["h"], fullatt_block_indexes=dims["full"],
-            window_size=112, patch_size=14, initializer_range=0.2, spatial_merge_size=2, temporal_patch_size=2,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        tie_word_embeddings=False,
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )
 
 
-def write_tiny_verifier(path: Path, size: str = "tiny", seed: int = 0, max_pixels: int = 448 * 448) -> Path:
-    """A random Qwen2.5-VL with tokenizer, image processor and chat template."""
+def _text_ids(tokenizer: Any) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+
+
+def verifier_config(tokenizer: Any, size: str, arch: str = "qwen2.5-vl") -> Any:
+    """A Qwen-VL-family config of the given size whose special token ids match `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    d = VERIFIER_SIZES[size]
+    # M-RoPE splits head_dim / 2 rotary pairs over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
+    half = d["h"] // d["heads"] // 2
+    mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
+    text = dict(
+        hidden_size=d["h"], intermediate_size=d["inter"], num_hidden_layers=d["layers"],
+        num_attention_heads=d["heads"], num_key_value_heads=d["kv"], vocab_size=max(len(tokenizer), d.get("vocab", 0)),
+        max_position_embeddings=4096,
+        initializer_range=0.2,  # sharper random outputs, so scores differ visibly between inputs
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+        **_text_ids(tokenizer),
+    )
+    common = dict(**_special_ids(tokenizer), **_text_ids(tokenizer), tie_word_embeddings=False)
+    if arch == "qwen2.5-vl":
+        vision = dict(depth=d["vdepth"], hidden_size=d["vh"], intermediate_size=d["vinter"], num_heads=d["vheads"],
+                      out_hidden_size=d["h"], fullatt_block_indexes=d["full"], window_size=112, patch_size=14,
+                      initializer_range=0.2, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+    if arch == "qwen2-vl":
+        vision = dict(depth=d["vdepth"], embed_dim=d["vh"], num_heads=d["vheads"], mlp_ratio=2, hidden_size=d["h"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+    if arch == "qwen3-vl":
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        text["head_dim"] = d["h"] // d["heads"]
+        vision = dict(depth=d["vdepth"], hidden_size=d["vh"], intermediate_size=d["vinter"], num_heads=d["vheads"],
+                      out_hidden_size=d["h"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      deepstack_visual_indexes=[0], num_position_embeddings=256, initializer_range=0.2)
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+    raise ValueError(f"unknown verifier architecture {arch!r}; expected one of {', '.join(VERIFIER_ARCHS)}")
+
+
+def write_tiny_verifier(
+    path: Path, size: str = "tiny", seed: int = 0, max_pixels: int = 448 * 448, arch: str = "qwen2.5-vl"
+) -> Path:
+    """A random Qwen-VL-family verifier with tokenizer, image processor and chat template."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(verifier_config(tokenizer, size), dtype=torch.float32)
-    model.save_pretrained(path)
+    config = verifier_config(tokenizer, size, arch)
+    AutoModelForImageTextToText.from_config(config, dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    patch = config.vision_config.patch_size
     Qwen2VLImageProcessorPil(
-        min_pixels=28 * 28 * 4, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=(patch * 2) ** 2 * 4, max_pixels=max_pixels, patch_size=patch, merge_size=2, temporal_patch_size=2
     ).save_pretrained(path)
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return path
@@ -152,10 +171,10 @@ def write_tiny_decomposer(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_tiny_models(root: Path, seed: int = 0) -> dict[str, str]:
+def write_tiny_models(root: Path, seed: int = 0, arch: str = "qwen2.5-vl") -> dict[str, str]:
     root = Path(root)
     out = {
-        "verifier": str(write_tiny_verifier(root / "verifier", seed=seed)),
+        "verifier": str(write_tiny_verifier(root / "verifier", seed=seed, arch=arch)),
         "decomposer": str(write_tiny_decomposer(root / "decomposer", seed=seed)),
     }
     (root / "README.json").write_text(json.dumps({"what": "tiny random DVReward models", **out}, indent=2))

@@ -10,6 +10,7 @@ from PIL import Image
 
 from server.engines.base import EngineError, VerifyItem
 from server.engines.hf_verifier import HFVerifier
+from server.engines.tiny import write_tiny_verifier
 
 TOL = 1e-4
 
@@ -50,6 +51,19 @@ def _reference(tiny_verifier: HFVerifier, items: list[VerifyItem]) -> np.ndarray
         return _flat(tiny_verifier.verify(items))
     finally:
         tiny_verifier.mode = "packed"
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen3-vl"])
+def test_packed_equals_per_pair_on_other_architectures(
+    arch: str, items: list[VerifyItem], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Qwen2-VL (no windowed vision) and Qwen3-VL (patch 16, deepstack, interleaved M-RoPE) too."""
+    verifier = HFVerifier.load(str(write_tiny_verifier(tmp_path_factory.mktemp(arch), arch=arch)))
+    assert type(verifier.model).__name__.lower().startswith(arch.replace("-", "").replace(".", "_"))
+    packed = _flat(verifier.verify(items))
+    assert np.abs(packed - _reference(verifier, items)).max() <= TOL
+    verifier.attn_mask_mode = "causal"
+    assert np.abs(_flat(verifier.verify(items)) - _reference(verifier, items)).max() > 100 * TOL
 
 
 def test_packed_equals_per_pair(tiny_verifier: HFVerifier, items: list[VerifyItem]) -> None:
