@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from server.engines.tiny import VERIFIER_ARCHS
+
 
 def _tiny_models(args: argparse.Namespace) -> int:
     from server.engines.tiny import write_tiny_models
@@ -20,6 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dev.add_parser("tiny-models", help="write a tiny random verifier and decomposer to DIR")
     p.add_argument("dir", help="output directory; DIR/verifier and DIR/decomposer are created")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=["qwen2.5-vl", "qwen2-vl", "qwen3-vl"], default="qwen2.5-vl",
+    p.add_argument("--arch", choices=VERIFIER_ARCHS, default=VERIFIER_ARCHS[0],
                    help="verifier architecture")
     p.set_defaults(func=_tiny_models)

@@ -42,7 +42,7 @@ async def score(req: ScoreRequest, response: Response, request_id: RequestId, se
     body, replayed = await once(service.broker, "score", idempotency_key, req, settings.result_ttl_s,
                                 time.time() + settings.request_timeout_s,
                                 lambda: service.score(req, blobs, request_id))
-    for g in body["groups"]:
+    for g in body["groups"] if not replayed else ():  # a replay scored nothing: count work once
         for r in g["rewards"]:
             metrics.images.labels("ok" if r is not None else "failed").inc()
         if g.get("decomposition_cached") is not None:
@@ -69,7 +69,7 @@ async def verify(req: VerifyRequest, response: Response, request_id: RequestId, 
     body, replayed = await once(service.broker, "verify", idempotency_key, req, settings.result_ttl_s,
                                 time.time() + settings.request_timeout_s,
                                 lambda: service.verify(req, blobs, request_id))
-    for r in body["results"]:
+    for r in body["results"] if not replayed else ():
         metrics.images.labels("ok" if r["p"] is not None else "failed").inc()
     _timing_headers(response, request_id, body, replayed)
     return body
