@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.service",
     "server.commands.score",
     "server.commands.decompose",
+    "server.commands.evaluate",
 )
 
 

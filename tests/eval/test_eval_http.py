@@ -1,0 +1,158 @@
+"""`dvreward eval --server`: against a real `dvreward serve`, and the retry policy on a mock transport."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from server.cli import main
+from server.eval.importers import import_dsg_csv, write_jsonl
+from server.eval.scoring import HTTPBackend, ScoreInput, ServiceUnavailableError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "dvreward serve exited early"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("dvreward serve did not become ready")
+
+
+def test_eval_through_a_running_service_matches_in_process(tmp_path, tiny_models):
+    records, _ = import_dsg_csv(FIXTURES / "dsg_tifa160_dev.csv")
+    questions = tmp_path / "q.jsonl"
+    write_jsonl(records[:2], questions)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, r in enumerate(records[:2]):
+        for k in range(2):
+            Image.new("RGB", (80, 64), (60 * i + 20 * k, 90, 160)).save(images / f"{r.item_id}_{k}.png")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(images / f"{records[0].item_id}_2.bmp")  # re-encoded as PNG
+    (images / f"{records[1].item_id}_3.jpg").write_bytes(b"\xff\xd8\xff garbage")  # corrupt
+
+    port, key = _free_port(), "test-key-123"
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--verifier", str(tiny_models["verifier"]), "--decomposer", "",
+         "--port", str(port), "--api-keys", key],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(url, proc)
+        assert main(["eval", "--images", str(images), "--questions", str(questions), "--server", url,
+                     "--api-key", "wrong", "-o", str(tmp_path / "denied"), "--no-progress"]) == 1
+        assert main(["eval", "--images", str(images), "--questions", str(questions), "--server", url,
+                     "--api-key", key, "-o", str(tmp_path / "http"), "--batch-size", "2", "--no-progress",
+                     "--gating", "hard"]) == 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    denied = json.loads((tmp_path / "denied" / "summary.json").read_text())
+    assert denied["complete"] is False and denied["counts"]["pending"] == 6  # stopped, nothing marked failed
+
+    assert main(["eval", "--images", str(images), "--questions", str(questions), "--verifier",
+                 str(tiny_models["verifier"]), "-o", str(tmp_path / "local"), "--no-progress", "--gating", "hard"]) == 0
+    http = [json.loads(x) for x in (tmp_path / "http" / "results.jsonl").read_text().splitlines()]
+    local = [json.loads(x) for x in (tmp_path / "local" / "results.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in http] == [r["image"] for r in local] and len(http) == 6
+    for h, lo in zip(http, local, strict=True):
+        if lo["error"] is not None:
+            assert h["error"] is not None and h["reward"] is None
+            continue
+        assert h["error"] is None and h["model"] == str(tiny_models["verifier"])
+        assert h["reward"] == pytest.approx(lo["reward"], abs=1e-4)
+        for qh, ql in zip(h["questions"], lo["questions"], strict=True):
+            assert qh["p"] == pytest.approx(ql["p"], abs=1e-4)
+    summary = json.loads((tmp_path / "http" / "summary.json").read_text())
+    assert summary["counts"]["scored"] == 5 and summary["counts"]["errors"] == 1
+
+
+# ---- retry and isolation policy (mock transport) -----------------------------------------------
+
+
+def _inputs(tmp_path: Path, n: int) -> list[ScoreInput]:
+    out = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(path)
+        out.append(ScoreInput(path, ("Is there a cat?", "Is it red?")))
+    return out
+
+
+def _ok(request: httpx.Request) -> httpx.Response:
+    items = json.loads(request.content)["items"]
+    return httpx.Response(200, json={
+        "request_id": "r", "model": "m", "template_version": "t",
+        "results": [{"p": [0.25] * len(it["questions"]), "error": None} for it in items],
+        "timings": {"verify_ms": 1.0, "total_ms": 1.0},
+    })
+
+
+def test_retries_429_and_503_honouring_retry_after_with_one_idempotency_key(tmp_path):
+    seen: list[httpx.Request] = []
+    answers = [httpx.Response(429, headers={"Retry-After": "3"}, json={"error": {"code": "rate_limited",
+                                                                               "message": "queue full"}}),
+               httpx.Response(503, headers={"Retry-After": "1.5"}, json={"error": {"message": "no worker"}})]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0) if answers else _ok(request)
+
+    sleeps: list[float] = []
+    backend = HTTPBackend("http://svc", "k", transport=httpx.MockTransport(handler), sleep=sleeps.append)
+    outcomes = backend.score(_inputs(tmp_path, 2))
+    assert [o.p for o in outcomes] == [[0.25, 0.25], [0.25, 0.25]] and backend.model_id == "m"
+    assert sleeps == [3.0, 1.5]
+    assert len({r.headers["Idempotency-Key"] for r in seen}) == 1  # a retry never double-scores
+    assert all(r.headers["Authorization"] == "Bearer k" for r in seen)
+
+
+def test_gives_up_after_retries_and_isolates_refused_images(tmp_path):
+    sleeps: list[float] = []
+    busy = HTTPBackend("http://svc", transport=httpx.MockTransport(lambda r: httpx.Response(503)),
+                       max_retries=2, sleep=sleeps.append)
+    with pytest.raises(ServiceUnavailableError, match="503 after 3 attempts"):
+        busy.score(_inputs(tmp_path, 1))
+    assert len(sleeps) == 2
+
+    inputs = _inputs(tmp_path, 4)
+    bad_b64 = base64.b64encode(inputs[2].path.read_bytes()).decode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        items = json.loads(request.content)["items"]
+        if any(it["images"][0] == bad_b64 for it in items):
+            return httpx.Response(422, json={"error": {"code": "bad_image", "message": "items[0].images[0]: nope"}})
+        return _ok(request)
+
+    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler), max_questions=1)
+    outcomes = backend.score(inputs)
+    assert [o.error is None for o in outcomes] == [True, True, False, True]
+    assert "HTTP 422" in outcomes[2].error and "nope" in outcomes[2].error and outcomes[2].p is None
+    assert outcomes[0].p == [0.25, 0.25]  # questions split across items (max_questions=1) and joined back
