@@ -1,1 +1,1 @@
-"""Evaluation tooling: turning benchmark decompositions into our question format."""
+"""Evaluation use: benchmark question importers and `dvreward eval` (scoring, summary, report)."""
