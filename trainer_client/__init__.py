@@ -1,5 +1,57 @@
-"""Lightweight DVReward trainer client: depends on httpx and pydantic only."""
+"""Lightweight DVReward trainer client: depends on httpx and pydantic only.
 
+torch, numpy and PIL are imported only when an image of theirs is passed in.
+"""
+
+from server.core.questions import Question
+from server.schemas import ScoreResponse, VerifyResponse
+from trainer_client.adapters import make_flow_grpo_reward_fn, make_trl_reward_func
+from trainer_client.client import (
+    DEFAULT_TIMEOUT,
+    AsyncDVRewardClient,
+    DVRewardClient,
+    ScoreResult,
+    VerifyResult,
+)
+from trainer_client.errors import (
+    BadRequest,
+    ConnectionFailed,
+    DVRewardError,
+    ImageFailed,
+    ImageFailure,
+    PayloadTooLarge,
+    RateLimited,
+    ScoringError,
+    ServerError,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+)
 from trainer_client.grpo import false_positive_rectification, group_advantages
 
-__all__ = ["false_positive_rectification", "group_advantages"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AsyncDVRewardClient",
+    "BadRequest",
+    "ConnectionFailed",
+    "DVRewardClient",
+    "DVRewardError",
+    "ImageFailed",
+    "ImageFailure",
+    "PayloadTooLarge",
+    "Question",
+    "RateLimited",
+    "ScoreResponse",
+    "ScoreResult",
+    "ScoringError",
+    "ServerError",
+    "Timeout",
+    "Unauthorized",
+    "Unavailable",
+    "VerifyResponse",
+    "VerifyResult",
+    "false_positive_rectification",
+    "group_advantages",
+    "make_flow_grpo_reward_fn",
+    "make_trl_reward_func",
+]

@@ -1,0 +1,150 @@
+"""Client cost of one GRPO step: encode + upload 32 prompts x 14 images of 512x512, PNG vs JPEG.
+
+Measures the client process only (time.process_time: every thread of this process, not the server),
+plus wall time per step. Against --server URL, or a `dvreward serve` subprocess with tiny models that it
+starts (explicit questions, so no decomposition; a small --max-pixels so the tiny verifier's compute
+does not dominate the wall time). Prints one JSON object.
+
+    python bench/client.py                       # starts its own embedded service
+    python bench/client.py --server http://host:8000 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from trainer_client import DVRewardClient
+from trainer_client.encoding import encode_image
+
+QUESTIONS = [
+    {"id": "obj", "text": "Is there a cat?", "tag": "Existence"},
+    {"id": "col", "text": "Is the cat orange?", "tag": "Attribute", "depends_on": ["obj"]},
+    {"id": "geo", "text": "Is the cat's body shape anatomically plausible?", "kind": "quality", "tag": "Anatomy"},
+]
+
+
+def make_step(prompts: int, group: int, size: int, seed: int) -> list[list[np.ndarray]]:
+    """Random-ish generated-looking images: gradients, a few flat blocks and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = []
+    for _ in range(prompts):
+        grp = []
+        for _ in range(group):
+            a, b, c = rng.uniform(0, 255, 3)
+            img = np.stack([a * xx + 40 * yy, b * yy + 30 * xx, c * (xx + yy) / 2], axis=-1)
+            for _ in range(3):
+                y0, x0 = rng.integers(0, size * 3 // 4, 2)
+                h, w = rng.integers(size // 8, size // 3, 2)
+                img[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
+            img += rng.normal(0, 4, img.shape)
+            grp.append(np.clip(img, 0, 255).astype(np.uint8))
+        out.append(grp)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def embedded_service(max_pixels: int) -> Iterator[str]:
+    """Tiny models written and served by subprocesses, so none of their CPU is counted as the client's."""
+    with tempfile.TemporaryDirectory(prefix="dvreward-bench-") as tmp:
+        subprocess.run([sys.executable, "-c", "import sys; from server.engines.tiny import write_tiny_models; "
+                        "write_tiny_models(sys.argv[1])", tmp], check=True, capture_output=True)
+        port = _free_port()
+        log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--verifier", f"{tmp}/verifier", "--decomposer",
+             f"{tmp}/decomposer", "--port", str(port), "--max-pixels", str(max_pixels)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with DVRewardClient(url) as c:
+                c.wait_ready(timeout=180)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            log.close()
+
+
+def bench_format(url: str, fmt: str, step: list[list[np.ndarray]], steps: int, chunk_images: int,
+                 concurrency: int) -> dict:
+    prompts = [f"prompt {i}" for i in range(len(step))]
+    questions = [QUESTIONS] * len(step)
+    with DVRewardClient(url, image_format=fmt, chunk_images=chunk_images, max_concurrency=concurrency) as client:
+        client.score(prompts, step, questions=questions)  # warm-up: connections, threads, server caches
+        cpu, wall, server_ms, requests = [], [], [], 0
+        for _ in range(steps):
+            c0, w0 = time.process_time(), time.perf_counter()
+            result = client.score(prompts, step, questions=questions)
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+            server_ms.append(result.timings.total_ms)
+            requests = len(result.request_ids)
+        flat = [im for g in step for im in g]
+        c0 = time.process_time()
+        sizes = [len(b) for b in client._encode_pool.map(lambda a: encode_image(a, client.encode_options), flat)]
+        encode_cpu = time.process_time() - c0
+    return {
+        "client_cpu_s_per_step": round(min(cpu), 3),
+        "client_cpu_s_per_step_mean": round(sum(cpu) / len(cpu), 3),
+        "wall_s_per_step": round(min(wall), 3),
+        "encode_only_cpu_s": round(encode_cpu, 3),
+        "encoded_mb_per_step": round(sum(sizes) / 1e6, 1),
+        "requests_per_step": requests,
+        "server_slowest_request_ms": round(min(server_ms), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", help="URL of a running service; default: start an embedded one with tiny models")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=14)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--formats", nargs="+", default=["png", "jpeg"])
+    ap.add_argument("--chunk-images", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--max-pixels", type=int, default=112 * 112, help="embedded server's verifier resolution")
+    args = ap.parse_args()
+
+    step = make_step(args.prompts, args.group_size, args.size, seed=0)
+    with contextlib.ExitStack() as stack:
+        url = args.server or stack.enter_context(embedded_service(args.max_pixels))
+        models = httpx.get(url + "/v1/models", timeout=30).json()
+        out: dict = {
+            "images_per_step": args.prompts * args.group_size, "image_size": args.size, "steps": args.steps,
+            "client_cpus": os.cpu_count(), "chunk_images": args.chunk_images, "concurrency": args.concurrency,
+            "server": "embedded tiny (subprocess)" if not args.server else args.server,
+            "verifier": (models.get("workers") or [{}])[0].get("verifier"),
+        }
+        for fmt in args.formats:
+            out[fmt] = bench_format(url, fmt, step, args.steps, args.chunk_images, args.concurrency)
+    if "png" in out and "jpeg" in out:
+        for k in ("client_cpu_s_per_step", "wall_s_per_step"):
+            out[f"{k}_ratio_png_over_jpeg"] = round(out["png"][k] / max(out["jpeg"][k], 1e-9), 2)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""TRL- and Flow-GRPO-style reward functions against a real service: signatures, shapes, grouping, failures."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+from trainer_client import DVRewardClient, make_flow_grpo_reward_fn, make_trl_reward_func
+from trainer_client.adapters import group_indices
+
+
+@pytest.fixture
+def client(service_url):
+    with DVRewardClient(service_url) as c:
+        yield c
+
+
+def test_group_indices():
+    prompts = ["a", "a", "b", "b", "a"]
+    assert group_indices(prompts, "consecutive") == [[0, 1], [2, 3], [4]]
+    assert group_indices(prompts, "all") == [[0, 1, 4], [2, 3]]
+
+
+def test_trl_reward_func(client, make_images, questions, truncated_png):
+    fn = make_trl_reward_func(client, questions_key="questions")
+    assert fn.__name__ == "dvreward"
+    assert list(inspect.signature(fn).parameters) == ["prompts", "completions", "kwargs"]
+    images = make_images(6, seed=5)
+    images[4] = truncated_png
+    prompts = ["a red cube"] * 3 + ["a blue ball"] * 3
+    rewards = fn(prompts=prompts, completions=[""] * 6, images=images, questions=[questions] * 6)
+    assert len(rewards) == 6 and rewards[4] is None
+    assert all(isinstance(r, float) and 0 < r < 1 for i, r in enumerate(rewards) if i != 4)
+    want = client.score(["a red cube", "a blue ball"], [images[:3], images[3:]], questions=[questions] * 2,
+                        on_error="nan").flat_rewards()
+    assert all((w is None and math.isnan(v)) or abs(w - v) < 1e-6 for w, v in zip(rewards, want, strict=True))
+
+    # scattered equal prompts with group_by="all", conversational prompts: same rewards per sample
+    order = [0, 3, 1, 4, 2, 5]
+    chat = [[{"role": "system", "content": "draw"}, {"role": "user", "content": [{"type": "text", "text": p}]}]
+            for p in prompts]
+    fn_all = make_trl_reward_func(client, group_by="all", questions_key="questions")
+    shuffled = fn_all([chat[i] for i in order], [""] * 6, images=[images[i] for i in order],
+                      questions=[questions] * 6)
+    for pos, i in enumerate(order):
+        assert (shuffled[pos] is None) == (rewards[i] is None)
+        if rewards[i] is not None:
+            assert abs(shuffled[pos] - rewards[i]) < 1e-6
+
+
+def test_trl_reward_func_decomposes_prompts(client, make_images):
+    fn = make_trl_reward_func(client, name="dv")
+    rewards = fn(["a green cone"] * 2, ["", ""], images=make_images(2, seed=9))
+    assert fn.__name__ == "dv" and len(rewards) == 2 and all(0 < r < 1 for r in rewards)
+    with pytest.raises(ValueError, match="one image per completion"):
+        fn(["a"] * 2, [""] * 2, images=make_images(3))
+
+
+def test_flow_grpo_reward_fn(client, make_images, questions):
+    import torch
+
+    fn = make_flow_grpo_reward_fn(client)
+    images = np.stack(make_images(6, seed=13))                       # NHWC uint8
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # NCHW float in [0, 1]
+    prompts = ["a red cube", "a blue ball"] * 3                       # groups formed from equal prompts
+    metadata = [{"questions": questions, "tag": i} for i in range(6)]
+    scores, info = fn(tensor, prompts, metadata)
+    assert set(scores) == {"dvreward", "sc", "pq"}
+    assert all(len(v) == 6 and all(isinstance(x, float) for x in v) for v in scores.values())
+    assert all(0 < r < 1 for r in scores["dvreward"])
+    assert len(info["advantages"]) == 6 and info["failed"] == []
+    assert set(info["questions"]) == {"a red cube", "a blue ball"}
+    assert info["questions"]["a red cube"] == [q["text"] for q in questions]
+    group = [scores["dvreward"][i] for i in (0, 2, 4)]
+    adv = [info["advantages"][i] for i in (0, 2, 4)]
+    assert abs(sum(adv)) < 1e-6 and (np.argsort(group) == np.argsort(adv)).all()
+
+    scores_np, _ = fn(images, prompts, metadata)
+    assert all(abs(a - b) < 1e-6 for a, b in zip(scores["dvreward"], scores_np["dvreward"], strict=True))
+
+
+def test_flow_grpo_reward_fn_failed_image_is_nan(client, make_images, questions, truncated_png):
+    fn = make_flow_grpo_reward_fn(client, name="reward")
+    imgs = make_images(3) + [truncated_png]
+    scores, info = fn(imgs, ["x"] * 4, [{"questions": questions}] * 4)
+    assert math.isnan(scores["reward"][3]) and info["failed"] == [3] and math.isnan(info["advantages"][3])
+    assert all(math.isfinite(r) for r in scores["reward"][:3])
