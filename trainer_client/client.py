@@ -314,7 +314,7 @@ class _Base:
         max_retries: int = 5,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
-        image_format: ImageFormat = "png",
+        image_format: ImageFormat = "jpeg",
         quality: int | None = None,
         png_compress_level: int = 1,
         chunk_images: int = 64,

@@ -37,7 +37,7 @@ def test_float_chw_uint8_hwc_pil_and_torch_agree():
 
     a = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     chw = a.transpose(2, 0, 1).astype(np.float32) / 255
-    opts = EncodeOptions()
+    opts = EncodeOptions("png")
     for x in (a, chw, chw.transpose(1, 2, 0), Image.fromarray(a), torch.from_numpy(chw),
               torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(chw).unsqueeze(0)[0]):
         assert np.array_equal(_decode(encode_image(x, opts)), a), type(x)
@@ -45,6 +45,13 @@ def test_float_chw_uint8_hwc_pil_and_torch_agree():
     assert np.abs(lossy.astype(int) - a).max() <= 1
     gray = encode_image(np.zeros((5, 6), np.float64), opts)
     assert _decode(gray).shape == (5, 6)
+
+
+def test_default_is_jpeg_q95():
+    a = np.broadcast_to((np.arange(32, dtype=np.uint8) * 8)[:, None, None], (32, 32, 3)).copy()
+    data = encode_image(a, EncodeOptions())
+    assert data[:2] == b"\xff\xd8", "JPEG magic"
+    assert np.abs(_decode(data).astype(int) - a).max() <= 8  # q95: lossy, but only just
 
 
 def test_jpeg_and_webp_decode():

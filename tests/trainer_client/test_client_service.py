@@ -54,7 +54,7 @@ def test_grouping_and_order_match_direct_score(any_service_url, make_images, que
     assert direct.status_code == 200, direct.text
     want = direct.json()["groups"]
 
-    with DVRewardClient(any_service_url, max_retries=0) as client:
+    with DVRewardClient(any_service_url, max_retries=0, image_format="png") as client:
         got = client.score(prompts, groups, questions=[questions] * len(groups), metadata=[{"g": i} for i in range(4)])
 
     assert isinstance(got, ScoreResult)
@@ -91,7 +91,8 @@ def test_chunking_gives_the_same_results(service_url, make_images, questions):
 
 def test_max_request_bytes_splits_requests(service_url, make_images, questions):
     groups = _groups(make_images)
-    with DVRewardClient(service_url) as whole, DVRewardClient(service_url, max_request_bytes=8000) as tiny:
+    with DVRewardClient(service_url, image_format="png") as whole, \
+            DVRewardClient(service_url, image_format="png", max_request_bytes=8000) as tiny:
         a = whole.score(["p"] * 4, groups, questions=[questions] * 4)
         b = tiny.score(["p"] * 4, groups, questions=[questions] * 4)
     assert len(b.request_ids) > 4
@@ -114,7 +115,7 @@ def test_every_input_image_type(service_url, make_images, questions):
         np.stack([a]),                                         # NHWC uint8 numpy batch
         [png.getvalue()],                                      # encoded bytes, sent as they are
     ]
-    with DVRewardClient(service_url) as client:
+    with DVRewardClient(service_url, image_format="png") as client:  # lossless: bytes and arrays match
         got = client.score(["a red cube"] * len(groups), groups, questions=[questions] * len(groups))
     rewards = [g[0] for g in got.rewards]
     assert all(abs(r - rewards[0]) < 1e-6 for r in rewards), rewards  # same pixels, same reward
