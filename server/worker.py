@@ -143,11 +143,20 @@ class Worker:
         return [r for r in results if r is not None]
 
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
+        """The whole batch in one batched generation; if it fails, prompt by prompt, so that one
+        prompt that cannot be decomposed fails alone."""
         assert self.decomposer is not None
-        out = []
-        for t in tasks:  # one prompt at a time, so one bad prompt cannot fail the others
+        prompts = [t.payload["prompt"] for t in tasks]
+        if len(tasks) > 1:
             try:
-                (dec,) = await asyncio.to_thread(self.decomposer.decompose, [t.payload["prompt"]])
+                decs = await asyncio.to_thread(self.decomposer.decompose, prompts)
+                return [Result(t.task_id, d.model_dump(mode="json")) for t, d in zip(tasks, decs, strict=True)]
+            except Exception as exc:  # noqa: BLE001 - retried prompt by prompt just below
+                log.info("batched decomposition of %d prompts failed (%s); retrying one by one", len(tasks), exc)
+        out = []
+        for t, prompt in zip(tasks, prompts, strict=True):
+            try:
+                (dec,) = await asyncio.to_thread(self.decomposer.decompose, [prompt])
                 out.append(Result(t.task_id, dec.model_dump(mode="json")))
             except Exception as exc:  # noqa: BLE001 - reported to the request, never swallowed
                 log.warning("decomposition of task %s failed: %s", t.task_id, exc)
