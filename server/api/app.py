@@ -42,6 +42,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     parts = []
     for e in exc.errors()[:10]:
+        if e.get("type") == "json_invalid":  # loc is ("body", character offset): say so
+            where = e.get("loc", ("body", "?"))[-1]
+            parts.append(f"body: invalid JSON at character {where} ({(e.get('ctx') or {}).get('error', e.get('msg'))})")
+            continue
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {e.get('msg')}")
     return _error(request, 422, ErrorCode.bad_request.value, "; ".join(parts))
@@ -59,17 +63,27 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send)
+        # Without (or with a lying) Content-Length, read the body up to the limit before the app sees it:
+        # an error raised while FastAPI reads the body would become its generic 400.
+        buffered: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
+            buffered.append(msg)
+            if msg["type"] != "http.request":
+                break
             seen += len(msg.get("body", b""))
             if seen > self.max_bytes:
-                raise ServiceError(ErrorCode.too_large, f"request body exceeds the limit of {self.max_bytes} bytes")
-            return msg
+                return await self._reject(send)
+            if not msg.get("more_body", False):
+                break
+        replay = iter(buffered)
 
-        await self.app(scope, limited, send)
+        async def replayed() -> Message:
+            msg = next(replay, None)
+            return msg if msg is not None else await receive()
+
+        await self.app(scope, replayed, send)
 
     async def _reject(self, send: Send) -> None:
         body = ErrorResponse(error=ErrorInfo(code=ErrorCode.too_large.value,

@@ -34,6 +34,11 @@ from server.schemas import WorkerInfo
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# A blocking read (BLPOP) waits at most BLOCK_S per call, well inside the socket timeout: redis-py 8
+# defaults that to 5 s, which turned every wait of 5 s or more into a spurious "Redis unreachable" 503.
+BLOCK_S = 5.0
+SOCKET_TIMEOUT_S = 15.0
+
 # KEYS: done, reply. ARGV: result, ttl. Delivers once per task id.
 _DELIVER = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
@@ -85,6 +90,7 @@ class RedisBroker:
     ) -> None:
         self.url = url
         self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=2.0,
+                                             socket_timeout=SOCKET_TIMEOUT_S,
                                              health_check_interval=10)
         self.keys = Keys(prefix)
         self.max_queue = max_queue
@@ -137,7 +143,7 @@ class RedisBroker:
                         ErrorCode.timeout,
                         f"{len(task_ids) - len(out)} of {len(task_ids)} tasks did not finish before the deadline",
                     )
-                item = await self.redis.blpop([reply_to], timeout=max(0.01, min(left, 5.0)))
+                item = await self.redis.blpop([reply_to], timeout=max(0.01, min(left, BLOCK_S)))
                 if item is None:
                     continue
                 r = Result.from_json(item[1])
@@ -183,7 +189,7 @@ class RedisBroker:
             left = remaining(deadline)
             if left <= 0:
                 raise ServiceError(ErrorCode.timeout, "a concurrent identical computation did not finish in time")
-            item = await self.redis.blpop([me], timeout=max(0.01, min(left, 5.0)))
+            item = await self.redis.blpop([me], timeout=max(0.01, min(left, BLOCK_S)))
             if item is not None:
                 await self.redis.delete(me)
                 return singleflight_value(item[1])
@@ -191,6 +197,18 @@ class RedisBroker:
     # ---- worker side ----------------------------------------------------------------------
     @_unavailable
     async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]:
+        try:
+            entries = await self._read(kind, max_n, max_wait)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis restarted without persistence (or was flushed): the group is gone, so make it again.
+            self._groups_ready.discard(kind)
+            entries = await self._read(kind, max_n, max_wait)
+        return [t for t in [await self._accept(kind, eid, fields) for eid, fields in entries] if t is not None]
+
+    async def _read(self, kind: TaskKind, max_n: int, max_wait: float) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries idle past the visibility timeout first (XAUTOCLAIM), then new ones (XREADGROUP)."""
         await self._ensure_group(kind)
         stream = self.keys.stream(kind)
         _, entries, _ = await self.redis.xautoclaim(
@@ -203,7 +221,7 @@ class RedisBroker:
             )
             for _, items in got or []:
                 entries.extend(items)
-        return [t for t in [await self._accept(kind, eid, fields) for eid, fields in entries] if t is not None]
+        return entries
 
     async def _accept(self, kind: TaskKind, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Task | None:
         """Turn a stream entry into a task, settling duplicates and over-delivered ones on the spot."""

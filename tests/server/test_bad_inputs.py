@@ -1,0 +1,205 @@
+"""Bad requests against the running embedded server: each gets a 4xx with a JSON error naming the field.
+
+The server (see EMBEDDED_LIMITS in conftest) allows 6 images, 6 questions per group, 4 groups,
+300-character prompts, 1,000,000-pixel images and 200,000-byte bodies.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import types
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+Kwargs = dict[str, Any]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A structurally valid PNG whose header claims width x height but carries almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+            + chunk(b"IEND", b""))
+
+
+def zeros_png(side: int) -> bytes:
+    """A real, fully decodable PNG of side x side black pixels: a few KB on the wire, megapixels decoded."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((side, side), dtype=np.uint8)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def gif_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, "GIF")
+    return buf.getvalue()
+
+
+Q = [{"id": "a", "text": "Is there a cat?", "tag": "Existence"}]
+
+
+def score(k: types.SimpleNamespace, images: list[str] | None = None, **group: Any) -> Kwargs:
+    group.setdefault("questions", Q)
+    return {"json": {"groups": [{"images": images if images is not None else [k.png_b64(0)], **group}]}}
+
+
+def raw(content: bytes | Iterator[bytes]) -> Kwargs:
+    return {"content": content, "headers": {"content-type": "application/json"}}
+
+
+def _chunks(total: int) -> Iterator[bytes]:
+    yield b'{"groups": [{"prompt": "'
+    for _ in range(total // 10_000):
+        yield b"x" * 10_000
+    yield b'"}]}'
+
+
+# (id, path, request kwargs from the kit, status, error code, substrings of the message)
+CASES: list[tuple[str, str, Callable[[types.SimpleNamespace], Kwargs], int, str, list[str]]] = [
+    ("corrupt-base64", "/v1/score", lambda k: score(k, ["@@not base64!!"]), 422, "bad_image",
+     ["groups[0].images[0]", "base64"]),
+    ("not-an-image", "/v1/score", lambda k: score(k, [k.png_b64(0), k.b64(b"hello")]), 422, "bad_image",
+     ["groups[0].images[1]", "not a readable"]),
+    ("gif-not-accepted", "/v1/score", lambda k: score(k, [k.b64(gif_bytes())]), 422, "bad_image",
+     ["groups[0].images[0]", "PNG, JPEG, WEBP"]),
+    ("bomb-header-100000x100000", "/v1/score", lambda k: score(k, [k.b64(png_header_only(100_000, 100_000))]),
+     422, "bad_image", ["groups[0].images[0]", "decompression bomb"]),
+    ("header-over-pixel-limit", "/v1/score", lambda k: score(k, [k.b64(png_header_only(1200, 1200))]),
+     413, "too_large", ["groups[0].images[0]", "1200x1200", "1000000"]),
+    ("real-zeros-png-over-pixel-limit", "/v1/score", lambda k: score(k, [k.b64(zeros_png(2000))]),
+     413, "too_large", ["groups[0].images[0]", "2000x2000"]),
+    ("empty-string", "/v1/score", lambda k: score(k, [""]), 422, "bad_image", ["groups[0].images[0]", "non-empty"]),
+    ("base64-of-zero-bytes", "/v1/score", lambda k: score(k, [k.png_b64(0), k.b64(b"")]), 422, "bad_image",
+     ["groups[0].images[1]"]),
+    ("data-url-of-zero-bytes", "/v1/score", lambda k: score(k, ["data:image/png;base64,"]), 422, "bad_image",
+     ["groups[0].images[0]", "zero bytes"]),
+    ("too-many-images", "/v1/score", lambda k: score(k, [k.png_b64(i) for i in range(7)]), 413, "too_large",
+     ["images", "7", "limit is 6"]),
+    ("too-many-questions", "/v1/score",
+     lambda k: score(k, questions=[{"id": f"q{i}", "text": f"Is there {i}?", "tag": "Count"} for i in range(7)]),
+     413, "too_large", ["groups[0].questions", "limit is 6"]),
+    ("too-many-groups", "/v1/score",
+     lambda k: {"json": {"groups": [{"questions": Q, "images": [k.png_b64(0)]}] * 5}}, 413, "too_large",
+     ["groups", "limit is 4"]),
+    ("empty-prompt-no-questions", "/v1/score", lambda k: score(k, prompt="", questions=None), 422, "bad_request",
+     ["groups[0]", "prompt"]),
+    ("blank-prompt-no-questions", "/v1/score", lambda k: score(k, prompt="   ", questions=None), 422,
+     "bad_request", ["groups[0]", "prompt"]),
+    ("empty-question-list", "/v1/score", lambda k: score(k, questions=[]), 422, "bad_request",
+     ["groups[0].questions", "at least one question"]),
+    ("oversized-prompt", "/v1/score", lambda k: score(k, prompt="a" * 301, questions=None), 413, "too_large",
+     ["groups[0].prompt", "301", "300"]),
+    ("images-as-int", "/v1/score", lambda k: score(k, 3), 422, "bad_request", ["groups.0.images", "list"]),
+    ("images-empty-list", "/v1/score", lambda k: score(k, []), 422, "bad_request", ["groups.0.images"]),
+    ("groups-as-dict", "/v1/score", lambda k: {"json": {"groups": {"images": [k.png_b64(0)]}}}, 422,
+     "bad_request", ["groups", "list"]),
+    ("groups-empty", "/v1/score", lambda k: {"json": {"groups": []}}, 422, "bad_request", ["groups"]),
+    ("unknown-field", "/v1/score", lambda k: score(k, colour="red"), 422, "bad_request",
+     ["groups.0.colour", "Extra inputs"]),
+    ("question-unknown-tag", "/v1/score",
+     lambda k: score(k, questions=[{"id": "a", "text": "Is there a cat?", "tag": "Smell"}]), 422, "bad_request",
+     ["groups.0.questions.0", "Smell"]),
+    ("quality-question-semantic-tag", "/v1/score",
+     lambda k: score(k, questions=[{"id": "a", "text": "Sharp?", "kind": "quality", "tag": "Count"}]), 422,
+     "bad_request", ["groups.0.questions.0", "quality"]),
+    ("dependency-cycle", "/v1/score", lambda k: score(k, questions=[
+        {"id": "a", "text": "Is there a cat?", "tag": "Existence", "depends_on": ["b"]},
+        {"id": "b", "text": "Is the cat red?", "tag": "Attribute", "depends_on": ["a"]}]), 422, "bad_request",
+     ["groups[0].questions", "cycle"]),
+    ("unknown-parent", "/v1/score", lambda k: score(k, questions=[
+        {"id": "a", "text": "Is the cat red?", "tag": "Attribute", "depends_on": ["zz"]}]), 422, "bad_request",
+     ["groups[0].questions", "zz"]),
+    ("duplicate-question-ids", "/v1/score", lambda k: score(k, questions=[
+        {"id": "a", "text": "Is there a cat?", "tag": "Existence"},
+        {"id": "a", "text": "Is there a dog?", "tag": "Existence"}]), 422, "bad_request",
+     ["groups[0].questions", "duplicate question id"]),
+    ("negative-tag-weight", "/v1/score", lambda k: {"json": {**score(k)["json"], "tag_weights": {"Count": -1}}},
+     422, "bad_request", ["tag_weights"]),
+    ("bad-aggregation", "/v1/score", lambda k: {"json": {**score(k)["json"], "aggregation": "median"}}, 422,
+     "bad_request", ["aggregation"]),
+    ("zero-clip", "/v1/score", lambda k: {"json": {**score(k)["json"], "advantages": {"clip": 0}}}, 422,
+     "bad_request", ["advantages.clip"]),
+    ("missing-body", "/v1/score", lambda k: {}, 422, "bad_request", ["body", "required"]),
+    ("invalid-json", "/v1/score", lambda k: raw(b'{"groups": [{"images": ['), 422, "bad_request",
+     ["body", "invalid JSON"]),
+    ("json-not-an-object", "/v1/score", lambda k: raw(b"[1, 2]"), 422, "bad_request", ["body"]),
+    ("body-over-limit", "/v1/score", lambda k: raw(b'{"x": "' + b"a" * 200_001 + b'"}'), 413, "too_large",
+     ["request body", "200000"]),
+    ("chunked-body-over-limit", "/v1/score", lambda k: raw(_chunks(250_000)), 413, "too_large",
+     ["request body", "200000"]),
+    ("idempotency-key-too-long", "/v1/score", lambda k: {**score(k), "headers": {"Idempotency-Key": "k" * 201}},
+     422, "bad_request", ["Idempotency-Key"]),
+    ("verify-empty-question", "/v1/verify",
+     lambda k: {"json": {"items": [{"images": [k.png_b64(0)], "questions": ["Is it red?", "  "]}]}}, 422,
+     "bad_request", ["items[0].questions[1]", "empty"]),
+    ("verify-no-questions", "/v1/verify", lambda k: {"json": {"items": [{"images": [k.png_b64(0)], "questions": []}]}},
+     422, "bad_request", ["items.0.questions"]),
+    ("verify-corrupt-image", "/v1/verify",
+     lambda k: {"json": {"items": [{"images": [k.png_b64(0), "%%%"], "questions": ["Is it red?"]}]}}, 422,
+     "bad_image", ["items[0].images[1]"]),
+    ("decompose-empty-prompt", "/v1/decompose", lambda k: {"json": {"prompts": ["a cat", " "]}}, 422,
+     "bad_request", ["prompts[1]", "empty"]),
+    ("decompose-oversized-prompt", "/v1/decompose", lambda k: {"json": {"prompts": ["b" * 301]}}, 413,
+     "too_large", ["prompts[0]", "300"]),
+    ("decompose-prompts-not-strings", "/v1/decompose", lambda k: {"json": {"prompts": [1]}}, 422, "bad_request",
+     ["prompts.0"]),
+]
+
+
+@pytest.fixture(scope="module")
+def client(embedded_server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=embedded_server, timeout=60) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("path", "make", "status", "code", "needles"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_with_a_clear_json_error(
+    client: httpx.Client, kit: types.SimpleNamespace, path: str, make: Callable[[types.SimpleNamespace], Kwargs],
+    status: int, code: str, needles: list[str],
+) -> None:
+    r = client.post(path, **make(kit))
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert set(error) == {"code", "message"}
+    assert error["code"] == code, error
+    for needle in needles:
+        assert needle in error["message"], (needle, error["message"])
+
+
+def test_an_image_that_fails_to_decode_in_the_worker_is_an_explicit_per_image_error(
+    client: httpx.Client, kit: types.SimpleNamespace,
+) -> None:
+    """The header passes the API's check; the truncated pixel data fails in the worker, for that image only."""
+    whole = kit.png_bytes(5, (64, 64))
+    truncated = whole[: len(whole) // 2]
+    r = client.post("/v1/score", **score(kit, [kit.png_b64(4), kit.b64(truncated), kit.png_b64(6)]))
+    assert r.status_code == 200, r.text
+    (group,) = r.json()["groups"]
+    assert group["rewards"][1] is None and group["advantages"][1] is None, "a failed image is never a silent 0"
+    assert group["rewards"][0] is not None and group["rewards"][2] is not None
+    assert abs(group["advantages"][0] + group["advantages"][2]) < 1e-6
+    bad = group["images"][1]
+    assert bad["reward"] is None and bad["p"] is None
+    assert bad["error"]["code"] == "bad_image" and bad["error"]["message"]
+
+
+def test_server_still_serves_after_the_bad_inputs(client: httpx.Client, kit: types.SimpleNamespace) -> None:
+    for _, path, make, *_ in CASES:  # the whole table once more, back to back
+        assert 400 <= client.post(path, **make(kit)).status_code < 500
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    r = client.post("/v1/score", **score(kit, [kit.png_b64(1), kit.png_b64(2)]))
+    assert r.status_code == 200, r.text
+    assert all(x is not None and 0 < x < 1 for x in r.json()["groups"][0]["rewards"])

@@ -1,0 +1,194 @@
+"""Workers under failure: expired and undecodable tasks in-process, then real processes over real Redis
+where one worker is SIGKILLed mid-batch (its tasks are reclaimed by the survivor) and one is SIGTERMed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import types
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from server.errors import ErrorCode
+from server.queue.base import Result, Task, TaskKind
+from server.queue.memory import MemoryBroker
+from server.queue.redis_broker import RedisBroker
+from server.worker import Worker
+
+TOL = 1e-4
+QUESTIONS = ["Is there a cat?", "Is the cat red?"]
+
+
+# ---- in-process worker on both brokers ---------------------------------------------------------
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    if request.param == "memory":
+        b: Any = MemoryBroker()
+    else:
+        b = RedisBroker(request.getfixturevalue("redis_url"), prefix="wr", result_ttl=60)
+    yield b
+    await b.close()
+
+
+async def run_worker(broker: Any, verifier: Any, body: Callable[[Worker], Any]) -> Worker:
+    worker = Worker(broker, verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
+                    heartbeat_s=0.5, worker_id="w-inproc")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await body(worker)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+    return worker
+
+
+async def test_worker_fails_expired_and_undecodable_tasks_alone(
+    broker: Any, tiny_verifier: Any, kit: types.SimpleNamespace,
+) -> None:
+    good = [kit.png_bytes(1), kit.png_bytes(2)]
+    whole = kit.png_bytes(3, (64, 64))
+    reply = "wr:reply:req"
+    now = time.time()
+    tasks = [
+        Task("req:ok0", TaskKind.verify, reply, now + 30, {"questions": QUESTIONS}, [good[0]]),
+        Task("req:old", TaskKind.verify, reply, now - 1, {"questions": QUESTIONS}, [good[0]]),
+        Task("req:bad", TaskKind.verify, reply, now + 30, {"questions": QUESTIONS}, [whole[: len(whole) // 2]]),
+        Task("req:ok1", TaskKind.verify, reply, now + 30, {"questions": QUESTIONS[:1]}, [good[1]]),
+    ]
+    results: dict[str, Result] = {}
+
+    async def body(worker: Worker) -> None:
+        await broker.submit(tasks)
+        results.update(await broker.gather(reply, {t.task_id for t in tasks}, time.time() + 30))
+        assert [w.worker_id for w in await broker.workers()] == ["w-inproc"]
+
+    await run_worker(broker, tiny_verifier, body)
+    assert results["req:old"].error_code is ErrorCode.expired and results["req:old"].data is None
+    assert results["req:bad"].error_code is ErrorCode.bad_image and results["req:bad"].error
+    expected = [kit.local_p(tiny_verifier, [good[0]], QUESTIONS)[0], kit.local_p(tiny_verifier, [good[1]],
+                                                                                  QUESTIONS[:1])[0]]
+    for tid, exp in zip(("req:ok0", "req:ok1"), expected, strict=True):
+        assert results[tid].error_code is None
+        assert results[tid].data is not None and results[tid].data["p"] == pytest.approx(exp, abs=TOL)
+    assert await broker.workers() == [], "a stopped worker deregisters"
+    assert await broker.queue_depth(TaskKind.verify) == 0
+
+
+# ---- real processes over real Redis ------------------------------------------------------------
+def worker_ids(api_url: str) -> list[str]:
+    r = httpx.get(api_url + "/v1/models", timeout=5)
+    assert r.status_code == 200, r.text
+    return [w["worker_id"] for w in r.json()["workers"]]
+
+
+def has_pid(ids: list[str], pid: int) -> bool:
+    return any(f"-{pid}-" in i for i in ids)  # worker ids are host-pid-random
+
+
+def pending(client: redis.Redis) -> dict[bytes, int]:
+    """Claimed, unacknowledged verify tasks per consumer."""
+    try:
+        summary = client.xpending("dvr:stream:verify", "workers")
+    except redis.ResponseError:  # the group does not exist yet
+        return {}
+    return {c["name"]: int(c["pending"]) for c in summary["consumers"]}
+
+
+def stranded_tasks(client: redis.Redis) -> list[str]:
+    """Ids of claimed tasks that a worker has started (delivery counted) and not finished (no result)."""
+    stream = "dvr:stream:verify"
+    try:
+        entries = client.xpending_range(stream, "workers", min="-", max="+", count=1000)
+    except redis.ResponseError:
+        return []
+    out = []
+    for e in entries:
+        found = client.xrange(stream, e["message_id"], e["message_id"])
+        if found:
+            tid = json.loads(found[0][1][b"task"])["task_id"]
+            if client.exists(f"dvr:deliveries:{tid}") and not client.exists(f"dvr:done:{tid}"):
+                out.append(tid)
+    return out
+
+
+def test_sigkilled_worker_tasks_are_reclaimed_and_sigterm_drains(
+    redis_url: str, services: Callable[..., Any], tiny_models: dict[str, Path], tiny_verifier: Any,
+    kit: types.SimpleNamespace, request: pytest.FixtureRequest,
+) -> None:
+    common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=1, request_timeout_s=90)
+    api = services("api", "api", kit.service_env(**common), http=True)
+    worker_env = kit.service_env(**common, verifier=tiny_models["verifier"], decomposer="", batch_size=2,
+                                 batch_wait_ms=5)
+    doomed = services("worker-doomed", "worker", worker_env)
+    survivor = services("worker-survivor", "worker", worker_env)
+    api.wait_http("/healthz")
+    kit.wait_for(lambda: (has_pid(worker_ids(api.url), doomed.pid) and has_pid(worker_ids(api.url), survivor.pid))
+                 or not (doomed.alive() and survivor.alive()), kit.STARTUP_S, "both workers to register",
+                 interval=0.2)
+    assert doomed.alive() and survivor.alive(), doomed.log_tail() + survivor.log_tail()
+    api.wait_http("/readyz")
+
+    questions = [{"id": "cat", "text": QUESTIONS[0], "tag": "Existence"},
+                 {"id": "red", "text": QUESTIONS[1], "tag": "Attribute", "depends_on": ["cat"]}]
+    n_requests, n_images = 6, 4
+    seeds = [[100 + 10 * r + i for i in range(n_images)] for r in range(n_requests)]
+    images = [[kit.png_bytes(s, (64, 64)) for s in row] for row in seeds]
+
+    def post(r: int) -> httpx.Response:
+        body = {"groups": [{"questions": questions, "images": [kit.b64(b) for b in images[r]]}]}
+        return httpx.post(api.url + "/v1/score", json=body, headers={"X-Request-Id": f"kill-{r}"}, timeout=120)
+
+    client = redis.Redis.from_url(redis_url)
+    request.addfinalizer(client.close)
+    survivor.signal(signal.SIGSTOP)  # only the doomed worker claims until it is dead
+    try:
+        # Let the stopped worker's last blocking read (batch_wait_ms=5) expire in Redis, so no task
+        # can be handed to it while it is stopped: every claimed task is then the doomed worker's.
+        time.sleep(0.3)
+        assert not any(pending(client).values())
+        with ThreadPoolExecutor(n_requests) as pool:
+            futures = [pool.submit(post, r) for r in range(n_requests)]
+            stuck: list[str] = []
+            end = time.monotonic() + 60
+            while not stuck:  # freeze the doomed worker until it is caught in the middle of a batch
+                assert time.monotonic() < end, "never caught the doomed worker holding a started task"
+                kit.wait_for(lambda: any(pending(client).values()), 60, "the doomed worker to claim tasks",
+                             interval=0.002)
+                doomed.signal(signal.SIGSTOP)
+                stuck = stranded_tasks(client)
+                if not stuck:
+                    doomed.signal(signal.SIGCONT)
+            doomed.signal(signal.SIGKILL)
+            assert doomed.wait(10) == -signal.SIGKILL
+            stranded = pending(client)
+            survivor.signal(signal.SIGCONT)
+            responses = [f.result(timeout=120) for f in futures]
+    finally:
+        survivor.signal(signal.SIGCONT)
+
+    held = {name: n for name, n in stranded.items() if n}
+    assert len(held) == 1, f"only the doomed worker may hold tasks while the survivor is stopped: {stranded}"
+    for r, resp in enumerate(responses):
+        assert resp.status_code == 200, resp.text
+        (group,) = resp.json()["groups"]
+        assert all(x is not None for x in group["rewards"]), group
+        expected = kit.local_rewards(tiny_verifier, images[r], questions)
+        assert group["rewards"] == pytest.approx(expected, abs=TOL)
+    deliveries = {tid: int(client.get(f"dvr:deliveries:{tid}") or 0) for tid in stuck}
+    assert set(deliveries.values()) == {2}, f"the dead worker's tasks must be re-delivered once: {deliveries}"
+    assert not any(pending(client).values()) and client.xlen("dvr:stream:verify") == 0
+
+    assert has_pid(worker_ids(api.url), survivor.pid)
+    survivor.signal(signal.SIGTERM)
+    assert survivor.wait(30) == 0, survivor.log_tail()
+    assert not has_pid(worker_ids(api.url), survivor.pid), "a drained worker deregisters"
+    assert "Traceback" not in survivor.log_tail(20_000)
