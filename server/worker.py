@@ -103,19 +103,25 @@ class Worker:
             live = []
             for t in batch:
                 if t.expired:
-                    await self._deliver(t, Result.failure(t.task_id, ErrorCode.expired, "request deadline passed"))
+                    expired = Result.failure(t.task_id, ErrorCode.expired, "request deadline passed")
+                    await self._deliver(stop, t, expired)
                 else:
                     live.append(t)
             if live:
                 for t, r in zip(live, await handle(live), strict=True):
-                    await self._deliver(t, r)
+                    await self._deliver(stop, t, r)
 
-    async def _deliver(self, task: Task, result: Result) -> None:
+    async def _deliver(self, stop: asyncio.Event, task: Task, result: Result) -> None:
+        """Keep the result until the queue is back; once stopping, leave the task to re-delivery."""
         while True:
             try:
                 await self.broker.complete(task, result)
                 return
-            except ServiceError as exc:  # the result must not be lost: keep it until the queue is back
+            except ServiceError as exc:
+                if stop.is_set():
+                    log.warning("stopping with %s undelivered (%s); it stays pending and is re-delivered",
+                                task.task_id, exc.message)
+                    return
                 log.warning("delivering %s failed (%s); retrying in 1 s", task.task_id, exc.message)
                 await asyncio.sleep(1.0)
 
