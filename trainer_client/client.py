@@ -722,10 +722,9 @@ class AsyncDVRewardClient(_Base):
         tasks = [asyncio.ensure_future(one(c)) for c in plan_chunks(job.sizes(), self.chunk_images)]
         try:
             done = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
+        finally:
+            for t in tasks:  # a failed or cancelled chunk stops the others; no-op once all are done
                 t.cancel()
-            raise
         return [s for d in done for s in d]
 
     async def score(

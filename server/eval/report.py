@@ -6,30 +6,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from server.eval.files import atomic_write
 from server.eval.scoring import ImageLoadError, load_image_file
 
 THUMB_PX = 192
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename: a reader never sees half a file, an interrupted run leaves the old one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- HTML ---------------------------------------------------------------------------------------

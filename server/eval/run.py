@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from server.core.reward import Aggregation, Gating
+from server.eval.files import atomic_write
 from server.eval.matching import EvalInputError, EvalItem, ImageJob, Matching, load_questions, match_images
 from server.eval.matching import questions_fingerprint as fingerprint
-from server.eval.report import atomic_write, write_html, write_png
+from server.eval.report import write_html, write_png
 from server.eval.scoring import Backend, HTTPBackend, LocalBackend, ScoreInput, ServiceUnavailableError
 from server.eval.summary import build_record, summarize
 

@@ -58,18 +58,21 @@ class MemoryBroker:
         if fut is not None:
             return await wait_until(deadline, asyncio.shield(fut), "a concurrent identical computation"), True
         fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even with no waiter
         self._inflight[key] = fut
         try:
             value = await compute()
-        except BaseException as exc:
+            self._remember(key, value, ttl)
+            fut.set_result(value)
+            return value, False
+        except Exception as exc:
             fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters may be gone
             raise
         finally:
             self._inflight.pop(key, None)
-        self._remember(key, value, ttl)
-        fut.set_result(value)
-        return value, False
+            if not fut.done():  # the computing request was cancelled: its waiters must not hang
+                fut.set_exception(ServiceError(ErrorCode.unavailable, "the identical computation was cancelled",
+                                               retry_after=1.0))
 
     def _remember(self, key: str, value: bytes, ttl: float) -> None:
         """Bounded like a cache should be: expired entries go first, then the oldest."""

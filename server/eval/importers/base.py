@@ -8,14 +8,13 @@ repair is acceptable (`--strict`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from server.core.questions import Question, validate_questions
+from server.eval.files import atomic_write
 
 IssueKind = Literal["repair", "skip"]
 
@@ -86,25 +85,8 @@ def count_issues(issues: Iterable[ImportIssue]) -> dict[IssueKind, int]:
 
 def write_jsonl(records: Iterable[PromptRecord], path: str | Path) -> None:
     """Write one JSON object per line via temp file + rename, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would otherwise survive the rename
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    body = "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records)
+    atomic_write(Path(path), body.encode("utf-8"))
 
 
 def read_text(path: str | Path) -> str:
