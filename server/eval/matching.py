@@ -26,7 +26,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.core.questions import DecompositionError, Question, validate_questions
+from server.core.questions import DecompositionError, Question
+from server.eval.importers.base import PromptRecord
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -37,16 +38,6 @@ MAX_LISTED_PROBLEMS = 10
 
 class EvalInputError(ValueError):
     """The inputs cannot be evaluated as given (unreadable or invalid file); the message says why."""
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One prompt of the questions file."""
-
-    item_id: str
-    prompt: str
-    questions: tuple[Question, ...]
-    source: str
 
 
 @dataclass(frozen=True)
@@ -84,13 +75,13 @@ def questions_fingerprint(path: str | Path) -> str:
         raise EvalInputError(f"{path}: cannot read: {e}") from e
 
 
-def load_questions(path: str | Path) -> dict[str, EvalItem]:
+def load_questions(path: str | Path) -> dict[str, PromptRecord]:
     """Items of a questions JSONL in file order; any invalid line is an error naming the line."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{path}: cannot read: {e}") from e
-    items: dict[str, EvalItem] = {}
+    items: dict[str, PromptRecord] = {}
     problems: list[str] = []
     for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
@@ -120,7 +111,7 @@ def _short_error(e: Exception) -> str:
     return str(e)
 
 
-def _parse_item(raw: str) -> EvalItem:
+def _parse_item(raw: str) -> PromptRecord:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -136,16 +127,15 @@ def _parse_item(raw: str) -> EvalItem:
         raise ValueError(f"item {item_id!r}: no prompt")
     if not isinstance(questions, list) or not questions:
         raise ValueError(f"item {item_id!r}: no questions list")
-    qs = [Question.model_validate(q) for q in questions]
+    source = obj.get("source")
     try:
-        validate_questions(qs)
+        qs = tuple(Question.model_validate(q) for q in questions)
+        return PromptRecord(item_id.strip(), prompt, qs, source if isinstance(source, str) else "")
     except DecompositionError as e:
         raise ValueError(f"item {item_id!r}: {e}") from e
-    source = obj.get("source")
-    return EvalItem(item_id.strip(), prompt, tuple(qs), source if isinstance(source, str) else "")
 
 
-def match_images(images: str | Path, items: dict[str, EvalItem]) -> Matching:
+def match_images(images: str | Path, items: dict[str, PromptRecord]) -> Matching:
     """Jobs in questions-file order (samples numerically), plus everything that did not match."""
     src = Path(images)
     if src.is_dir():
@@ -165,7 +155,7 @@ def _sample_order(sample: str | None) -> tuple[int, int]:
     return (0, 0) if sample is None else (1, int(sample))
 
 
-def _match_folder(root: Path, items: dict[str, EvalItem]) -> Matching:
+def _match_folder(root: Path, items: dict[str, PromptRecord]) -> Matching:
     m = Matching()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root)
@@ -179,7 +169,7 @@ def _match_folder(root: Path, items: dict[str, EvalItem]) -> Matching:
     return m
 
 
-def _by_convention(rel: Path, items: dict[str, EvalItem]) -> tuple[str | None, str | None, str]:
+def _by_convention(rel: Path, items: dict[str, PromptRecord]) -> tuple[str | None, str | None, str]:
     """(item_id, sample, "") for a match, else (None, None, reason)."""
     parts, stem = rel.parts, rel.stem
     if len(parts) == 1:
@@ -201,7 +191,7 @@ def _by_convention(rel: Path, items: dict[str, EvalItem]) -> tuple[str | None, s
     return folder, stem, ""
 
 
-def _match_mapping(path: Path, items: dict[str, EvalItem]) -> Matching:
+def _match_mapping(path: Path, items: dict[str, PromptRecord]) -> Matching:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:

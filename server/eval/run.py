@@ -19,7 +19,8 @@ from typing import Any, TextIO
 
 from server.core.reward import Aggregation, Gating
 from server.eval.files import atomic_write
-from server.eval.matching import EvalInputError, EvalItem, ImageJob, Matching, load_questions, match_images
+from server.eval.importers.base import PromptRecord
+from server.eval.matching import EvalInputError, ImageJob, Matching, load_questions, match_images
 from server.eval.matching import questions_fingerprint as fingerprint
 from server.eval.report import write_html, write_png
 from server.eval.scoring import Backend, HTTPBackend, LocalBackend, ScoreInput, ServiceUnavailableError
@@ -177,7 +178,7 @@ def _pin_run(opts: EvalOptions) -> None:
     atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
 
 
-def _read_results(path: Path, items: dict[str, EvalItem], say: Callable[[str], None]) -> _Existing:
+def _read_results(path: Path, items: dict[str, PromptRecord], say: Callable[[str], None]) -> _Existing:
     """Existing records by (item_id, image); a truncated last line is reported and cut off the file."""
     if not path.exists():
         return _Existing({}, 0)
@@ -210,7 +211,7 @@ def _read_results(path: Path, items: dict[str, EvalItem], say: Callable[[str], N
     return _Existing(records, len(lines))
 
 
-def _check_record(rec: Any, items: dict[str, EvalItem]) -> str | None:
+def _check_record(rec: Any, items: dict[str, PromptRecord]) -> str | None:
     if not isinstance(rec, dict) or not isinstance(rec.get("item_id"), str) or not isinstance(rec.get("image"), str):
         return "not a result record (no item_id / image)"
     item = items.get(rec["item_id"])
@@ -236,7 +237,7 @@ def _drop_errors(path: Path, existing: _Existing, say: Callable[[str], None]) ->
 
 
 def _score(
-    opts: EvalOptions, todo: Sequence[ImageJob], items: dict[str, EvalItem], backend: Backend | None,
+    opts: EvalOptions, todo: Sequence[ImageJob], items: dict[str, PromptRecord], backend: Backend | None,
     factory: Callable[[EvalOptions], Backend], results_path: Path, new: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     """Score `todo` batch by batch; each batch is appended to results.jsonl and fsynced before the next."""

@@ -18,7 +18,8 @@ from typing import Any
 
 from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Kind
 from server.core.reward import Aggregation, Gating, aggregate, gate
-from server.eval.matching import EvalItem, ImageJob, Matching
+from server.eval.importers.base import PromptRecord
+from server.eval.matching import ImageJob, Matching
 
 BENCHMARK_KEYS: tuple[str, ...] = ("category_broad", "category_detailed", "geneval_tag", "element_type")
 BENCHMARK_LABELS: dict[str, str] = {
@@ -32,7 +33,7 @@ PASS = 0.5
 
 
 def build_record(
-    job: ImageJob, item: EvalItem, p: Sequence[float] | None, error: str | None,
+    job: ImageJob, item: PromptRecord, p: Sequence[float] | None, error: str | None,
     gating: Gating, aggregation: Aggregation, model: str | None,
 ) -> dict[str, Any]:
     """One line of results.jsonl; a failed image has reward, sc, pq and every p null, and an error."""
@@ -93,7 +94,7 @@ def _ordered(groups: Mapping[str, _Mean], order: Sequence[str] = ()) -> list[str
 
 def summarize(
     records: Iterable[dict[str, Any]],
-    items: Mapping[str, EvalItem],
+    items: Mapping[str, PromptRecord],
     matching: Matching,
     *,
     gating: Gating,
