@@ -122,10 +122,7 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Any]) -> Any:
         t0 = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except ServiceError as exc:  # raised outside a route (body limit while streaming)
-            response = _error(request, exc.status, exc.code.value, exc.message, exc.retry_after)
+        response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
         m: Metrics = app.state.metrics
         m.requests.labels(route, str(response.status_code)).inc()
