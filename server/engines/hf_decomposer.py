@@ -35,8 +35,8 @@ from server.core.questions import (
     Question,
     find_cycle,
 )
-from server.core.scoring import NO_WORDS, YES_WORDS, answer_variants
 from server.engines import prompts as P
+from server.engines.answers import YesNo
 from server.engines.base import EngineError
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
 
@@ -124,11 +124,9 @@ def quality_schema(limits: Limits = Limits()) -> dict[str, Any]:
     return _obj({"quality": _quality_items(limits)})
 
 
-def tag_grammar(kind: Kind = Kind.semantic) -> str:
-    """DSG stage 5 as EBNF: the answer is exactly one tag name, nothing else."""
-    from server.core.questions import TAGS_BY_KIND
-
-    return "root ::= " + " | ".join(json.dumps(t) for t in TAGS_BY_KIND[kind])
+def tag_grammar() -> str:
+    """DSG stage 5 as EBNF: the answer is exactly one semantic tag name, nothing else."""
+    return "root ::= " + " | ".join(json.dumps(t) for t in SEMANTIC_TAGS)
 
 
 # --- Messages (templates live in prompts.py) ------------------------------------------------
@@ -375,9 +373,9 @@ def parse_quality(text: str) -> list[Question]:
     return _quality_questions(load_json_object(text, what), what)
 
 
-def is_required(p_yes: float, p_no: float) -> bool:
+def is_required(p_yes: float) -> bool:
     """Stage 4's verdict: the model must prefer yes to keep the question."""
-    return p_yes > p_no
+    return p_yes > 0.5
 
 
 def check_validity(questions: Mapping[str, str], verdicts: Mapping[str, bool]) -> None:
@@ -482,8 +480,7 @@ class HFDecomposer:
                                                   stop_token_ids=self._stop_ids)
         self._compiler = xgr.GrammarCompiler(info)
         self._banned = self._banned_tokens(info)
-        self._yes_ids = self._single_token_ids(answer_variants(YES_WORDS))
-        self._no_ids = self._single_token_ids(answer_variants(NO_WORDS))
+        self._answers: YesNo | None = None  # built on first use: only the dsg validity stage needs it
 
     def _banned_tokens(self, info: Any) -> Any:
         """Tokens no output may contain, whatever the grammar says.
@@ -500,10 +497,6 @@ class HFDecomposer:
             i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
         banned[[i for i in special - set(self._stop_ids) if i < self._vocab_size]] = True
         return banned.to(self.device)
-
-    def _single_token_ids(self, words: Sequence[str]) -> list[int]:
-        ids = {tuple(self.tokenizer.encode(w, add_special_tokens=False)) for w in words}
-        return sorted(t[0] for t in ids if len(t) == 1)
 
     def _json_grammar(self, schema: dict[str, Any]) -> Any:
         # Compact separators, no free whitespace: a random model cannot pad forever.
@@ -599,10 +592,10 @@ class HFDecomposer:
         """Stage 4: P(yes) vs P(no) per question; prompts with a rejected question drop out here."""
         keys = [(i, qid) for i in questions for qid in questions[i]]
         texts = [self._chat(dsg_validity_messages(prompts[i], questions[i][qid])) for i, qid in keys]
-        probs = dict(zip(keys, self._yes_no(texts), strict=True))
+        probs = dict(zip(keys, self._p_yes(texts), strict=True))
         verdicts: dict[int, dict[str, bool]] = {}
         for i, qs in questions.items():
-            v = {qid: is_required(*probs[(i, qid)]) for qid in qs}
+            v = {qid: is_required(probs[(i, qid)]) for qid in qs}
             try:
                 check_validity(qs, v)
                 verdicts[i] = v
@@ -645,20 +638,18 @@ class HFDecomposer:
         ids, attn = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
 
-    def _yes_no(self, texts: Sequence[str]) -> list[tuple[float, float]]:
-        """P(yes) and P(no) of the next token, summed over case and leading-space variants."""
+    def _p_yes(self, texts: Sequence[str]) -> list[float]:
+        """p = P(yes) / (P(yes) + P(no)) of the next token, variants summed."""
         import torch
 
-        if not self._yes_ids or not self._no_ids:
-            raise EngineError("the dsg validity stage needs single-token yes/no words; this tokenizer has none")
-        out: list[tuple[float, float]] = []
+        if self._answers is None:
+            self._answers = YesNo(self.tokenizer, self.model_id)
+        out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             ids, attn, pos = self._encode(texts[start:start + self.batch_size])
             with torch.inference_mode():
                 logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1).logits
-            probs = logits[:, -1, :].float().softmax(-1)
-            yes, no = probs[:, self._yes_ids].sum(-1), probs[:, self._no_ids].sum(-1)
-            out += list(zip(yes.tolist(), no.tolist(), strict=True))
+            out += self._answers.p_yes(logits[:, -1, :])
         return out
 
     def _generate(self, texts: Sequence[str], grammars: Sequence[Any], attempt: int) -> list[Generation]:

@@ -8,12 +8,11 @@ prefix ends, so every block sees exactly what it would see alone (see ../shared/
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.core.scoring import NO_WORDS, YES_WORDS, answer_variants
+from server.engines.answers import YesNo
 from server.engines.base import EngineError, VerifyItem
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
 from server.engines.prompts import VERIFIER_PREAMBLE, VERIFIER_SYSTEM
@@ -59,10 +58,7 @@ class HFVerifier:
         self.image_token_id: int = model.config.image_token_id
         self.merge: int = image_processor.merge_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.yes_ids = self._single_token_ids(answer_variants(YES_WORDS))
-        self.no_ids = self._single_token_ids(answer_variants(NO_WORDS))
-        if not self.yes_ids or not self.no_ids:
-            raise EngineError(f"verifier tokenizer of {model_id!r} has no single-token 'yes' or 'no'")
+        self.answers = YesNo(tokenizer, model_id)
 
     @classmethod
     def load(
@@ -94,14 +90,6 @@ class HFVerifier:
         return cls(model.to(device).eval(), tokenizer, processor, model_id=ref, **options)
 
     # ---- preparation -------------------------------------------------------------------
-    def _single_token_ids(self, words: list[str]) -> list[int]:
-        ids: set[int] = set()
-        for w in words:
-            toks = self.tokenizer.encode(w, add_special_tokens=False)
-            if len(toks) == 1:
-                ids.add(toks[0])
-        return sorted(ids)
-
     def _template(self, n_images: int) -> tuple[str, str]:
         """Chat-rendered text before and after the question, split at a sentinel."""
         content: list[dict[str, str]] = [{"type": "image"} for _ in range(n_images)]
@@ -127,12 +115,14 @@ class HFVerifier:
         vis = self.image_processor(images=[im.convert("RGB") for im in item.images], return_tensors="pt")
         grid = vis["image_grid_thw"]
         counts = [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
+        tokens = self._encode(before)
+        placeholders = sum(1 for t in tokens if t == self.image_token_id)
+        if placeholders != len(counts):
+            raise EngineError(f"the chat template wrote {placeholders} image placeholders for {len(counts)} images")
         prefix: list[int] = []
         pieces = iter(counts)
-        for tok in self._encode(before):
+        for tok in tokens:
             prefix.extend([tok] * next(pieces) if tok == self.image_token_id else [tok])
-        if sum(1 for t in prefix if t == self.image_token_id) != sum(counts):
-            raise EngineError("chat template and image count disagree (image placeholders not found)")
         blocks = [self._encode(q + after) for q in item.questions]
         ids = torch.tensor([prefix + blocks[0][:1]])
         pos, _ = self.model.model.get_rope_index(
@@ -154,18 +144,8 @@ class HFVerifier:
             yield batch
 
     def _p_from_hidden(self, hidden: Any) -> list[float]:
-        """p from the full next-token distribution at the given hidden states."""
-        import torch
-
-        logits = self.model.get_output_embeddings()(hidden).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        ly = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
-        ln = torch.logsumexp(logp[:, self.no_ids], dim=-1)
-        p = torch.sigmoid(ly - ln).tolist()
-        bad = [x for x in p if not math.isfinite(x)]
-        if bad:
-            raise EngineError(f"verifier produced non-finite scores ({len(bad)} of {len(p)})")
-        return p
+        """p from the full next-token logits at the given hidden states."""
+        return self.answers.p_yes(self.model.get_output_embeddings()(hidden))
 
     # ---- forward passes ---------------------------------------------------------------
     def _forward_packed(self, preps: list[_Prepared]) -> list[list[float]]:
@@ -257,11 +237,10 @@ class HFVerifier:
             for p in preps for blk in p.blocks
         ]
         owner = [(i, k) for i, p in enumerate(preps) for k in range(len(p.blocks))]
-        flat: list[float] = [0.0] * len(pairs)
+        flat: dict[int, float] = {}
         for idx in self._batches([len(p.prefix) + len(p.blocks[0]) for p in pairs]):
-            for i, v in zip(idx, self._forward_per_pair([pairs[i] for i in idx]), strict=True):
-                flat[i] = v
+            flat.update(zip(idx, self._forward_per_pair([pairs[i] for i in idx]), strict=True))
         out: list[list[float]] = [[] for _ in preps]
-        for (i, _k), v in zip(owner, flat, strict=True):
-            out[i].append(v)
+        for n, (i, _k) in enumerate(owner):
+            out[i].append(flat[n])  # a pair that was never scored is a KeyError, never a silent 0
         return out

@@ -28,6 +28,7 @@ from server.engines.hf_decomposer import (
     dsg_tag_messages,
     fast_messages,
     fast_schema,
+    is_required,
     parse_dependencies,
     parse_dsg_questions,
     parse_fast_output,
@@ -159,10 +160,11 @@ def test_dsg_pipeline_on_tiny_model_is_valid_or_fails_clearly(engine: HFDecompos
         assert all(q.id.startswith("t") and q.metadata["dsg_tuple"].startswith(q.id + " | ") for q in d.semantic)
 
 
-def test_dsg_validity_stage_compares_yes_and_no(engine: HFDecomposer) -> None:
-    texts = [engine._chat([{"role": "user", "content": "Is there a cat? Answer yes or no."}])]
-    ((p_yes, p_no),) = engine._yes_no(texts)
-    assert 0.0 < p_yes < 1.0 and 0.0 < p_no < 1.0 and p_yes + p_no <= 1.0 + 1e-6
+def test_dsg_validity_stage_reads_yes_against_no(engine: HFDecomposer) -> None:
+    texts = [engine._chat([{"role": "user", "content": f"Is there a {w}? Answer yes or no."}]) for w in ("cat", "dog")]
+    p = engine._p_yes(texts)
+    assert all(0.0 < x < 1.0 for x in p) and p[0] != p[1]
+    assert is_required(0.51) and not is_required(0.5)
 
 
 def test_tag_grammar_only_allows_tag_names(engine: HFDecomposer) -> None:

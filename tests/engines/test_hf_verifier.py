@@ -101,9 +101,9 @@ def test_micro_batching_and_order_do_not_change_scores(
 
 def test_yes_no_variants_are_single_tokens(tiny_verifier: HFVerifier) -> None:
     decode = tiny_verifier.tokenizer.decode
-    assert {decode([i]).strip().lower() for i in tiny_verifier.yes_ids} == {"yes"}
-    assert {decode([i]).strip().lower() for i in tiny_verifier.no_ids} == {"no"}
-    assert len(tiny_verifier.yes_ids) >= 4 and len(tiny_verifier.no_ids) >= 4
+    assert {decode([i]).strip().lower() for i in tiny_verifier.answers.yes_ids} == {"yes"}
+    assert {decode([i]).strip().lower() for i in tiny_verifier.answers.no_ids} == {"no"}
+    assert len(tiny_verifier.answers.yes_ids) >= 4 and len(tiny_verifier.answers.no_ids) >= 4
 
 
 def test_empty_item_is_rejected(tiny_verifier: HFVerifier) -> None:
