@@ -77,11 +77,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="dvr-bench-"))
+    tmpdir = tempfile.TemporaryDirectory(prefix="dvr-bench-")
+    tmp = Path(tmpdir.name)
     model = write_tiny_verifier(tmp / "verifier", size=args.config, max_pixels=args.px * args.px)
     images, questions = make_inputs(args.images, args.questions, args.px)
     encoded = [png_b64(im) for im in images]
     procs: list[subprocess.Popen] = []
+    log = open(tmp / "service.log", "w")  # noqa: SIM115 - closed in the finally below
+    client = httpx.Client(timeout=600)
     try:
         rport, aport = free_port(), free_port()
         procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no",
@@ -90,7 +93,6 @@ def main() -> None:
                "DVREWARD_DECOMPOSER": "", "DVREWARD_MAX_PIXELS": str(args.px * args.px),
                "DVREWARD_MIN_PIXELS": str(args.px * args.px // 4), "DVREWARD_BATCH_SIZE": str(args.batch_size),
                "DVREWARD_BATCH_WAIT_MS": "20"}
-        log = open(tmp / "service.log", "w")
         procs.append(subprocess.Popen(["dvreward", "api", "--port", str(aport)], env=env, stdout=log, stderr=log))
         procs.append(subprocess.Popen(["dvreward", "worker"], env=env, stdout=log, stderr=log))
         url = f"http://127.0.0.1:{aport}"
@@ -106,7 +108,6 @@ def main() -> None:
             return out
 
         chunks = [encoded[s:s + args.request_images] for s in range(0, len(encoded), args.request_images)]
-        client = httpx.Client(timeout=600)
 
         def one(chunk: list[str]) -> list[list[float]]:
             r = client.post(url + "/v1/verify", json={"items": [{"images": [b], "questions": questions}
@@ -143,6 +144,9 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+        client.close()
+        log.close()
+        tmpdir.cleanup()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from server.engines.loading import DTYPES
+
 
 def _decompose(args: argparse.Namespace) -> int:
     from server.engines.base import EngineError
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", choices=("fast", "dsg"), default="fast",
                    help="fast: one constrained generation per prompt; dsg: the published multi-stage pipeline")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--max-retries", type=int, default=2, help="extra sampled attempts for an invalid result")
     p.add_argument("--seed", type=int, default=0)

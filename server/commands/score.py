@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
 from server.core.reward import Aggregation, Gating, aggregate
+from server.engines.loading import DTYPES
 
 
 def read_questions(path: Path) -> list[Question]:
@@ -19,7 +20,10 @@ def read_questions(path: Path) -> list[Question]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        data = json.loads(text.splitlines()[0])
+        lines = text.strip().splitlines()
+        if not lines:
+            raise ValueError(f"{path}: the file is empty") from None
+        data = json.loads(lines[0])
     if isinstance(data, dict):
         data = data.get("questions")
     if not isinstance(data, list):
@@ -30,7 +34,7 @@ def read_questions(path: Path) -> list[Question]:
 def _score(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from server.engines.base import VerifyItem
+    from server.engines.base import EngineError, VerifyItem
     from server.engines.hf_verifier import HFVerifier
 
     try:
@@ -44,10 +48,10 @@ def _score(args: argparse.Namespace) -> int:
             print("give --questions FILE, or --decomposer PATH with --prompt", file=sys.stderr)
             return 2
         images = [Image.open(p).convert("RGB") for p in args.images]
-    except (OSError, ValueError, ValidationError, DecompositionError) as exc:
+        verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError, ValidationError, DecompositionError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype)
     texts = tuple(q.text for q in dec.questions)
     scores = verifier.verify([VerifyItem((im,), texts) for im in images])
     out = []
@@ -71,5 +75,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregation", choices=[a.value for a in Aggregation], default="geometric")
     p.add_argument("--gating", choices=[g.value for g in Gating], default="none")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.set_defaults(func=_score)

@@ -13,9 +13,11 @@ from typing import Any
 
 from server.settings import Settings
 
-API_ONLY = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
-            "max_pixels", "device", "dtype"}
-WORKER_ONLY = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
+# Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
+# the default models are chosen by device, and the API names the models in results and cache keys.
+WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
+                   "max_pixels", "dtype"}
+API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
                "max_prompt_chars", "max_groups", "request_timeout_s"}
 
 
@@ -113,8 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_settings_flags(p, set())
     p.set_defaults(func=_serve)
     p = sub.add_parser("api", help="the API alone, against Redis")
-    add_settings_flags(p, API_ONLY)
+    add_settings_flags(p, WORKER_SETTINGS)
     p.set_defaults(func=_api)
     p = sub.add_parser("worker", help="a GPU/CPU worker, against Redis")
-    add_settings_flags(p, WORKER_ONLY)
+    add_settings_flags(p, API_SETTINGS)
     p.set_defaults(func=_worker)
