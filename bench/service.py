@@ -83,7 +83,7 @@ def main() -> None:
     images, questions = make_inputs(args.images, args.questions, args.px)
     encoded = [png_b64(im) for im in images]
     procs: list[subprocess.Popen] = []
-    log = open(tmp / "service.log", "w")  # noqa: SIM115 - closed in the finally below
+    log = open(tmp / "service.log", "w")  # closed in the finally below
     client = httpx.Client(timeout=600)
     try:
         rport, aport = free_port(), free_port()
