@@ -62,7 +62,6 @@ class EvalResult:
 @dataclass
 class _Existing:
     records: dict[tuple[str, str], dict[str, Any]]
-    lines: int
 
 
 def make_backend(opts: EvalOptions) -> Backend:
@@ -181,7 +180,7 @@ def _pin_run(opts: EvalOptions) -> None:
 def _read_results(path: Path, items: dict[str, PromptRecord], say: Callable[[str], None]) -> _Existing:
     """Existing records by (item_id, image); a truncated last line is reported and cut off the file."""
     if not path.exists():
-        return _Existing({}, 0)
+        return _Existing({})
     data = path.read_bytes()
     records: dict[tuple[str, str], dict[str, Any]] = {}
     end = data.rfind(b"\n") + 1
@@ -208,7 +207,7 @@ def _read_results(path: Path, items: dict[str, PromptRecord], say: Callable[[str
             say(f"warning: {path}:{n}: image {key[1]} of item {key[0]} appears twice; keeping the first")
             continue
         records[key] = rec
-    return _Existing(records, len(lines))
+    return _Existing(records)
 
 
 def _check_record(rec: Any, items: dict[str, PromptRecord]) -> str | None:

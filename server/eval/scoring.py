@@ -2,40 +2,38 @@
 
 Both take a batch of (image file, questions) and return, per image, either the p of every
 question or an error message; a failure of one image never fails its neighbours, and never
-becomes a 0. Failures of the service as a whole (unreachable, bad API key, still overloaded
-after the retries) raise `ServiceUnavailableError` instead: the run stops, keeps what it has,
-and resumes on the next invocation.
+becomes a 0. Failures of the service as a whole (unreachable, bad API key, a 5xx or 504, still
+overloaded after the retries) raise `ServiceUnavailableError` instead: the run stops, keeps what
+it has, and resumes on the next invocation.
 """
 
 from __future__ import annotations
 
-import base64
-import email.utils
 import io
 import math
-import random
-import time
-import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
-from pydantic import ValidationError
 
 from server.engines.base import Verifier, VerifyItem
-from server.schemas import VerifyItemIn, VerifyRequest, VerifyResponse
+from server.errors import ServiceError
+from server.images import FORMATS as WIRE_FORMATS
+from server.images import load_image
+from server.settings import Settings
+from trainer_client import BadRequest, DVRewardClient, DVRewardError, Unauthorized
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-WIRE_FORMATS = ("PNG", "JPEG", "WEBP")  # what /v1 accepts; anything else is re-encoded as PNG
-RETRY_STATUSES = frozenset({429, 503})
-FATAL_STATUSES = frozenset({401, 403, 404, 405})
-MAX_RETRY_WAIT_S = 120.0
+    from server.schemas import VerifyItemResult
+
+# The service's own limit (`dvreward serve --max-image-pixels`), so eval refuses exactly what the service would.
+MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
+CONTENT_REFUSED = frozenset({413, 422})  # the service refused what was sent: split to find the image
 
 
 class ServiceUnavailableError(RuntimeError):
@@ -69,9 +67,15 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def load_image_file(path: Path) -> tuple[Image, bytes, str]:
-    """(RGB image, original bytes, format); any PIL format, with PIL's decompression-bomb limit."""
-    from PIL import Image, UnidentifiedImageError
+def load_image_file(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image, bytes, str]:
+    """(RGB image, file bytes, format) of an image file, or ImageLoadError with the reason.
+
+    PNG, JPEG and WebP (what /v1 accepts) go through the service's own `server.images.load_image`:
+    the same header, decompression-bomb and decoding checks as a worker. The other formats PIL reads
+    (BMP, GIF, TIFF, ...) are held to the same pixel limit before any pixel is decoded.
+    """
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
     try:
         data = path.read_bytes()
@@ -81,20 +85,31 @@ def load_image_file(path: Path) -> tuple[Image, bytes, str]:
         raise ImageLoadError("image file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            fmt = im.format or "?"
-            im.load()
-            rgb = im.convert("RGB")
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as im:  # the header only
+                fmt, (width, height) = im.format, im.size
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"not a readable image file ({len(data)} bytes; corrupt or an unknown format)") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as e:
         raise ImageLoadError(f"image refused as a possible decompression bomb: {e}") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageLoadError(f"image header cannot be read: {e}") from e
+    if fmt in WIRE_FORMATS:
+        try:
+            return load_image(data, max_pixels), data, fmt
+        except ServiceError as e:
+            raise ImageLoadError(e.message) from e
+        except ValueError as e:
+            raise ImageLoadError(str(e)) from e
+    if width * height > max_pixels:
+        raise ImageLoadError(f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}")
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageLoadError(f"image cannot be decoded: {e}") from e
-    if rgb.width <= 0 or rgb.height <= 0:
-        raise ImageLoadError("image has no pixels")
-    return rgb, data, fmt
+    return rgb, data, fmt or "?"
 
 
 def check_p(p: object, n_questions: int) -> str | None:
@@ -160,16 +175,19 @@ class LocalBackend:
 class _Wire:
     """One image ready for the wire, with its questions cut into chunks the service accepts."""
 
-    b64: str
+    data: bytes
     chunks: list[tuple[str, ...]]
 
 
 class HTTPBackend:
-    """POST /v1/verify with a Bearer key, explicit timeouts, and retries on 429/503 honouring Retry-After.
+    """The service's POST /v1/verify through `trainer_client.DVRewardClient`.
 
-    A retried request carries the same Idempotency-Key, so the service never scores it twice.
-    A request refused for its content (4xx/5xx other than the retried ones) is split until the
-    offending image is isolated, and that image gets the service's message as its error.
+    The client owns the transport policy: the Bearer key, explicit timeouts, one Idempotency-Key per
+    request (a retry never scores twice), and retries with backoff on 429, 503 and transport errors,
+    honouring Retry-After. Here: a request the service refuses for its content (413, 422) is split
+    until the offending image is isolated, and that image gets the service's message as its error.
+    Any other failure (401/403/404, a 5xx or 504, still 429/503 after the retries, a response that does
+    not fit the request) is the service's, not an image's: it raises ServiceUnavailableError.
     """
 
     def __init__(
@@ -182,16 +200,12 @@ class HTTPBackend:
         max_retries: int = 8,
         max_questions: int = 64,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(
-            base_url=url.rstrip("/"), headers=headers, transport=transport,
+        self.client = DVRewardClient(
+            url, api_key, transport=transport, max_retries=max_retries,
             timeout=httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s)),
         )
-        self.max_retries = max_retries
         self.max_questions = max_questions
-        self.sleep = sleep
         self._model_id: str | None = None
 
     @property
@@ -222,68 +236,41 @@ class HTTPBackend:
             image.save(buf, format="PNG")
             data = buf.getvalue()
         step = max(1, self.max_questions)
-        chunks = [inp.questions[i:i + step] for i in range(0, len(inp.questions), step)]
-        return _Wire(base64.b64encode(data).decode("ascii"), chunks)
+        return _Wire(data, [inp.questions[i:i + step] for i in range(0, len(inp.questions), step)])
 
     def _verify(self, wires: list[_Wire]) -> list[Outcome]:
-        if not wires:
-            return []
-        items = [VerifyItemIn(images=[w.b64], questions=list(chunk)) for w in wires for chunk in w.chunks]
-        payload = VerifyRequest(items=items).model_dump(mode="json")
-        status, body = self._post("/v1/verify", payload)
-        if status != 200:
+        """One item per (image, question chunk); the client sends encoded bytes as they are."""
+        images = [w.data for w in wires for _ in w.chunks]
+        if not images:
+            return [_join([], 0) for _ in wires]
+        try:
+            result = self.client.verify(images, [list(c) for w in wires for c in w.chunks], on_error="nan")
+        except DVRewardError as e:
+            if not (isinstance(e, BadRequest) and e.status in CONTENT_REFUSED):
+                raise ServiceUnavailableError(self._describe(e)) from e
             if len(wires) > 1:
                 mid = len(wires) // 2
                 return self._verify(wires[:mid]) + self._verify(wires[mid:])
-            return [Outcome(error=f"service refused the image (HTTP {status}): {_message(body)}")]
-        try:
-            resp = VerifyResponse.model_validate(body)
-        except ValidationError as e:
-            raise ServiceUnavailableError(f"the service answered /v1/verify with an unexpected body: {e}") from e
-        if len(resp.results) != len(items):
-            raise ServiceUnavailableError(
-                f"the service returned {len(resp.results)} results for {len(items)} items"
-            )
-        self._model_id = resp.model
+            return [Outcome(error=f"service refused the image (HTTP {e.status}): {e.code}: {e.message}")]
+        self._model_id = result.response.model
+        results = result.response.results
         out: list[Outcome] = []
         k = 0
         for w in wires:
-            results = resp.results[k:k + len(w.chunks)]
+            out.append(_join(results[k:k + len(w.chunks)], sum(len(c) for c in w.chunks)))
             k += len(w.chunks)
-            out.append(_join(results, sum(len(c) for c in w.chunks)))
         return out
 
-    def _post(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
-        """(status, JSON body) of a request that is not to be retried; raises when the service is unusable."""
-        headers = {"Idempotency-Key": uuid.uuid4().hex}
-        for attempt in range(self.max_retries + 1):
-            last = attempt == self.max_retries
-            try:
-                r = self.client.post(path, json=payload, headers=headers)
-            except httpx.TransportError as e:
-                if last:
-                    raise ServiceUnavailableError(
-                        f"cannot reach {self.client.base_url}{path} after {attempt + 1} attempts: "
-                        f"{type(e).__name__}: {e}") from e
-                self.sleep(_backoff(attempt))
-                continue
-            body = _json(r)
-            if r.status_code in RETRY_STATUSES:
-                if last:
-                    raise ServiceUnavailableError(
-                        f"{self.client.base_url}{path} still answers HTTP {r.status_code} after "
-                        f"{attempt + 1} attempts: {_message(body)}")
-                self.sleep(_retry_after(r.headers.get("Retry-After"), attempt))
-                continue
-            if r.status_code in FATAL_STATUSES:
-                hint = " (check --api-key or DVREWARD_API_KEY)" if r.status_code in (401, 403) else ""
-                raise ServiceUnavailableError(
-                    f"{self.client.base_url}{path} answered HTTP {r.status_code}{hint}: {_message(body)}")
-            return r.status_code, body
-        raise AssertionError("unreachable")
+    def _describe(self, e: DVRewardError) -> str:
+        where = f"{self.client.base_url}/v1/verify"
+        if isinstance(e, Unauthorized):
+            return f"{where} refused the API key (check --api-key or DVREWARD_API_KEY): {e}"
+        if e.retryable:
+            return f"{where} still fails after {self.client.max_retries + 1} attempts: {e}"
+        return f"{where} failed: {e}"
 
 
-def _join(results: Sequence[Any], n_questions: int) -> Outcome:
+def _join(results: Sequence[VerifyItemResult], n_questions: int) -> Outcome:
     p: list[float] = []
     for r in results:
         if r.error is not None or r.p is None:
@@ -292,41 +279,3 @@ def _join(results: Sequence[Any], n_questions: int) -> Outcome:
         p.extend(r.p)
     problem = check_p(p, n_questions)
     return Outcome(error=problem) if problem else Outcome(p=p)
-
-
-def _json(r: httpx.Response) -> Any:
-    try:
-        return r.json()
-    except ValueError:
-        return r.text[:500]
-
-
-def _message(body: Any) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", body["error"]))
-    if isinstance(body, dict) and "detail" in body:
-        return str(body["detail"])[:500]
-    return str(body)[:500]
-
-
-def _backoff(attempt: int) -> float:
-    return min(MAX_RETRY_WAIT_S, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)
-
-
-def _retry_after(value: str | None, attempt: int) -> float:
-    """Seconds to wait: the Retry-After header (seconds or HTTP date) when given, else backoff."""
-    if value:
-        value = value.strip()
-        try:
-            return min(MAX_RETRY_WAIT_S, max(0.0, float(value)))
-        except ValueError:
-            pass
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            when = None
-        if when is not None:
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=UTC)
-            return min(MAX_RETRY_WAIT_S, max(0.0, (when - datetime.now(UTC)).total_seconds()))
-    return _backoff(attempt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import socket
 import subprocess
@@ -16,7 +17,15 @@ from PIL import Image
 
 from server.cli import main
 from server.eval.importers import import_dsg_csv, write_jsonl
-from server.eval.scoring import HTTPBackend, ScoreInput, ServiceUnavailableError
+from server.eval.run import EvalOptions, run_eval
+from server.eval.scoring import (
+    MAX_IMAGE_PIXELS,
+    HTTPBackend,
+    ImageLoadError,
+    ScoreInput,
+    ServiceUnavailableError,
+    load_image_file,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +135,8 @@ def test_retries_429_and_503_honouring_retry_after_with_one_idempotency_key(tmp_
         return answers.pop(0) if answers else _ok(request)
 
     sleeps: list[float] = []
-    backend = HTTPBackend("http://svc", "k", transport=httpx.MockTransport(handler), sleep=sleeps.append)
+    backend = HTTPBackend("http://svc", "k", transport=httpx.MockTransport(handler))
+    backend.client._sleep = sleeps.append  # record instead of waiting
     outcomes = backend.score(_inputs(tmp_path, 2))
     assert [o.p for o in outcomes] == [[0.25, 0.25], [0.25, 0.25]] and backend.model_id == "m"
     assert sleeps == [3.0, 1.5]
@@ -136,9 +146,9 @@ def test_retries_429_and_503_honouring_retry_after_with_one_idempotency_key(tmp_
 
 def test_gives_up_after_retries_and_isolates_refused_images(tmp_path):
     sleeps: list[float] = []
-    busy = HTTPBackend("http://svc", transport=httpx.MockTransport(lambda r: httpx.Response(503)),
-                       max_retries=2, sleep=sleeps.append)
-    with pytest.raises(ServiceUnavailableError, match="503 after 3 attempts"):
+    busy = HTTPBackend("http://svc", transport=httpx.MockTransport(lambda r: httpx.Response(503)), max_retries=2)
+    busy.client._sleep = sleeps.append
+    with pytest.raises(ServiceUnavailableError, match=r"after 3 attempts: .*HTTP 503"):
         busy.score(_inputs(tmp_path, 1))
     assert len(sleeps) == 2
 
@@ -156,3 +166,127 @@ def test_gives_up_after_retries_and_isolates_refused_images(tmp_path):
     assert [o.error is None for o in outcomes] == [True, True, False, True]
     assert "HTTP 422" in outcomes[2].error and "nope" in outcomes[2].error and outcomes[2].p is None
     assert outcomes[0].p == [0.25, 0.25]  # questions split across items (max_questions=1) and joined back
+
+
+def test_transport_errors_are_retried_then_stop_the_run(tmp_path):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers["Idempotency-Key"])
+        if len(calls) < 3:
+            raise httpx.ConnectError("connection refused", request=request)
+        return _ok(request)
+
+    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler), max_retries=2)
+    backend.client._sleep = lambda s: None
+    assert [o.p for o in backend.score(_inputs(tmp_path, 1))] == [[0.25, 0.25]]
+    assert len(calls) == 3 and len(set(calls)) == 1
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(down), max_retries=1)
+    backend.client._sleep = lambda s: None
+    with pytest.raises(ServiceUnavailableError, match="after 2 attempts: transport"):
+        backend.score(_inputs(tmp_path, 1))
+
+
+@pytest.mark.parametrize(("status", "code", "sent"), [
+    (500, "internal", 1), (502, "verification_failed", 1), (504, "timeout", 1), (503, "unavailable", 3),
+    (401, "unauthorized", 1), (404, "not_found", 1),
+])
+def test_service_failures_stop_the_run_and_are_never_split(tmp_path, status, code, sent):
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(len(json.loads(request.content)["items"]))
+        return httpx.Response(status, json={"error": {"code": code, "message": "boom"}})
+
+    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler), max_retries=2)
+    backend.client._sleep = lambda s: None
+    with pytest.raises(ServiceUnavailableError, match=f"{code}: boom") as info:
+        backend.score(_inputs(tmp_path, 4))
+    assert seen == [4] * sent  # retried whole (503) or not at all; never bisected into per-image errors
+    if status == 401:
+        assert "--api-key" in str(info.value)
+
+
+def test_payload_too_large_isolates_the_image_and_item_errors_stay_per_image(tmp_path):
+    inputs = _inputs(tmp_path, 3)
+    big = inputs[1].path.read_bytes()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        items = json.loads(request.content)["items"]
+        if any(base64.b64decode(it["images"][0]) == big for it in items):
+            return httpx.Response(413, json={"error": {"code": "too_large", "message": "image too large"}})
+        body = json.loads(_ok(request).content)
+        body["results"][-1] = {"p": None, "error": {"code": "bad_image", "message": "undecodable"}}
+        return httpx.Response(200, json=body)
+
+    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler))
+    outcomes = backend.score(inputs)
+    assert outcomes[1].p is None and "HTTP 413" in outcomes[1].error and "image too large" in outcomes[1].error
+    assert outcomes[0].error == "bad_image: undecodable" and outcomes[2].error == "bad_image: undecodable"
+
+
+def test_a_5xx_mid_run_exits_1_without_error_lines_and_resumes(tmp_path):
+    records, _ = import_dsg_csv(FIXTURES / "dsg_tifa160_dev.csv")
+    questions = tmp_path / "q.jsonl"
+    write_jsonl(records[:2], questions)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, r in enumerate(records[:2]):
+        for k in range(2):
+            Image.new("RGB", (32, 32), (60 * i + 20 * k, 90, 160)).save(images / f"{r.item_id}_{k}.png")
+    state = {"n": 0, "fail": True}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        state["n"] += 1
+        if state["fail"] and state["n"] > 1:
+            return httpx.Response(502, json={"error": {"code": "verification_failed", "message": "worker died"}})
+        return _ok(request)
+
+    opts = EvalOptions(images=images, questions=questions, out=tmp_path / "out", server="http://svc", batch_size=2,
+                       progress=False)
+    first = run_eval(opts, HTTPBackend("http://svc", transport=httpx.MockTransport(handler)), err=io.StringIO())
+    assert first.exit_code == 1
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(r["error"] is None for r in lines)  # the failed batch is pending, not failed
+    assert first.summary["counts"]["pending"] == 2 and first.summary["counts"]["errors"] == 0
+
+    state["fail"] = False
+    again = run_eval(opts, HTTPBackend("http://svc", transport=httpx.MockTransport(handler)), err=io.StringIO())
+    assert again.exit_code == 0 and again.summary["complete"] is True
+    assert again.summary["counts"]["scored"] == 4 and again.summary["counts"]["errors"] == 0
+
+
+def test_image_files_share_the_service_image_policy(tmp_path):
+    png, bmp, gif = tmp_path / "a.png", tmp_path / "b.bmp", tmp_path / "c.gif"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(png)
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(bmp)
+    Image.new("P", (40, 30)).save(gif)
+    image, data, fmt = load_image_file(png)
+    assert (fmt, image.size, image.mode, data) == ("PNG", (40, 30), "RGB", png.read_bytes())
+    for path, want in ((bmp, "BMP"), (gif, "GIF")):
+        image, _, fmt = load_image_file(path)
+        assert (fmt, image.size, image.mode) == (want, (40, 30), "RGB")
+    for path in (png, bmp, gif):  # one pixel limit (the service's) for every format, checked on the header
+        with pytest.raises(ImageLoadError, match="40x30 = 1200 pixels, the limit is 1000"):
+            load_image_file(path, max_pixels=1000)
+    assert MAX_IMAGE_PIXELS == 4096 * 4096  # the service's default --max-image-pixels
+
+    truncated = tmp_path / "t.png"
+    truncated.write_bytes(png.read_bytes()[:60])
+    with pytest.raises(ImageLoadError):
+        load_image_file(truncated)
+
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.extend(base64.b64decode(it["images"][0]) for it in json.loads(request.content)["items"])
+        return _ok(request)
+
+    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler))
+    outcomes = backend.score([ScoreInput(p, ("Is it red?",)) for p in (png, bmp, truncated)])
+    assert [o.error is None for o in outcomes] == [True, True, False]
+    assert sent[0] == png.read_bytes() and sent[1].startswith(b"\x89PNG")  # BMP re-encoded as PNG

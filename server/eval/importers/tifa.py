@@ -42,7 +42,6 @@ MC_TEMPLATE = '{question} Is the answer "{answer}"?'
 @dataclass
 class _Entry:
     line: int
-    key: str
     caption: str
     question: Question
 
@@ -62,7 +61,7 @@ def import_tifa(path: str | Path) -> tuple[list[PromptRecord], list[ImportIssue]
         if question is not None:
             caption = obj.get("caption")
             caption = caption.strip() if isinstance(caption, str) else ""
-            groups.setdefault(key, []).append(_Entry(line, key, caption, question))
+            groups.setdefault(key, []).append(_Entry(line, caption, question))
     source = f"tifa:{Path(path).name}"
     records = [rec for key, entries in groups.items() if (rec := _record(key, entries, source, log))]
     return records, log.in_file_order()
