@@ -55,7 +55,8 @@ def load_decomposer(settings: Settings) -> Decomposer | None:
     from server.engines.hf_decomposer import HFDecomposer
 
     log.info("loading decomposer %s (%s pipeline)", settings.decomposer, settings.pipeline)
-    return HFDecomposer(settings.decomposer, settings.pipeline, device=settings.device, dtype=settings.dtype)
+    return HFDecomposer(settings.decomposer, settings.pipeline, device=settings.device, dtype=settings.dtype,
+                        max_new_tokens=settings.decomposer_max_new_tokens)
 
 
 def build_service(settings: Settings, broker: Broker) -> ScoringService:

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
@@ -68,13 +69,13 @@ class ScoringService:
         raw = json.dumps([prompt, c.pipeline, c.decomposer, c.template_version])
         return "decomp:" + hashlib.sha256(raw.encode()).hexdigest()
 
-    async def decompose_one(self, prompt: str, request_id: str, deadline: float) -> tuple[Decomposition, bool]:
+    async def decompose_one(self, prompt: str, deadline: float) -> tuple[Decomposition, bool]:
         if not self.config.decomposer:
             raise ServiceError(
                 ErrorCode.bad_request,
                 "this server has no decomposer configured: pass explicit `questions` for every group",
             )
-        task_id = f"{request_id}:dec:{hashlib.sha256(prompt.encode()).hexdigest()[:16]}"
+        task_id = f"dec:{uuid.uuid4().hex}"  # never derived from client input: ids must not collide
 
         async def compute() -> bytes:
             reply = self.keys.reply(task_id)
@@ -91,7 +92,7 @@ class ScoringService:
         t0 = time.perf_counter()
         deadline = self.deadline()
         unique = list(dict.fromkeys(prompts))
-        done = await asyncio.gather(*(self.decompose_one(p, request_id, deadline) for p in unique))
+        done = await asyncio.gather(*(self.decompose_one(p, deadline) for p in unique))
         by_prompt = dict(zip(unique, done, strict=True))
         ms = _ms(t0)
         return DecomposeResponse(
@@ -102,14 +103,16 @@ class ScoringService:
         )
 
     # ---- verification -----------------------------------------------------------------
-    async def _verify_items(
-        self, request_id: str, items: list[tuple[list[bytes], list[str]]], deadline: float
-    ) -> list[Result]:
-        reply = self.keys.reply(request_id)
+    async def _verify_items(self, items: list[tuple[list[bytes], list[str]]], deadline: float) -> list[Result]:
+        """One task per item; ids and the reply key come from a fresh run id, never from the client."""
+        run = uuid.uuid4().hex
+        reply = self.keys.reply(run)
         tasks = [
-            Task(f"{request_id}:v{i}", TaskKind.verify, reply, deadline, {"questions": qs}, blobs)
+            Task(f"{run}:v{i}", TaskKind.verify, reply, deadline, {"questions": qs}, blobs)
             for i, (blobs, qs) in enumerate(items)
         ]
+        if not tasks:
+            return []
         await self.broker.submit(tasks)
         got = await self.broker.gather(reply, {t.task_id for t in tasks}, deadline)
         return [got[t.task_id] for t in tasks]
@@ -117,7 +120,7 @@ class ScoringService:
     async def verify(self, req: VerifyRequest, blobs: list[list[bytes]], request_id: str) -> VerifyResponse:
         t0 = time.perf_counter()
         results = await self._verify_items(
-            request_id, [(b, it.questions) for b, it in zip(blobs, req.items, strict=True)], self.deadline()
+            [(b, it.questions) for b, it in zip(blobs, req.items, strict=True)], self.deadline()
         )
         out = [
             VerifyItemResult(p=r.data["p"], error=None) if r.error_code is None and r.data
@@ -125,7 +128,7 @@ class ScoringService:
             for r in results
         ]
         ms = _ms(t0)
-        return VerifyResponse(request_id=request_id, model=self.config.verifier,
+        return VerifyResponse(request_id=request_id, model=_verifier_of(results, self.config.verifier),
                               template_version=self.config.template_version, results=out,
                               timings=Timings(verify_ms=ms, total_ms=ms))
 
@@ -133,37 +136,55 @@ class ScoringService:
     async def score(self, req: ScoreRequest, blobs: list[list[bytes]], request_id: str) -> ScoreResponse:
         t0 = time.perf_counter()
         deadline = self.deadline()
-        decs = await self._decompositions(req, request_id, deadline)
+        decs = await self._decompositions(req, deadline)
         t_dec = _ms(t0)
         t1 = time.perf_counter()
-        flat: list[tuple[int, int]] = [(g, i) for g, imgs in enumerate(blobs) for i in range(len(imgs))]
-        items = [([blobs[g][i]], [q.text for q in decs[g][0].questions]) for g, i in flat]
-        results = dict(zip(flat, await self._verify_items(request_id, items, deadline), strict=True))
+        # a group whose decomposition failed sends nothing: its images carry that error instead
+        flat = [(g, i) for g, imgs in enumerate(blobs) if isinstance(decs[g], tuple) for i in range(len(imgs))]
+        items = [([blobs[g][i]], [q.text for q in decs[g][0].questions]) for g, i in flat]  # type: ignore[index]
+        results = dict(zip(flat, await self._verify_items(items, deadline), strict=True))
         t_ver = _ms(t1)
-        groups = []
-        for g, group in enumerate(req.groups):
-            dec, cached = decs[g]
-            images = [self._image_result(i, list(dec.questions), results[(g, i)], req) for i in range(len(blobs[g]))]
-            groups.append((group, dec, cached, images))
-        rewards = [[im.reward for im in images] for *_, images in groups]
-        adv = group_advantages(rewards, std=req.advantages.std, eps=req.advantages.eps, clip=req.advantages.clip)
+        groups = [self._group(g, req, decs[g], [results.get((g, i)) for i in range(len(blobs[g]))])
+                  for g in range(len(req.groups))]
+        adv = group_advantages([gr.rewards for gr in groups], std=req.advantages.std, eps=req.advantages.eps,
+                               clip=req.advantages.clip)
+        for gr, a in zip(groups, adv, strict=True):
+            gr.advantages = a
+            if not req.details:
+                gr.images = None
+        models = self.models
+        models.verifier = _verifier_of(list(results.values()), models.verifier)
         return ScoreResponse(
-            request_id=request_id, models=self.models, template_version=self.config.template_version,
-            aggregation=req.aggregation, gating=req.gating,
-            groups=[
-                GroupResult(
-                    prompt=group.prompt, questions=list(dec.questions), rewards=r, advantages=a,
-                    images=images if req.details else None, decomposition_cached=cached, metadata=group.metadata,
-                )
-                for (group, dec, cached, images), r, a in zip(groups, rewards, adv, strict=True)
-            ],
+            request_id=request_id, models=models, template_version=self.config.template_version,
+            aggregation=req.aggregation, gating=req.gating, groups=groups,
             timings=Timings(decompose_ms=t_dec, verify_ms=t_ver, total_ms=_ms(t0)),
         )
 
+    def _group(self, g: int, req: ScoreRequest, dec: tuple[Decomposition, bool | None] | ServiceError,
+               results: list[Result | None]) -> GroupResult:
+        group = req.groups[g]
+        if isinstance(dec, ServiceError):
+            err = ErrorInfo(code=dec.code.value, message=dec.message)
+            images = [ImageResult(index=i, reward=None, error=err) for i in range(len(results))]
+            return GroupResult(prompt=group.prompt, questions=[], rewards=[None] * len(results), advantages=[],
+                               images=images, decomposition_cached=None, metadata=group.metadata)
+        decomposition, cached = dec
+        questions = list(decomposition.questions)
+        images = []
+        for i, r in enumerate(results):
+            assert r is not None, "every image of a decomposed group has a verification result"
+            try:
+                images.append(_image_result(i, questions, r, req))
+            except ValueError as exc:  # tag weights that leave a half of the questions with no weight
+                raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: {exc}") from exc
+        return GroupResult(prompt=group.prompt, questions=questions, rewards=[im.reward for im in images],
+                           advantages=[], images=images, decomposition_cached=cached, metadata=group.metadata)
+
     async def _decompositions(
-        self, req: ScoreRequest, request_id: str, deadline: float
-    ) -> list[tuple[Decomposition, bool | None]]:
-        out: list[tuple[Decomposition, bool | None] | None] = [None] * len(req.groups)
+        self, req: ScoreRequest, deadline: float
+    ) -> list[tuple[Decomposition, bool | None] | ServiceError]:
+        """Per group: (decomposition, cached), or the ServiceError that failed it (that group only)."""
+        out: dict[int, tuple[Decomposition, bool | None] | ServiceError] = {}
         pending: dict[str, list[int]] = {}
         for g, group in enumerate(req.groups):
             if group.questions is not None:
@@ -173,20 +194,31 @@ class ScoringService:
             else:
                 raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: give a non-empty `prompt` or `questions`")
         prompts = list(pending)
-        done = await asyncio.gather(*(self.decompose_one(p, request_id, deadline) for p in prompts))
-        for p, (dec, cached) in zip(prompts, done, strict=True):
+        done = await asyncio.gather(*(self.decompose_one(p, deadline) for p in prompts), return_exceptions=True)
+        for p, res in zip(prompts, done, strict=True):
+            if isinstance(res, BaseException) and not (isinstance(res, ServiceError) and res.code in _PER_GROUP):
+                raise res  # the service or the request, not this prompt, is the problem: the request fails
             for g in pending[p]:
-                out[g] = (dec, cached)
-        return [x for x in out if x is not None]
+                out[g] = res
+        return [out[g] for g in range(len(req.groups))]
 
-    @staticmethod
-    def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRequest) -> ImageResult:
-        if r.error_code is not None or not r.data:
-            return ImageResult(index=index, reward=None, error=_error_info(r))
-        p = dict(zip([q.id for q in questions], r.data["p"], strict=True))
-        b = aggregate(questions, p, req.aggregation, req.gating, req.tag_weights)
-        return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p,
-                           failed=[q.id for q in questions if p[q.id] < 0.5])
+
+# Decomposition errors that belong to one prompt: only that group's images fail.
+_PER_GROUP = (ErrorCode.decomposition_failed, ErrorCode.delivery_limit)
+
+
+def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRequest) -> ImageResult:
+    if r.error_code is not None or not r.data:
+        return ImageResult(index=index, reward=None, error=_error_info(r))
+    p = dict(zip([q.id for q in questions], r.data["p"], strict=True))
+    b = aggregate(questions, p, req.aggregation, req.gating, req.tag_weights)
+    return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p,
+                       failed=[q.id for q in questions if p[q.id] < 0.5])
+
+
+def _verifier_of(results: list[Result], default: str) -> str:
+    """The model that really scored (workers report it), not the one this API process was told about."""
+    return next((r.data["model"] for r in results if r.data and r.data.get("model")), default)
 
 
 def _explicit(g: int, prompt: str | None, questions: list[Question]) -> Decomposition:

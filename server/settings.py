@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         None, description="decomposer checkpoint: local dir or hub id (unset: by device; empty string disables)"
     )
     pipeline: Literal["fast", "dsg"] = Field("fast", description="decomposition pipeline")
+    decomposer_max_new_tokens: int = Field(
+        1024, ge=1, description="longest decomposer output; a longer one is a failed decomposition, never cut short"
+    )
     device: str = Field("cpu", description="torch device of the engines, e.g. cpu or cuda:0")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
     verifier_mode: Literal["packed", "per_pair"] = Field("packed", description="verifier scoring layout")

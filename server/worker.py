@@ -141,7 +141,7 @@ class Worker:
             try:
                 scores = await asyncio.to_thread(self.verifier.verify, items)
                 for i, p in zip(owners, scores, strict=True):
-                    results[i] = Result(tasks[i].task_id, {"p": p})
+                    results[i] = Result(tasks[i].task_id, {"p": p, "model": self.verifier.model_id})
             except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets the error
                 log.exception("verifier batch of %d items failed", len(items))
                 for i in owners:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS
 from server.errors import ErrorCode, ServiceError
 from server.images import decode_base64, inspect_image
 from server.schemas import ScoreRequest, VerifyRequest
@@ -43,6 +44,9 @@ def check_score(req: ScoreRequest, s: Settings) -> list[list[bytes]]:
     _too_many("groups", len(req.groups), s.max_groups, "groups")
     _too_many("images", sum(len(g.images) for g in req.groups), s.max_images, "images in the request")
     for tag, w in (req.tag_weights or {}).items():
+        if tag not in SEMANTIC_TAGS and tag not in QUALITY_ASPECTS:
+            raise ServiceError(ErrorCode.bad_request, f"tag_weights[{tag!r}]: not a semantic tag or quality aspect; "
+                               f"expected one of {', '.join(SEMANTIC_TAGS + QUALITY_ASPECTS)}")
         if not math.isfinite(w) or w < 0:
             raise ServiceError(ErrorCode.bad_request, f"tag_weights[{tag!r}]: must be a finite number >= 0")
     for g, group in enumerate(req.groups):

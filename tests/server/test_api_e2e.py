@@ -197,3 +197,39 @@ def test_api_keys(kit: types.SimpleNamespace, tiny_verifier: Any, tiny_models: d
                                     headers={"Authorization": "Bearer k1"})
         assert missing_decomposer.status_code == 422
         assert "no decomposer" in missing_decomposer.json()["error"]["message"]
+
+
+def test_reused_request_id_is_answered_every_time(client: httpx.Client, kit: types.SimpleNamespace) -> None:
+    """The X-Request-Id is the client's label only: tasks are named by the server, so reuse cannot collide."""
+    for _ in range(2):
+        for path, body in (("/v1/score", score_body(kit, [1])),
+                           ("/v1/verify", {"items": [{"images": [kit.png_b64(1)], "questions": ["Is it red?"]}]})):
+            r = client.post(path, json=body, headers={"X-Request-Id": "step-1"})
+            assert r.status_code == 200, r.text
+            assert r.json()["request_id"] == "step-1"
+
+
+def test_tag_weights_that_zero_a_half_are_rejected(client: httpx.Client, kit: types.SimpleNamespace) -> None:
+    questions = [q for q in kit.explicit_questions() if q.get("kind", "semantic") == "semantic"]
+    weights = {q["tag"]: 0.0 for q in questions}
+    r = client.post("/v1/score", json={**score_body(kit, [1], questions=questions), "tag_weights": weights})
+    assert r.status_code == 422, r.text
+    assert "groups[0]" in r.json()["error"]["message"] and "weight" in r.json()["error"]["message"]
+
+
+def test_failed_decomposition_fails_only_its_group(services, kit: types.SimpleNamespace,
+                                                   tiny_models: dict[str, Path]) -> None:
+    """A decomposer that cannot finish (4 new tokens) fails the prompt's group; explicit groups still score."""
+    env = kit.service_env(decomposer_max_new_tokens=4, request_timeout_s=60)
+    proc = services("serve", "serve", env, "--verifier", str(tiny_models["verifier"]),
+                    "--decomposer", str(tiny_models["decomposer"]), http=True)
+    proc.wait_http("/readyz")
+    body = {"groups": [{"prompt": PROMPT, "images": [kit.png_b64(1), kit.png_b64(2)]},
+                       {"prompt": "explicit", "questions": kit.explicit_questions(), "images": [kit.png_b64(3)]}]}
+    r = httpx.post(proc.url + "/v1/score", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    failed, scored = r.json()["groups"]
+    assert failed["rewards"] == [None, None] and failed["questions"] == []
+    for im in failed["images"]:
+        assert im["error"]["code"] == "decomposition_failed" and "max_new_tokens=4" in im["error"]["message"]
+    assert scored["rewards"][0] is not None and 0 < scored["rewards"][0] < 1
