@@ -66,7 +66,9 @@ class Worker:
         if self.decomposer is not None:
             loops.append(self._loop(stop, TaskKind.decompose, self._decompose))
         try:
-            await asyncio.gather(*loops)
+            async with asyncio.TaskGroup() as group:  # one loop failing stops all: no half-alive worker
+                for loop in loops:
+                    group.create_task(loop)
         finally:
             try:
                 await self.broker.remove_worker(self.worker_id)
@@ -108,8 +110,24 @@ class Worker:
                 else:
                     live.append(t)
             if live:
-                for t, r in zip(live, await handle(live), strict=True):
+                for t, r in zip(live, await self._leased(live, handle(live)), strict=True):
                     await self._deliver(stop, t, r)
+
+    async def _leased(self, tasks: list[Task], work: Awaitable[list[Result]]) -> list[Result]:
+        """Run the batch while renewing its claim, so a long batch is not re-delivered to another worker."""
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                try:
+                    await self.broker.extend(tasks)
+                except ServiceError as exc:
+                    log.warning("renewing the claim on %d tasks failed: %s", len(tasks), exc.message)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            return await work
+        finally:
+            renewer.cancel()
 
     async def _deliver(self, stop: asyncio.Event, task: Task, result: Result) -> None:
         """Keep the result until the queue is back; once stopping, leave the task to re-delivery."""
@@ -126,8 +144,12 @@ class Worker:
                 await asyncio.sleep(1.0)
 
     async def _verify(self, tasks: list[Task]) -> list[Result]:
+        return await asyncio.to_thread(self._verify_sync, tasks)
+
+    def _verify_sync(self, tasks: list[Task]) -> list[Result]:
+        """Decode and score off the event loop; an undecodable image fails alone, a failed batch fails all."""
         assert self.verifier is not None
-        results: list[Result | None] = [None] * len(tasks)
+        results: dict[int, Result] = {}
         items: list[VerifyItem] = []
         owners: list[int] = []
         for i, t in enumerate(tasks):
@@ -139,14 +161,14 @@ class Worker:
                 results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
         if items:
             try:
-                scores = await asyncio.to_thread(self.verifier.verify, items)
+                scores = self.verifier.verify(items)
                 for i, p in zip(owners, scores, strict=True):
                     results[i] = Result(tasks[i].task_id, {"p": p, "model": self.verifier.model_id})
             except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets the error
                 log.exception("verifier batch of %d items failed", len(items))
                 for i in owners:
                     results[i] = Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(exc))
-        return [r for r in results if r is not None]
+        return [results[i] for i in range(len(tasks))]
 
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
         """The whole batch in one batched generation; if it fails, prompt by prompt, so that one

@@ -6,6 +6,7 @@ running waits for it instead of starting a second computation.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ async def once(
         return (await run()).model_dump(mode="json"), False
     if not 1 <= len(key) <= 200:
         raise ServiceError(ErrorCode.bad_request, "Idempotency-Key must be 1 to 200 characters")
-    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    digest = await asyncio.to_thread(lambda: hashlib.sha256(body.model_dump_json().encode()).hexdigest())
 
     async def compute() -> bytes:
         resp = (await run()).model_dump(mode="json")

@@ -39,8 +39,6 @@ class Keys:
     def waiter(self, token: str) -> str:
         return f"{self.prefix}:sf:waiter:{token}"
 
-    def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{worker_id}"
-
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
+    def workers(self) -> str:
+        """Hash of live workers: id -> {expires_at, info}."""
+        return f"{self.prefix}:workers"

@@ -15,6 +15,7 @@ class MemoryBroker:
     def __init__(self, max_queue: int = 4096, result_ttl: float = 600.0, max_values: int = 10_000) -> None:
         self.max_queue = max_queue
         self.max_values = max_values
+        self._inserts = 0
         self.result_ttl = result_ttl
         self._queues: dict[TaskKind, asyncio.Queue[Task]] = {k: asyncio.Queue() for k in TaskKind}
         self._replies: dict[str, asyncio.Queue[Result]] = {}
@@ -75,12 +76,13 @@ class MemoryBroker:
                                                retry_after=1.0))
 
     def _remember(self, key: str, value: bytes, ttl: float) -> None:
-        """Bounded like a cache should be: expired entries go first, then the oldest."""
+        """Bounded like a cache should be: expired entries are swept regularly, the oldest go when full."""
         now = time.time()
-        if len(self._values) >= self.max_values:
+        self._inserts += 1
+        if self._inserts % 256 == 0 or len(self._values) >= self.max_values:
             self._values = {k: v for k, v in self._values.items() if v[1] > now}
-            while len(self._values) >= self.max_values:
-                del self._values[next(iter(self._values))]
+        while len(self._values) >= self.max_values:
+            del self._values[next(iter(self._values))]
         self._values[key] = (value, now + ttl)
 
     # ---- worker side ----------------------------------------------------------------------
@@ -105,6 +107,9 @@ class MemoryBroker:
         q = self._replies.get(task.reply_to)
         if q is not None:  # nobody waits any more when the request has finished or timed out
             q.put_nowait(result)
+
+    async def extend(self, tasks: Sequence[Task]) -> None:
+        return None  # in-process tasks are never re-delivered: a crash takes the whole process
 
     async def heartbeat(self, info: WorkerInfo, ttl: float) -> None:
         self._workers[info.worker_id] = (info, time.time() + ttl)

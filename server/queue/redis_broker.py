@@ -7,8 +7,10 @@ reply. Every key carries a TTL. Image bytes travel as raw stream fields, never p
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import ParamSpec, TypeVar
@@ -62,6 +64,10 @@ return 1
 """
 
 
+# Redis refusals that mean "the server is unwell", not "the command is wrong".
+_DOWN_STATES = ("OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "BUSY ")
+
+
 def _unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Any lost Redis connection becomes a 503 with a message saying what is down."""
 
@@ -71,6 +77,11 @@ def _unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             return await fn(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise ServiceError(ErrorCode.unavailable, f"the queue (Redis) is unreachable: {exc}",
+                               retry_after=2.0) from exc
+        except ResponseError as exc:
+            if not str(exc).startswith(_DOWN_STATES):
+                raise
+            raise ServiceError(ErrorCode.unavailable, f"the queue (Redis) cannot serve requests: {exc}",
                                retry_after=2.0) from exc
 
     return wrapper
@@ -175,14 +186,20 @@ class RedisBroker:
     async def _compute_and_publish(self, key: str, compute: Compute, ttl: float, msg_ttl: int) -> bytes:
         k = self.keys
         keys = [k.value(key), k.waiters(key), k.lock(key)]
+        outcome: tuple[bytes | None, ServiceError] = (None, ServiceError(
+            ErrorCode.unavailable, "the identical computation was cancelled", retry_after=1.0))
         try:
             value = await compute()
+            outcome = (value, outcome[1])
+            return value
         except Exception as exc:
-            err = exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"failed: {exc}")
-            await self._publish(keys=keys, args=[singleflight_message(None, err), "", 1, msg_ttl])
+            outcome = (None, exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"{exc}"))
             raise
-        await self._publish(keys=keys, args=[singleflight_message(value, None), value, int(ttl), msg_ttl])
-        return value
+        finally:  # success, failure or cancellation: every waiter hears, and the lock is released
+            value, err = outcome
+            args = ([singleflight_message(value, None), value, int(ttl), msg_ttl] if value is not None
+                    else [singleflight_message(None, err), "", 1, msg_ttl])
+            await asyncio.shield(self._publish(keys=keys, args=args))
 
     async def _wait_for(self, me: str, deadline: float) -> bytes:
         while True:
@@ -260,17 +277,37 @@ class RedisBroker:
 
     @_unavailable
     async def heartbeat(self, info: WorkerInfo, ttl: float) -> None:
-        await self.redis.set(self.keys.worker(info.worker_id), info.model_dump_json(), ex=max(1, int(ttl)))
+        """One hash holds the registry (no keyspace scans); each entry carries its own expiry."""
+        entry = json.dumps({"expires_at": time.time() + ttl, "info": info.model_dump(mode="json")})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.workers(), info.worker_id, entry).expire(self.keys.workers(), max(1, int(ttl)))
+            await pipe.execute()
 
     @_unavailable
     async def remove_worker(self, worker_id: str) -> None:
-        await self.redis.delete(self.keys.worker(worker_id))
+        await self.redis.hdel(self.keys.workers(), worker_id)
 
     @_unavailable
     async def workers(self) -> list[WorkerInfo]:
-        keys = [k async for k in self.redis.scan_iter(match=self.keys.worker_pattern(), count=100)]
-        values = await self.redis.mget(keys) if keys else []
-        return [WorkerInfo.model_validate(json.loads(v)) for v in values if v is not None]
+        now, live, stale = time.time(), [], []
+        for wid, raw in (await self.redis.hgetall(self.keys.workers())).items():
+            entry = json.loads(raw)
+            if entry["expires_at"] > now:
+                live.append(WorkerInfo.model_validate(entry["info"]))
+            else:
+                stale.append(wid)
+        if stale:
+            await self.redis.hdel(self.keys.workers(), *stale)
+        return live
+
+    @_unavailable
+    async def extend(self, tasks: Sequence[Task]) -> None:
+        """Reset the idle time of tasks still being worked on, so XAUTOCLAIM leaves them alone."""
+        for kind in {t.kind for t in tasks}:
+            ids = [t.receipt for t in tasks if t.kind is kind and t.receipt]
+            if ids:
+                await self.redis.xclaim(self.keys.stream(kind), GROUP, self.consumer, min_idle_time=0,
+                                        message_ids=ids, justid=True)
 
     @_unavailable
     async def ping(self) -> None:

@@ -83,6 +83,27 @@ async def test_worker_fails_expired_and_undecodable_tasks_alone(
     assert await broker.queue_depth(TaskKind.verify) == 0
 
 
+class BrokenDelivery(MemoryBroker):
+    """A broker whose result delivery fails with a bug (not an outage): fault injection, not a stand-in."""
+
+    async def complete(self, task: Task, result: Result) -> None:
+        raise RuntimeError("delivery bug")
+
+
+async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: types.SimpleNamespace) -> None:
+    """No half-alive worker: the heartbeat stops with the crashed loop, and the worker leaves the registry."""
+    broker = BrokenDelivery()
+    worker = Worker(broker, tiny_verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
+                    heartbeat_s=0.2, worker_id="w-crash")
+    run = asyncio.create_task(worker.run(asyncio.Event()))
+    await broker.submit([Task("c:0", TaskKind.verify, "r", time.time() + 30, {"questions": QUESTIONS},
+                              [kit.png_bytes(1)])])
+    with pytest.raises(ExceptionGroup) as err:
+        await asyncio.wait_for(run, timeout=30)
+    assert err.group_contains(RuntimeError, match="delivery bug")
+    assert await broker.workers() == []
+
+
 # ---- real processes over real Redis ------------------------------------------------------------
 def worker_ids(api_url: str) -> list[str]:
     r = httpx.get(api_url + "/v1/models", timeout=5)

@@ -234,6 +234,37 @@ async def test_singleflight_unexpected_exception_does_not_strand_waiters(make_br
     assert await broker.singleflight("crash", works, 60, time.time() + 4) == (b"fine", False)
 
 
+async def test_singleflight_cancelled_compute_releases_waiters(make_broker: MakeBroker) -> None:
+    """The computing request is cancelled (its client went away): waiters hear at once, and can recompute."""
+    broker = make_broker()
+    started = asyncio.Event()
+
+    async def slow() -> bytes:
+        started.set()
+        await asyncio.sleep(30)
+        return b"never"
+
+    owner = asyncio.create_task(broker.singleflight("cancel", slow, 60, time.time() + 20))
+    await asyncio.wait_for(started.wait(), 5)
+
+    async def unused() -> bytes:
+        raise AssertionError("a waiter must not compute while the owner holds the key")
+
+    waiter = asyncio.create_task(broker.singleflight("cancel", unused, 60, time.time() + 20))
+    await asyncio.sleep(0.3)  # the waiter is registered and blocked
+    owner.cancel()
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        await asyncio.wait_for(waiter, 10)
+    assert err.value.code is ErrorCode.unavailable and "cancelled" in err.value.message
+    assert time.monotonic() - t0 < 5, "the waiter must not sit until its deadline"
+
+    async def works() -> bytes:
+        return b"fine"
+
+    assert await broker.singleflight("cancel", works, 60, time.time() + 5) == (b"fine", False)
+
+
 async def test_heartbeat_workers_and_remove_worker(make_broker: MakeBroker) -> None:
     broker = make_broker()
     assert await broker.workers() == []
@@ -356,7 +387,7 @@ async def test_redis_every_key_but_the_streams_has_a_ttl(redis_brokers: Callable
     await broker.singleflight("cached", value, 60, time.time() + 5)
     keys = [k.decode() async for k in broker.redis.scan_iter(match=f"{PREFIX}:*")]
     assert any(":done:" in k for k in keys) and any(":reply:" in k for k in keys)
-    assert any(":sf:value:" in k for k in keys) and any(":worker:" in k for k in keys)
+    assert any(":sf:value:" in k for k in keys) and f"{PREFIX}:workers" in keys
     no_ttl = [k for k in keys if ":stream:" not in k and await broker.redis.ttl(k) < 0]
     assert no_ttl == [], f"keys without a TTL: {no_ttl}"
 
@@ -416,3 +447,19 @@ async def test_redis_waits_longer_than_the_socket_timeout_are_not_outages(
     )
     assert results["r10:v0"].data == {"p": [0.4]}
     assert sorted([leader, waiter]) == [(b"slow", False), (b"slow", True)]
+
+
+async def test_redis_extend_keeps_a_long_task_from_being_reclaimed(
+    redis_brokers: Callable[..., RedisBroker],
+) -> None:
+    api, busy, other = redis_brokers("api"), redis_brokers("busy", visibility_timeout=0.5), redis_brokers("other")
+    await api.submit([make_task("r9:v0", reply_key("r9"))])
+    (task,) = await claim_n(busy, TaskKind.verify, 1)
+    end = time.monotonic() + 1.5  # three visibility timeouts of work, with the claim renewed
+    while time.monotonic() < end:
+        await asyncio.sleep(0.2)
+        await busy.extend([task])
+        assert await other.claim(TaskKind.verify, 1, 0.01) == [], "a renewed task must not be re-delivered"
+    await asyncio.sleep(0.6)  # renewal stops (the worker died): now it is re-delivered
+    again = await claim_n(other, TaskKind.verify, 1)
+    assert again[0].task_id == "r9:v0" and again[0].delivery == 2
