@@ -171,24 +171,20 @@ class Worker:
         return [results[i] for i in range(len(tasks))]
 
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
-        """The whole batch in one batched generation; if it fails, prompt by prompt, so that one
-        prompt that cannot be decomposed fails alone."""
+        """The whole batch in one batched generation; a prompt that cannot be decomposed fails alone."""
         assert self.decomposer is not None
-        prompts = [t.payload["prompt"] for t in tasks]
-        if len(tasks) > 1:
-            try:
-                decs = await asyncio.to_thread(self.decomposer.decompose, prompts)
-                return [Result(t.task_id, d.model_dump(mode="json")) for t, d in zip(tasks, decs, strict=True)]
-            except Exception as exc:  # noqa: BLE001 - retried prompt by prompt just below
-                log.info("batched decomposition of %d prompts failed (%s); retrying one by one", len(tasks), exc)
+        try:
+            outcomes = await asyncio.to_thread(self.decomposer.decompose_each, [t.payload["prompt"] for t in tasks])
+        except Exception as exc:  # noqa: BLE001 - the whole batch failed: every request hears why
+            log.exception("decomposer batch of %d prompts failed", len(tasks))
+            outcomes = [exc] * len(tasks)
         out = []
-        for t, prompt in zip(tasks, prompts, strict=True):
-            try:
-                (dec,) = await asyncio.to_thread(self.decomposer.decompose, [prompt])
-                out.append(Result(t.task_id, dec.model_dump(mode="json")))
-            except Exception as exc:  # noqa: BLE001 - reported to the request, never swallowed
-                log.warning("decomposition of task %s failed: %s", t.task_id, exc)
-                out.append(Result.failure(t.task_id, ErrorCode.decomposition_failed, _reason(exc)))
+        for t, o in zip(tasks, outcomes, strict=True):
+            if isinstance(o, Exception):
+                log.warning("decomposition of task %s failed: %s", t.task_id, o)
+                out.append(Result.failure(t.task_id, ErrorCode.decomposition_failed, _reason(o)))
+            else:
+                out.append(Result(t.task_id, o.model_dump(mode="json")))
         return out
 
 

@@ -46,3 +46,7 @@ class Decomposer(Protocol):
     def decompose(self, prompts: Sequence[str]) -> list[Decomposition]:
         """One validated decomposition per prompt, or EngineError saying why not."""
         ...
+
+    def decompose_each(self, prompts: Sequence[str]) -> list[Decomposition | EngineError]:
+        """Per prompt, a decomposition or the EngineError that says why not (batched, failures isolated)."""
+        ...

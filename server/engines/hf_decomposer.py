@@ -506,6 +506,14 @@ class HFDecomposer:
 
     def decompose(self, prompts: Sequence[str]) -> list[Decomposition]:
         """One validated decomposition per prompt; a prompt that fails every attempt raises EngineError."""
+        results = self.decompose_each(prompts)
+        errors = {i: str(r) for i, r in enumerate(results) if isinstance(r, EngineError)}
+        if errors:
+            raise EngineError(_failure_message(list(prompts), errors, self.max_retries + 1, self.pipeline))
+        return [r for r in results if isinstance(r, Decomposition)]
+
+    def decompose_each(self, prompts: Sequence[str]) -> list[Decomposition | EngineError]:
+        """Per prompt, a decomposition or the error of its last attempt: one bad prompt fails alone."""
         prompts = list(prompts)
         for n, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
@@ -523,9 +531,9 @@ class HFDecomposer:
                     errors.pop(i, None)
                 else:
                     errors[i] = result
-        if errors:
-            raise EngineError(_failure_message(prompts, errors, self.max_retries + 1, self.pipeline))
-        return [done[i] for i in range(len(prompts))]
+        return [done[i] if i in done else EngineError(
+                    _failure_message(prompts[i:i + 1], {0: errors[i]}, self.max_retries + 1, self.pipeline))
+                for i in range(len(prompts))]
 
     # -- pipelines -----------------------------------------------------------------------
 

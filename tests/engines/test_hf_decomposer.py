@@ -98,6 +98,16 @@ def test_truncated_output_is_reported_not_parsed(engine: HFDecomposer, monkeypat
     assert "'a red car'" in msg
 
 
+def test_decompose_each_reports_per_prompt(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failures come back per prompt, each naming its own prompt, instead of one error for the batch."""
+    monkeypatch.setattr(engine, "max_new_tokens", 5)
+    monkeypatch.setattr(engine, "max_retries", 0)
+    out = engine.decompose_each(["a red car", "two cats"])
+    assert [type(o) for o in out] == [EngineError, EngineError]
+    assert "'a red car'" in str(out[0]) and "'two cats'" not in str(out[0])
+    assert "'two cats'" in str(out[1]) and "truncated" in str(out[1])
+
+
 def test_schema_forbids_bad_structure(engine: HFDecomposer) -> None:
     """What the constraint guarantees, checked directly on the compiled grammar."""
     import xgrammar as xgr
