@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 FORMATS = ("PNG", "JPEG", "WEBP")
+# The Qwen2-VL family's image processors refuse anything thinner (and no generated image is): refusing it here
+# makes it this image's error, not an exception that fails every image of the worker's batch.
+MAX_ASPECT_RATIO = 200
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ def inspect_image(data: bytes, field: str, max_pixels: int) -> ImageInfo:
         raise ServiceError(ErrorCode.bad_image, f"{field}: corrupt image header ({exc})") from exc
     if info.width <= 0 or info.height <= 0:
         raise ServiceError(ErrorCode.bad_image, f"{field}: image has no pixels")
+    if max(info.width, info.height) > MAX_ASPECT_RATIO * min(info.width, info.height):
+        raise ServiceError(ErrorCode.bad_image, f"{field}: image is {info.width}x{info.height}; the aspect ratio "
+                           f"must be at most {MAX_ASPECT_RATIO}:1")
     if info.width * info.height > max_pixels:
         raise ServiceError(
             ErrorCode.too_large,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.core.questions import Decomposition, Question
+from server.core.questions import Decomposition, Metadata, Question, Text
 from server.core.reward import Aggregation, Gating
 
 
@@ -25,10 +25,10 @@ class AdvantageOptions(_Model):
 
 
 class ScoreGroup(_Model):
-    prompt: str | None = Field(None, description="the generation prompt; decomposed unless questions are given")
+    prompt: Text | None = Field(None, description="the generation prompt; decomposed unless questions are given")
     questions: list[Question] | None = Field(None, description="explicit questions: skip the decomposer")
     images: list[str] = Field(min_length=1, description="base64 PNG / JPEG / WebP (data URLs accepted)")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class ScoreRequest(_Model):
@@ -88,7 +88,7 @@ class ScoreResponse(_Model):
 
 
 class DecomposeRequest(_Model):
-    prompts: list[str] = Field(min_length=1)
+    prompts: list[Text] = Field(min_length=1)
 
 
 class DecomposeResponse(_Model):
@@ -100,7 +100,7 @@ class DecomposeResponse(_Model):
 
 class VerifyItemIn(_Model):
     images: list[str] = Field(min_length=1, description="one image, or source and result for editing")
-    questions: list[str] = Field(min_length=1)
+    questions: list[Text] = Field(min_length=1)
 
 
 class VerifyRequest(_Model):

@@ -9,8 +9,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.metrics import Metrics
@@ -49,6 +51,22 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {e.get('msg')}")
     return _error(request, 422, ErrorCode.bad_request.value, "; ".join(parts))
+
+
+async def _http_error(request: Request, exc: Exception) -> Any:
+    """FastAPI's bare 400 for a body json.loads failed on other than with a JSONDecodeError (not UTF-8, nested
+    too deeply, an integer too long) as our error with the reason; the rest (404, 405) as FastAPI answers them."""
+    assert isinstance(exc, HTTPException)
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return await http_exception_handler(request, exc)
+    if isinstance(cause, UnicodeDecodeError):
+        reason = f"not UTF-8 text: {cause}"
+    elif isinstance(cause, RecursionError):
+        reason = "nested too deeply"
+    else:
+        reason = str(cause) or type(cause).__name__
+    return _error(request, 422, ErrorCode.bad_request.value, f"body: invalid JSON ({reason})")
 
 
 class BodyLimit:
@@ -118,6 +136,7 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
     app.include_router(system.router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Any]) -> Any:

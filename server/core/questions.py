@@ -6,10 +6,11 @@ rejects the same malformed decompositions with the same messages.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Kind(StrEnum):
@@ -27,6 +28,52 @@ QUALITY_ASPECTS: tuple[str, ...] = (
 TAGS_BY_KIND: dict[Kind, tuple[str, ...]] = {Kind.semantic: SEMANTIC_TAGS, Kind.quality: QUALITY_ASPECTS}
 
 
+MAX_METADATA_DEPTH = 32
+
+
+def valid_text(v: str) -> str:
+    """Refuse strings that are not Unicode text: JSON escapes can carry unpaired UTF-16 surrogates (\\ud800),
+    which no tokenizer, hash or UTF-8 response can take."""
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = v[exc.start]
+            raise ValueError(f"not valid Unicode: unpaired surrogate {bad!r} at character {exc.start}") from None
+    return v
+
+
+def valid_metadata(v: dict[str, Any]) -> dict[str, Any]:
+    """Metadata is echoed back, so it must be plain JSON: valid Unicode, finite numbers, bounded nesting."""
+    stack: list[tuple[Any, str, int]] = [(v, "", 1)]
+    while stack:  # iterative: depth is what is being checked
+        node, path, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise ValueError(f"nested more than {MAX_METADATA_DEPTH} levels deep (at {path or 'the top'})")
+            pairs = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in pairs:
+                if isinstance(key, str):
+                    _valid_at(key, f"{path}[{key!r}]")
+                stack.append((child, f"{path}[{key!r}]", depth + 1))
+        elif isinstance(node, str):
+            _valid_at(node, path)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ValueError(f"{path}: {node} is not a JSON number")
+    return v
+
+
+def _valid_at(text: str, path: str) -> None:
+    try:
+        valid_text(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+Text = Annotated[str, AfterValidator(valid_text)]
+Metadata = Annotated[dict[str, Any], AfterValidator(valid_metadata)]
+
+
 class Question(BaseModel):
     """One atomic yes/no question; "yes" always means the image is good."""
 
@@ -37,7 +84,7 @@ class Question(BaseModel):
     kind: Kind = Kind.semantic
     tag: str
     depends_on: tuple[str, ...] = ()
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
     @field_validator("text")
     @classmethod

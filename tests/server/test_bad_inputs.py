@@ -7,6 +7,7 @@ The server (see EMBEDDED_LIMITS in conftest) allows 6 images, 6 questions per gr
 from __future__ import annotations
 
 import io
+import json
 import struct
 import types
 import zlib
@@ -39,6 +40,12 @@ def zeros_png(side: int) -> bytes:
     return buf.getvalue()
 
 
+def thin_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def gif_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buf, "GIF")
@@ -55,6 +62,18 @@ def score(k: types.SimpleNamespace, images: list[str] | None = None, **group: An
 
 def raw(content: bytes | Iterator[bytes]) -> Kwargs:
     return {"content": content, "headers": {"content-type": "application/json"}}
+
+
+def py_json(body: Any, **headers: str) -> Kwargs:
+    """JSON as Python's json writes it: lone surrogates as \\ud800 escapes, NaN as NaN (httpx refuses both)."""
+    return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json", **headers}}
+
+
+def nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 def _chunks(total: int) -> Iterator[bytes]:
@@ -141,6 +160,38 @@ CASES: list[tuple[str, str, Callable[[types.SimpleNamespace], Kwargs], int, str,
      ["request body", "200000"]),
     ("idempotency-key-too-long", "/v1/score", lambda k: {**score(k), "headers": {"Idempotency-Key": "k" * 201}},
      422, "bad_request", ["Idempotency-Key"]),
+    # found by fuzzing: each of these was a 500 (or a model error, or poisoned the worker's batch) before
+    ("score-prompt-unpaired-surrogate", "/v1/score", lambda k: py_json(score(k, prompt="a cat \ud800")["json"]),
+     422, "bad_request", ["groups.0.prompt", "unpaired surrogate"]),
+    ("decompose-prompt-unpaired-surrogate", "/v1/decompose", lambda k: py_json({"prompts": ["a cat \ud800"]}), 422,
+     "bad_request", ["prompts.0", "unpaired surrogate"]),
+    ("verify-question-unpaired-surrogate", "/v1/verify",
+     lambda k: py_json({"items": [{"images": [k.png_b64(0)], "questions": ["Is it red? \udc00"]}]}), 422,
+     "bad_request", ["items.0.questions.0", "unpaired surrogate"]),
+    ("metadata-unpaired-surrogate-with-idempotency-key", "/v1/score",
+     lambda k: py_json(score(k, metadata={"step": "\ud800"})["json"], **{"Idempotency-Key": "surrogate"}), 422,
+     "bad_request", ["groups.0.metadata", "['step']", "unpaired surrogate"]),
+    ("metadata-nested-300-deep", "/v1/score", lambda k: score(k, metadata={"x": nested(300)}), 422, "bad_request",
+     ["groups.0.metadata", "32 levels"]),
+    ("question-metadata-nested-300-deep", "/v1/score",
+     lambda k: score(k, questions=[{**Q[0], "metadata": {"x": nested(300)}}]), 422, "bad_request",
+     ["groups.0.questions.0.metadata", "32 levels"]),
+    ("metadata-nan", "/v1/score", lambda k: py_json(score(k, metadata={"x": float("nan")})["json"]), 422,
+     "bad_request", ["groups.0.metadata", "['x']", "not a JSON number"]),
+    ("zero-tag-weight-for-every-question", "/v1/score",
+     lambda k: {"json": {**score(k)["json"], "tag_weights": {"Existence": 0}}}, 422, "bad_request",
+     ["groups[0]", "sum to zero"]),
+    ("image-aspect-ratio-4000-to-1", "/v1/score", lambda k: score(k, [k.png_b64(0), k.b64(thin_png(4000, 1))]),
+     422, "bad_image", ["groups[0].images[1]", "4000x1", "200:1"]),
+    ("verify-image-aspect-ratio-1-to-250", "/v1/verify",
+     lambda k: {"json": {"items": [{"images": [k.b64(thin_png(1, 250))], "questions": ["Is it red?"]}]}}, 422,
+     "bad_image", ["items[0].images[0]", "1x250"]),
+    ("body-not-utf8", "/v1/score", lambda k: raw(b'{"groups": "\xff\xfe"}'), 422, "bad_request",
+     ["body", "invalid JSON", "UTF-8"]),
+    ("body-nested-5000-deep", "/v1/score", lambda k: raw(b"[" * 5000 + b"]" * 5000), 422, "bad_request",
+     ["body", "invalid JSON", "nested too deeply"]),
+    ("body-integer-of-5000-digits", "/v1/score", lambda k: raw(b'{"groups": [], "x": 1' + b"0" * 5000 + b"}"), 422,
+     "bad_request", ["body", "invalid JSON", "digits"]),
     ("verify-empty-question", "/v1/verify",
      lambda k: {"json": {"items": [{"images": [k.png_b64(0)], "questions": ["Is it red?", "  "]}]}}, 422,
      "bad_request", ["items[0].questions[1]", "empty"]),
