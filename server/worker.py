@@ -1,7 +1,7 @@
 """A worker: claims batches from the broker, runs the engines off the event loop, delivers results.
 
-One loop per task kind owns its batch (every task in a failed batch gets the error), a
-heartbeat keeps the worker visible to /readyz and /v1/models, and a stop event drains:
+One loop per task kind owns its batch (a batch the engine fails is retried item by item, so
+only the item at fault gets the error), a heartbeat keeps the worker visible to /readyz and /v1/models, and a stop event drains:
 the batch in hand is finished and delivered, nothing new is claimed.
 """
 
@@ -147,7 +147,7 @@ class Worker:
         return await asyncio.to_thread(self._verify_sync, tasks)
 
     def _verify_sync(self, tasks: list[Task]) -> list[Result]:
-        """Decode and score off the event loop; an undecodable image fails alone, a failed batch fails all."""
+        """Decode and score off the event loop; an undecodable or unscorable item fails alone."""
         assert self.verifier is not None
         results: dict[int, Result] = {}
         items: list[VerifyItem] = []
@@ -159,16 +159,25 @@ class Worker:
                 owners.append(i)
             except (ValueError, ServiceError) as exc:
                 results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
-        if items:
-            try:
-                scores = self.verifier.verify(items)
-                for i, p in zip(owners, scores, strict=True):
-                    results[i] = Result(tasks[i].task_id, {"p": p, "model": self.verifier.model_id})
-            except Exception as exc:  # noqa: BLE001 - every task of a failed batch gets the error
-                log.exception("verifier batch of %d items failed", len(items))
-                for i in owners:
-                    results[i] = Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(exc))
+        for i, outcome in zip(owners, self._scores(items), strict=True):
+            results[i] = (Result(tasks[i].task_id, {"p": outcome, "model": self.verifier.model_id})
+                          if isinstance(outcome, list) else
+                          Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(outcome)))
         return [results[i] for i in range(len(tasks))]
+
+    def _scores(self, items: list[VerifyItem]) -> list[list[float] | Exception]:
+        """The batch in one call; if it fails, item by item, so one bad item cannot fail other requests."""
+        assert self.verifier is not None
+        if not items:
+            return []
+        try:
+            return list(self.verifier.verify(items))
+        except Exception as exc:  # noqa: BLE001 - retried alone below, or reported to the request
+            if len(items) == 1:
+                log.warning("verification failed: %s", exc)
+                return [exc]
+            log.warning("verifier batch of %d items failed (%s); retrying them one by one", len(items), exc)
+        return [out for item in items for out in self._scores([item])]
 
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
         """The whole batch in one batched generation; a prompt that cannot be decomposed fails alone."""

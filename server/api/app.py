@@ -9,12 +9,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.deps import assign_request_id
 from server.api.metrics import Metrics
 from server.api.routes import score, system
 from server.errors import ErrorCode, ServiceError
@@ -54,12 +54,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: Exception) -> Any:
-    """FastAPI's bare 400 for a body json.loads failed on other than with a JSONDecodeError (not UTF-8, nested
-    too deeply, an integer too long) as our error with the reason; the rest (404, 405) as FastAPI answers them."""
+    """Starlette's own errors (unknown route, wrong method, a body json.loads could not even start on:
+    not UTF-8, nested too deeply, an integer too long) in the service's error format."""
     assert isinstance(exc, HTTPException)
     cause = exc.__cause__
+    if exc.status_code == 404:
+        return _error(request, 404, ErrorCode.not_found.value, f"no such endpoint: {request.url.path} (see /docs)")
     if exc.status_code != 400 or cause is None:
-        return await http_exception_handler(request, exc)
+        return _error(request, exc.status_code, ErrorCode.bad_request.value, str(exc.detail))
     if isinstance(cause, UnicodeDecodeError):
         reason = f"not UTF-8 text: {cause}"
     elif isinstance(cause, RecursionError):
@@ -67,6 +69,13 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     else:
         reason = str(cause) or type(cause).__name__
     return _error(request, 422, ErrorCode.bad_request.value, f"body: invalid JSON ({reason})")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not bad input: logged with its traceback, answered in the service's format with the request id."""
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(request, 500, ErrorCode.internal.value, f"internal error ({type(exc).__name__}); "
+                  "the server log has the details under this request id")
 
 
 class BodyLimit:
@@ -137,10 +146,12 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Any]) -> Any:
         t0 = time.perf_counter()
+        assign_request_id(request)
         response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
         m: Metrics = app.state.metrics

@@ -34,10 +34,15 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _request_id(request: Request, x_request_id: Annotated[str | None, Header()] = None) -> str:
-    rid = x_request_id if x_request_id and _REQUEST_ID.match(x_request_id) else uuid.uuid4().hex
-    request.state.request_id = rid
-    return rid
+def assign_request_id(request: Request) -> str:
+    """The client's X-Request-Id when it is a sane label, else a new one; set before anything can fail."""
+    given = request.headers.get("x-request-id")
+    request.state.request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return request.state.request_id
+
+
+def _request_id(request: Request) -> str:
+    return request.state.request_id
 
 
 def _authorize(settings: Annotated[Settings, Depends(_settings)],

@@ -233,3 +233,17 @@ def test_failed_decomposition_fails_only_its_group(services, kit: types.SimpleNa
     for im in failed["images"]:
         assert im["error"]["code"] == "decomposition_failed" and "max_new_tokens=4" in im["error"]["message"]
     assert scored["rewards"][0] is not None and 0 < scored["rewards"][0] < 1
+
+
+def test_every_error_has_the_service_format_and_a_request_id(client: httpx.Client) -> None:
+    for method, path, kwargs, status, code in (
+        ("GET", "/v1/nope", {}, 404, "not_found"),
+        ("GET", "/v1/score", {}, 405, "bad_request"),
+        ("POST", "/v1/score", {"content": b"{not json"}, 422, "bad_request"),
+    ):
+        r = client.request(method, path, headers={"X-Request-Id": "err-1", "content-type": "application/json"},
+                           **kwargs)
+        assert r.status_code == status, r.text
+        body = r.json()
+        assert body["error"]["code"] == code and body["error"]["message"]
+        assert body["request_id"] == "err-1" == r.headers["X-Request-Id"]

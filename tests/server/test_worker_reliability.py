@@ -83,6 +83,25 @@ async def test_worker_fails_expired_and_undecodable_tasks_alone(
     assert await broker.queue_depth(TaskKind.verify) == 0
 
 
+async def test_an_item_the_engine_rejects_fails_alone(tiny_verifier: Any, kit: types.SimpleNamespace) -> None:
+    """The engine raises for the whole batch; the worker retries item by item and fails only that item."""
+    broker = MemoryBroker()
+    reply, now = "r:isolate", time.time()
+    tasks = [Task(f"i:{n}", TaskKind.verify, reply, now + 30, {"questions": qs}, [kit.png_bytes(n)])
+             for n, qs in enumerate([QUESTIONS, [], QUESTIONS[:1]])]  # no questions: the engine refuses it
+    results: dict[str, Result] = {}
+
+    async def body(worker: Worker) -> None:
+        await broker.submit(tasks)
+        results.update(await broker.gather(reply, {t.task_id for t in tasks}, time.time() + 30))
+
+    await run_worker(broker, tiny_verifier, body)
+    assert results["i:1"].error_code is ErrorCode.verification_failed
+    assert "at least one question" in (results["i:1"].error or "")
+    assert results["i:0"].data is not None and len(results["i:0"].data["p"]) == 2
+    assert results["i:2"].data is not None and len(results["i:2"].data["p"]) == 1
+
+
 class BrokenDelivery(MemoryBroker):
     """A broker whose result delivery fails with a bug (not an outage): fault injection, not a stand-in."""
 
