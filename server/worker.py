@@ -1,8 +1,9 @@
 """A worker: claims batches from the broker, runs the engines off the event loop, delivers results.
 
 One loop per task kind owns its batch (a batch the engine fails is retried item by item, so
-only the item at fault gets the error), a heartbeat keeps the worker visible to /readyz and /v1/models, and a stop event drains:
-the batch in hand is finished and delivered, nothing new is claimed.
+only the item at fault gets the error), a heartbeat keeps the worker visible to /readyz and
+/v1/models, and a stop event drains: the batch in hand is finished and delivered, nothing new
+is claimed.
 """
 
 from __future__ import annotations

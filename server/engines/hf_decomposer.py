@@ -10,124 +10,52 @@ with known tags, positional ids and backward-only dependencies. What a grammar c
 (a finished output, non-blank text, the model's own validity verdicts) is checked, the prompt is
 retried with sampling, and exhausted retries raise EngineError: never a partial decomposition.
 
-The parsing and assembly functions are pure and import no torch, so remote engines can parse
-unconstrained output with the same rules and tests can feed them hand-written outputs.
+Schemas live in decomposition_schema, pure parsing and assembly in decomposition_parse.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import UnionType
 from typing import Any, TypeVar
-
-from pydantic import ValidationError
 
 from server.core.questions import (
     QUALITY_ASPECTS,
     SEMANTIC_TAGS,
     Decomposition,
-    DecompositionError,
-    Kind,
-    Question,
-    find_cycle,
 )
 from server.engines import prompts as P
 from server.engines.answers import YesNo
 from server.engines.base import EngineError
+from server.engines.decomposition_parse import (
+    DSGTuple,
+    Generation,
+    assemble_dsg,
+    check_validity,
+    is_required,
+    parse_dependencies,
+    parse_dsg_questions,
+    parse_fast_output,
+    parse_quality,
+    parse_tag,
+    parse_tuples,
+    require_finished,
+)
+from server.engines.decomposition_schema import (
+    Limits,
+    dependencies_schema,
+    fast_schema,
+    quality_schema,
+    questions_schema,
+    tag_grammar,
+    tuples_schema,
+)
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
 
 PIPELINES: tuple[str, ...] = ("fast", "dsg")
-DSG_CATEGORIES: tuple[str, ...] = ("entity", "attribute", "relation", "global")
 
 T = TypeVar("T")
-
-
-# --- Output bounds and JSON schemas ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds written into every schema: they make any model, even a random one, terminate."""
-
-    max_semantic: int = 16
-    max_quality: int = 8
-    max_text_chars: int = 200
-    max_parents: int = 4
-    max_args: int = 3
-    max_arg_chars: int = 48
-
-
-def _text(limits: Limits) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": limits.max_text_chars}
-
-
-def _obj(properties: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": list(properties),
-            "additionalProperties": False}
-
-
-def _positional(items: list[dict[str, Any]], min_items: int) -> dict[str, Any]:
-    """An array whose i-th item follows the i-th schema: ids are fixed by position, never repeated."""
-    return {"type": "array", "prefixItems": items, "items": False, "minItems": min_items,
-            "maxItems": len(items)}
-
-
-def _parents(earlier: Sequence[str], limits: Limits) -> dict[str, Any]:
-    """Only earlier ids may be parents, so dependencies are known and acyclic by construction."""
-    if not earlier:
-        return {"type": "array", "maxItems": 0}
-    return {"type": "array", "items": {"enum": list(earlier)}, "maxItems": min(len(earlier), limits.max_parents)}
-
-
-def _quality_items(limits: Limits) -> dict[str, Any]:
-    items = [_obj({"id": {"const": f"q{i}"}, "text": _text(limits), "aspect": {"enum": list(QUALITY_ASPECTS)}})
-             for i in range(1, limits.max_quality + 1)]
-    return _positional(items, 0)
-
-
-def fast_schema(limits: Limits = Limits()) -> dict[str, Any]:
-    """The one-shot output: at least one semantic question, ids s1.. and q1.. by position."""
-    ids = [f"s{i}" for i in range(1, limits.max_semantic + 1)]
-    semantic = [_obj({"id": {"const": sid}, "text": _text(limits), "tag": {"enum": list(SEMANTIC_TAGS)},
-                      "depends_on": _parents(ids[:n], limits)}) for n, sid in enumerate(ids)]
-    return _obj({"semantic": _positional(semantic, 1), "quality": _quality_items(limits)})
-
-
-def tuples_schema(limits: Limits = Limits()) -> dict[str, Any]:
-    """DSG stage 1: tuples t1.. with a category, a free type and 1..max_args arguments."""
-    arg = {"type": "string", "minLength": 1, "maxLength": limits.max_arg_chars}
-    items = [_obj({"id": {"const": f"t{i}"}, "category": {"enum": list(DSG_CATEGORIES)},
-                   "type": {"type": "string", "minLength": 1, "maxLength": 24},
-                   "args": {"type": "array", "items": arg, "minItems": 1, "maxItems": limits.max_args}})
-             for i in range(1, limits.max_semantic + 1)]
-    return _obj({"tuples": _positional(items, 1)})
-
-
-def dependencies_schema(ids: Sequence[str], limits: Limits = Limits()) -> dict[str, Any]:
-    """DSG stage 2: exactly one item per tuple, in order, parents among earlier tuples only."""
-    items = [_obj({"id": {"const": tid}, "parents": _parents(ids[:n], limits)}) for n, tid in enumerate(ids)]
-    return _obj({"dependencies": _positional(items, len(items))})
-
-
-def questions_schema(ids: Sequence[str], limits: Limits = Limits()) -> dict[str, Any]:
-    """DSG stage 3: exactly one question per tuple, in order."""
-    items = [_obj({"id": {"const": tid}, "text": _text(limits)}) for tid in ids]
-    return _obj({"questions": _positional(items, len(items))})
-
-
-def quality_schema(limits: Limits = Limits()) -> dict[str, Any]:
-    """DSG stage 6: zero or more quality questions q1.. with an aspect each."""
-    return _obj({"quality": _quality_items(limits)})
-
-
-def tag_grammar() -> str:
-    """DSG stage 5 as EBNF: the answer is exactly one semantic tag name, nothing else."""
-    return "root ::= " + " | ".join(json.dumps(t) for t in SEMANTIC_TAGS)
-
 
 # --- Messages (templates live in prompts.py) ------------------------------------------------
 
@@ -166,243 +94,6 @@ def dsg_tag_messages(prompt: str, question: str) -> Messages:
 def dsg_quality_messages(prompt: str, questions: Mapping[str, str]) -> Messages:
     listing = "\n".join(f"{qid}: {text}" for qid, text in questions.items())
     return _messages(P.DSG_QUALITY.format(prompt=prompt, questions=listing, aspects=", ".join(QUALITY_ASPECTS)))
-
-
-# --- Parsing (pure; also for unconstrained output of remote models) -------------------------
-
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One decoded output; ``finished`` is False when max_new_tokens cut it short."""
-
-    text: str
-    finished: bool
-    n_tokens: int
-
-
-def require_finished(gen: Generation, what: str, max_new_tokens: int) -> str:
-    """A cut-off output must fail loudly: a prefix of valid JSON is not a smaller valid answer."""
-    if not gen.finished:
-        raise ValueError(
-            f"{what} output truncated: the model did not finish within max_new_tokens={max_new_tokens} "
-            f"({gen.n_tokens} tokens generated); raise max_new_tokens"
-        )
-    return gen.text
-
-
-def load_json_object(text: str, what: str) -> dict[str, Any]:
-    """Parse one JSON object, tolerating a Markdown code fence around it."""
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON in {what} output: {e.msg} at char {e.pos}: {body[:80]!r}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} output must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _field(data: Mapping[str, Any], key: str, typ: type | UnionType, where: str) -> Any:
-    if key not in data:
-        raise ValueError(f"{where}: missing field {key!r}")
-    value = data[key]
-    if not isinstance(value, typ) or isinstance(value, bool):
-        raise ValueError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _items(data: Mapping[str, Any], key: str, where: str) -> list[dict[str, Any]]:
-    items = _field(data, key, list, where)
-    for n, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: {key}[{n}] must be an object, got {type(item).__name__}")
-    return items
-
-
-def _ids(values: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(values, list) or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{where}: expected a list of ids")
-    return tuple(dict.fromkeys(str(v) for v in values))
-
-
-def _question(where: str, **fields: Any) -> Question:
-    """Build a Question, turning pydantic's verbose error into one clear line."""
-    try:
-        return Question(**fields)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ValueError(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
-
-
-def _decomposition(prompt: str, questions: list[Question], **meta: Any) -> Decomposition:
-    try:
-        return Decomposition(prompt=prompt, questions=tuple(questions), **meta)
-    except ValidationError as e:
-        raise DecompositionError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
-
-
-def _quality_questions(data: Mapping[str, Any], what: str) -> list[Question]:
-    out = []
-    for n, item in enumerate(_items(data, "quality", what)):
-        where = f"{what}: quality[{n}]"
-        out.append(_question(where, id=str(_field(item, "id", str | int, where)), kind=Kind.quality,
-                             text=_field(item, "text", str, where), tag=_field(item, "aspect", str, where)))
-    return out
-
-
-def parse_fast_output(text: str, prompt: str = "", **meta: Any) -> Decomposition:
-    """Parse the one-shot JSON into a validated Decomposition; ValueError says what is wrong.
-
-    ``meta`` (pipeline, model, template_version) is passed to the Decomposition.
-    """
-    what = "decomposition"
-    data = load_json_object(text, what)
-    semantic = []
-    for n, item in enumerate(_items(data, "semantic", what)):
-        where = f"{what}: semantic[{n}]"
-        semantic.append(_question(
-            where, id=str(_field(item, "id", str | int, where)), text=_field(item, "text", str, where),
-            tag=_field(item, "tag", str, where), depends_on=_ids(item.get("depends_on", []), where)))
-    if not semantic:
-        raise ValueError(f"{what}: no semantic questions")
-    quality = _quality_questions(data, what)
-    return _decomposition(prompt, semantic + quality, **{"pipeline": "fast", **meta})
-
-
-@dataclass(frozen=True)
-class DSGTuple:
-    """One Davidsonian scene-graph fact, e.g. attribute - color (cat, black)."""
-
-    id: str
-    category: str
-    type: str
-    args: tuple[str, ...]
-
-    def render(self) -> str:
-        return f"{self.id} | {self.category} - {self.type} ({', '.join(self.args)})"
-
-
-def parse_tuples(text: str) -> list[DSGTuple]:
-    """Stage 1: a non-empty list of tuples with unique ids and known categories."""
-    what = "DSG tuples"
-    out: list[DSGTuple] = []
-    for n, item in enumerate(_items(load_json_object(text, what), "tuples", what)):
-        where = f"{what}: tuples[{n}]"
-        tid = str(_field(item, "id", str | int, where))
-        category = _field(item, "category", str, where)
-        if category not in DSG_CATEGORIES:
-            raise ValueError(f"{where}: unknown category {category!r}; expected one of {', '.join(DSG_CATEGORIES)}")
-        args = _field(item, "args", list, where)
-        if not args or not all(isinstance(a, str) and a.strip() for a in args):
-            raise ValueError(f"{where}: args must be a non-empty list of non-blank strings")
-        if tid in {t.id for t in out}:
-            raise ValueError(f"{where}: duplicate tuple id {tid!r}")
-        out.append(DSGTuple(tid, category, _field(item, "type", str, where).strip(), tuple(a.strip() for a in args)))
-    if not out:
-        raise ValueError(f"{what}: no tuples")
-    return out
-
-
-def _one_per_id(items: list[dict[str, Any]], ids: Sequence[str], what: str) -> dict[str, dict[str, Any]]:
-    """Map items to the expected ids: each exactly once, none unknown."""
-    by_id: dict[str, dict[str, Any]] = {}
-    for n, item in enumerate(items):
-        tid = str(_field(item, "id", str | int, f"{what}[{n}]"))
-        if tid not in ids:
-            raise ValueError(f"{what}[{n}]: unknown tuple id {tid!r}")
-        if tid in by_id:
-            raise ValueError(f"{what}[{n}]: tuple id {tid!r} given twice")
-        by_id[tid] = item
-    missing = [t for t in ids if t not in by_id]
-    if missing:
-        raise ValueError(f"{what}: no entry for tuple(s) {', '.join(missing)}")
-    return by_id
-
-
-def parse_dependencies(text: str, ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Stage 2: parents for every tuple; unknown, self or cyclic references are errors."""
-    what = "DSG dependencies"
-    by_id = _one_per_id(_items(load_json_object(text, what), "dependencies", what), ids, what)
-    deps: dict[str, tuple[str, ...]] = {}
-    for tid in ids:
-        parents = _ids(by_id[tid].get("parents", []), f"{what}: {tid}")
-        bad = [p for p in parents if p not in ids or p == tid]
-        if bad:
-            raise ValueError(f"{what}: {tid} has invalid parent(s) {', '.join(bad)}")
-        deps[tid] = parents
-    cycle = find_cycle(deps)
-    if cycle:
-        raise ValueError(f"{what}: dependency cycle " + " -> ".join(cycle))
-    return deps
-
-
-def parse_dsg_questions(text: str, ids: Sequence[str]) -> dict[str, str]:
-    """Stage 3: one non-blank question per tuple."""
-    what = "DSG questions"
-    by_id = _one_per_id(_items(load_json_object(text, what), "questions", what), ids, what)
-    out = {}
-    for tid in ids:
-        q = _field(by_id[tid], "text", str, f"{what}: {tid}").strip()
-        if not q:
-            raise ValueError(f"{what}: {tid} has an empty question")
-        out[tid] = q
-    return out
-
-
-def parse_tag(text: str, kind: Kind = Kind.semantic) -> str:
-    """Stage 5: exactly one known tag, tolerating quotes, case and a trailing full stop."""
-    from server.core.questions import TAGS_BY_KIND
-
-    word = text.strip().strip("\"'`.: \t\n")
-    for tag in TAGS_BY_KIND[kind]:
-        if word.lower() == tag.lower():
-            return tag
-    raise ValueError(f"tag {word[:40]!r} is not one of {', '.join(TAGS_BY_KIND[kind])}")
-
-
-def parse_quality(text: str) -> list[Question]:
-    """Stage 6: the quality questions (possibly none)."""
-    what = "quality questions"
-    return _quality_questions(load_json_object(text, what), what)
-
-
-def is_required(p_yes: float) -> bool:
-    """Stage 4's verdict: the model must prefer yes to keep the question."""
-    return p_yes > 0.5
-
-
-def check_validity(questions: Mapping[str, str], verdicts: Mapping[str, bool]) -> None:
-    """The published rule: one question judged not required rejects the whole decomposition."""
-    rejected = [f"{qid} ({text!r})" for qid, text in questions.items() if not verdicts[qid]]
-    if rejected:
-        raise DecompositionError("question(s) judged not strictly required by the prompt: " + "; ".join(rejected))
-
-
-def assemble_dsg(
-    prompt: str,
-    tuples: Sequence[DSGTuple],
-    dependencies: Mapping[str, tuple[str, ...]],
-    questions: Mapping[str, str],
-    verdicts: Mapping[str, bool],
-    tags: Mapping[str, str],
-    quality: Sequence[Question],
-    **meta: Any,
-) -> Decomposition:
-    """Join the six stages' outputs into one validated Decomposition (or DecompositionError)."""
-    check_validity(questions, verdicts)
-    semantic = [
-        _question(f"DSG question {t.id}", id=t.id, text=questions[t.id], tag=tags[t.id],
-                  depends_on=dependencies[t.id], metadata={"dsg_tuple": t.render()})
-        for t in tuples
-    ]
-    return _decomposition(prompt, semantic + list(quality), **{"pipeline": "dsg", **meta})
 
 
 # --- The engine -----------------------------------------------------------------------------

@@ -16,18 +16,10 @@ import pytest
 from server.cli import main
 from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition, DecompositionError, Kind
 from server.engines.base import Decomposer, EngineError
-from server.engines.hf_decomposer import (
+from server.engines.decomposition_parse import (
     DSGTuple,
     Generation,
-    HFDecomposer,
-    Limits,
     assemble_dsg,
-    dependencies_schema,
-    dsg_dependencies_messages,
-    dsg_quality_messages,
-    dsg_tag_messages,
-    fast_messages,
-    fast_schema,
     is_required,
     parse_dependencies,
     parse_dsg_questions,
@@ -36,7 +28,14 @@ from server.engines.hf_decomposer import (
     parse_tag,
     parse_tuples,
     require_finished,
-    tag_grammar,
+)
+from server.engines.decomposition_schema import Limits, dependencies_schema, fast_schema, tag_grammar
+from server.engines.hf_decomposer import (
+    HFDecomposer,
+    dsg_dependencies_messages,
+    dsg_quality_messages,
+    dsg_tag_messages,
+    fast_messages,
 )
 from server.engines.prompts import TEMPLATE_VERSION, template_version
 
