@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from server.core.questions import Decomposition
-
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from server.core.questions import Decomposition  # pydantic: not needed to run an engine
 
 
 class EngineError(RuntimeError):
