@@ -140,8 +140,9 @@ class ScoringService:
         t_dec = _ms(t0)
         t1 = time.perf_counter()
         # a group whose decomposition failed sends nothing: its images carry that error instead
-        flat = [(g, i) for g, imgs in enumerate(blobs) if isinstance(decs[g], tuple) for i in range(len(imgs))]
-        items = [([blobs[g][i]], [q.text for q in decs[g][0].questions]) for g, i in flat]  # type: ignore[index]
+        texts = {g: [q.text for q in d[0].questions] for g, d in enumerate(decs) if isinstance(d, tuple)}
+        flat = [(g, i) for g in texts for i in range(len(blobs[g]))]
+        items = [([blobs[g][i]], texts[g]) for g, i in flat]
         results = dict(zip(flat, await self._verify_items(items, deadline), strict=True))
         t_ver = _ms(t1)
         groups = [self._group(g, req, decs[g], [results.get((g, i)) for i in range(len(blobs[g]))])
