@@ -6,13 +6,7 @@ torch, numpy and PIL are imported only when an image of theirs is passed in.
 from server.core.questions import Question
 from server.schemas import ScoreResponse, VerifyResponse
 from trainer_client.adapters import make_flow_grpo_reward_fn, make_trl_reward_func
-from trainer_client.client import (
-    DEFAULT_TIMEOUT,
-    AsyncDVRewardClient,
-    DVRewardClient,
-    ScoreResult,
-    VerifyResult,
-)
+from trainer_client.client import DEFAULT_TIMEOUT, AsyncDVRewardClient, DVRewardClient
 from trainer_client.errors import (
     BadRequest,
     ConnectionFailed,
@@ -28,6 +22,7 @@ from trainer_client.errors import (
     Unavailable,
 )
 from trainer_client.grpo import false_positive_rectification, group_advantages
+from trainer_client.results import ScoreResult, VerifyResult
 
 __all__ = [
     "DEFAULT_TIMEOUT",

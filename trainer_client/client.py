@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import httpx
@@ -35,7 +35,6 @@ from server.schemas import (
     DecomposeResponse,
     GroupResult,
     ImageResult,
-    ModelIds,
     ModelsResponse,
     ScoreGroup,
     ScoreRequest,
@@ -46,6 +45,7 @@ from server.schemas import (
     VerifyRequest,
     VerifyResponse,
 )
+from trainer_client.chunks import Part, plan_chunks, split_by_bytes
 from trainer_client.encoding import EncodeOptions, ImageFormat, encode_base64, split_group
 from trainer_client.errors import (
     DVRewardError,
@@ -58,6 +58,7 @@ from trainer_client.errors import (
     error_from_transport,
 )
 from trainer_client.grpo import StdMode, group_advantages
+from trainer_client.results import ScoreResult, VerifyResult
 
 log = logging.getLogger("trainer_client")
 
@@ -65,72 +66,13 @@ OnError = Literal["raise", "nan"]
 QuestionLike = Question | Mapping[str, Any]
 # Generous read timeout: a step waits for the service's own deadline (120 s by default) plus queueing.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=120.0, pool=60.0)
-NAN = float("nan")
 M = TypeVar("M", bound=BaseModel)
 
 
-def _nan(x: float | None) -> float:
-    return NAN if x is None else x
 
 
 # ---- chunk planning ----------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Part:
-    """Units [start, stop) of one group (score: images of a group; verify: items of the one pseudo-group)."""
-
-    group: int
-    start: int
-    stop: int
-
-
-def plan_chunks(sizes: Sequence[int], max_units: int) -> list[list[Part]]:
-    """Pack groups in order into chunks of at most max_units; a group is split only if it alone exceeds max_units."""
-    if max_units < 1:
-        raise ValueError(f"chunk_images must be >= 1, got {max_units}")
-    chunks: list[list[Part]] = []
-    cur: list[Part] = []
-    n = 0
-    for g, size in enumerate(sizes):
-        start = 0
-        while start < size:
-            left = size - start
-            if n and (n == max_units or (left > max_units - n and left <= max_units)):
-                chunks.append(cur)  # full, or this group fits whole into a fresh chunk: do not split it
-                cur, n = [], 0
-            take = min(max_units - n, left)
-            cur.append(Part(g, start, start + take))
-            n += take
-            start += take
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
-def split_by_bytes(parts: Sequence[Part], size: Callable[[int, int], int], limit: int) -> list[list[Part]]:
-    """Cut a planned chunk further so no request body exceeds `limit` bytes (one unit always goes alone)."""
-    out: list[list[Part]] = []
-    cur: list[Part] = []
-    total = 0
-    for p in parts:
-        start = p.start
-        for i in range(p.start, p.stop):
-            b = size(p.group, i)
-            if total and total + b > limit:
-                if i > start:
-                    cur.append(Part(p.group, start, i))
-                out.append(cur)
-                cur, total, start = [], 0, i
-            total += b
-        if p.stop > start:
-            cur.append(Part(p.group, start, p.stop))
-    if cur:
-        out.append(cur)
-    return out
-
-
-# ---- jobs: what one logical call sends ------------------------------------------------------
 
 Encoded = dict[tuple[int, int], list[str]]
 
@@ -188,96 +130,6 @@ class _Sent(Generic[M]):
     parts: list[Part]
     response: M
     replayed: bool
-
-
-# ---- results -------------------------------------------------------------------------------
-
-
-@dataclass
-class ScoreResult:
-    """A scored step: the (merged) wire response plus trainer-friendly views where a failed image is NaN."""
-
-    response: ScoreResponse
-    request_ids: list[str]
-    replayed: bool  # some request was answered from an earlier attempt (Idempotent-Replayed)
-    wall_s: float
-    failures: list[ImageFailure] = field(default_factory=list)
-
-    @property
-    def request_id(self) -> str:
-        return self.response.request_id
-
-    @property
-    def groups(self) -> list[GroupResult]:
-        return self.response.groups
-
-    @property
-    def rewards(self) -> list[list[float]]:
-        """Per group, per image; NaN (never 0) where the image failed."""
-        return [[_nan(r) for r in g.rewards] for g in self.groups]
-
-    @property
-    def advantages(self) -> list[list[float]]:
-        return [[_nan(a) for a in g.advantages] for g in self.groups]
-
-    @property
-    def sc(self) -> list[list[float]]:
-        return [[_nan(im.sc) for im in g.images or ()] for g in self.groups]
-
-    @property
-    def pq(self) -> list[list[float]]:
-        return [[_nan(im.pq) for im in g.images or ()] for g in self.groups]
-
-    @property
-    def questions(self) -> list[list[Question]]:
-        return [g.questions for g in self.groups]
-
-    @property
-    def images(self) -> list[list[ImageResult]]:
-        """Per-image details (p per question, failed ids, error); empty lists when details=False."""
-        return [list(g.images or ()) for g in self.groups]
-
-    @property
-    def timings(self) -> Timings:
-        return self.response.timings
-
-    @property
-    def models(self) -> ModelIds:
-        return self.response.models
-
-    def flat_rewards(self) -> list[float]:
-        return [r for g in self.rewards for r in g]
-
-    def flat_advantages(self) -> list[float]:
-        return [a for g in self.advantages for a in g]
-
-    def failed_questions(self) -> list[list[list[str]]]:
-        """Texts of the questions each image failed (p < 0.5): feedback for self-reflective refinement."""
-        out = []
-        for g in self.groups:
-            text = {q.id: q.text for q in g.questions}
-            out.append([[text[q] for q in im.failed] for im in g.images or ()])
-        return out
-
-
-@dataclass
-class VerifyResult:
-    """P(yes) per item and question; NaN for every question of a failed item."""
-
-    response: VerifyResponse
-    request_ids: list[str]
-    replayed: bool
-    wall_s: float
-    n_questions: list[int]
-    failures: list[ImageFailure] = field(default_factory=list)
-
-    @property
-    def p(self) -> list[list[float]]:
-        return [r.p if r.p is not None else [NAN] * n
-                for r, n in zip(self.response.results, self.n_questions, strict=True)]
-
-
-# ---- shared client logic ---------------------------------------------------------------------
 
 
 def _as_question(q: QuestionLike) -> Question:

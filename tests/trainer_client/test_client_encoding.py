@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer_client.client import Part, plan_chunks, split_by_bytes
+from trainer_client.chunks import Part, plan_chunks, split_by_bytes
 from trainer_client.encoding import EncodeOptions, encode_image, split_group
 
 
