@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
 from server.engines.hf_verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import verifier_config, write_tiny_verifier  # noqa: E402
+from server.engines.vision_attention import enable_batched_vision_attention  # noqa: E402
 
 
 def build(args: argparse.Namespace, workdir: Path) -> HFVerifier:
@@ -33,7 +34,7 @@ def build(args: argparse.Namespace, workdir: Path) -> HFVerifier:
     size = "small" if args.config == "small" else "tiny"
     path = write_tiny_verifier(workdir / "verifier", size=size, max_pixels=args.px * args.px)
     if args.config != "qwen2.5-vl-7b":
-        return HFVerifier.load(str(path), device=args.device, dtype=args.dtype,
+        return HFVerifier.load(str(path), device=args.device, dtype=args.dtype, batched_vision=args.vision == "batched",
                                max_pixels=args.px * args.px, min_pixels=args.px * args.px // 4)
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
@@ -43,6 +44,8 @@ def build(args: argparse.Namespace, workdir: Path) -> HFVerifier:
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=getattr(torch, args.dtype)).eval()
+    if args.vision == "batched":
+        enable_batched_vision_attention(model)
     proc = Qwen2VLImageProcessorPil.from_pretrained(
         path, size={"shortest_edge": args.px * args.px // 4, "longest_edge": args.px * args.px})
     return HFVerifier(model, tokenizer, proc, model_id="random:qwen2.5-vl-7b")
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--px", type=int, default=448)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-batch-tokens", type=int, default=32768)
+    ap.add_argument("--vision", choices=["batched", "loop"], default="batched",
+                    help="vision window attention: one call (default) or transformers' loop over windows")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +100,8 @@ def main() -> None:
     t_pair, p_pair = timed(v, items, args.repeat)
     diff = max(abs(a - b) for x, y in zip(p_packed, p_pair, strict=True) for a, b in zip(x, y, strict=True))
     print(json.dumps({
-        "config": args.config, "device": str(v.device), "dtype": args.dtype, "images": args.images,
+        "config": args.config, "device": str(v.device), "dtype": args.dtype, "vision": args.vision,
+        "images": args.images,
         "questions": args.questions, "px": args.px, "repeat": args.repeat,
         "per_pair_s": round(t_pair, 4), "packed_s": round(t_packed, 4),
         "per_pair_pairs_per_s": round(pairs / t_pair, 2), "packed_pairs_per_s": round(pairs / t_packed, 2),

@@ -46,6 +46,7 @@ def load_verifier(settings: Settings) -> Verifier:
     return HFVerifier.load(
         settings.verifier, device=settings.device, dtype=settings.dtype, min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels, mode=settings.verifier_mode, max_batch_tokens=settings.max_batch_tokens,
+        batched_vision=settings.batched_vision,
     )
 
 

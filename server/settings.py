@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     min_pixels: int = Field(28 * 28 * 4, description="smallest image area fed to the verifier (resized up)")
     max_pixels: int = Field(448 * 448, description="largest image area fed to the verifier (resized down)")
     max_batch_tokens: int = Field(32768, description="token budget of one verifier forward pass")
+    batched_vision: bool = Field(True, description="vision window attention in one call (same result, faster)")
 
     # queue
     redis_url: str | None = Field(None, description="Redis URL; unset runs the embedded in-process queue")

@@ -16,7 +16,7 @@ from server.settings import Settings
 # Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys.
 WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
-                   "max_pixels", "dtype", "decomposer_max_new_tokens"}
+                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
                "max_prompt_chars", "max_groups", "request_timeout_s"}
 
@@ -33,7 +33,17 @@ def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
         return str, {"choices": list(typing.get_args(annotation))}
     if typing.get_origin(annotation) is list:
         return str, {"nargs": "*"}
+    if annotation is bool:
+        return _boolean, {"metavar": "{true,false}"}
     return annotation, {}
+
+
+def _boolean(text: str) -> bool:
+    """argparse's `type=bool` would read "false" as True."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
 
 
 def add_settings_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:

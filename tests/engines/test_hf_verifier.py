@@ -11,6 +11,7 @@ from PIL import Image
 from server.engines.base import EngineError, VerifyItem
 from server.engines.hf_verifier import HFVerifier
 from server.engines.tiny import write_tiny_verifier
+from server.engines.vision_attention import _batched_window_attention
 
 TOL = 1e-4
 
@@ -64,6 +65,19 @@ def test_packed_equals_per_pair_on_other_architectures(
     assert np.abs(packed - _reference(verifier, items)).max() <= TOL
     verifier.attn_mask_mode = "causal"
     assert np.abs(_flat(verifier.verify(items)) - _reference(verifier, items)).max() > 100 * TOL
+
+
+@pytest.mark.parametrize("arch", ["qwen2.5-vl", "qwen2-vl", "qwen3-vl"])
+def test_batched_vision_attention_equals_the_window_loop(
+    arch: str, items: list[VerifyItem], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The one-call window attention is an optimisation only: same scores as transformers' own loop."""
+    path = str(write_tiny_verifier(tmp_path_factory.mktemp(f"vision-{arch}"), arch=arch))
+    looped = HFVerifier.load(path, batched_vision=False)
+    batched = HFVerifier.load(path)
+    assert batched.model.model.visual.blocks[0].attn.forward.__func__ is _batched_window_attention
+    assert looped.model.model.visual.blocks[0].attn.forward.__func__ is not _batched_window_attention
+    assert np.abs(_flat(batched.verify(items)) - _flat(looped.verify(items))).max() <= 1e-5
 
 
 def test_packed_equals_per_pair(tiny_verifier: HFVerifier, items: list[VerifyItem]) -> None:
