@@ -102,7 +102,8 @@ class MemoryBroker:
         now = time.time()
         if self._done.get(task.task_id, 0) > now:
             return
-        self._done = {k: v for k, v in self._done.items() if v > now} if len(self._done) > 100_000 else self._done
+        if len(self._done) > 100_000:  # bounded: forget deliveries older than the result TTL
+            self._done = {k: v for k, v in self._done.items() if v > now}
         self._done[task.task_id] = now + self.result_ttl
         q = self._replies.get(task.reply_to)
         if q is not None:  # nobody waits any more when the request has finished or timed out

@@ -50,7 +50,8 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None
     raise AssertionError("dvreward serve did not become ready")
 
 
-def test_eval_through_a_running_service_matches_in_process(tmp_path, tiny_models):
+def two_items_two_images(tmp_path: Path, size: tuple[int, int]) -> tuple[list, Path, Path]:
+    """The first two DSG items as a questions file, and two plain images of each named by convention."""
     records, _ = import_dsg_csv(FIXTURES / "dsg_tifa160_dev.csv")
     questions = tmp_path / "q.jsonl"
     write_jsonl(records[:2], questions)
@@ -58,7 +59,12 @@ def test_eval_through_a_running_service_matches_in_process(tmp_path, tiny_models
     images.mkdir()
     for i, r in enumerate(records[:2]):
         for k in range(2):
-            Image.new("RGB", (80, 64), (60 * i + 20 * k, 90, 160)).save(images / f"{r.item_id}_{k}.png")
+            Image.new("RGB", size, (60 * i + 20 * k, 90, 160)).save(images / f"{r.item_id}_{k}.png")
+    return records, questions, images
+
+
+def test_eval_through_a_running_service_matches_in_process(tmp_path, tiny_models):
+    records, questions, images = two_items_two_images(tmp_path, (80, 64))
     Image.new("RGB", (64, 64), (10, 200, 10)).save(images / f"{records[0].item_id}_2.bmp")  # re-encoded as PNG
     (images / f"{records[1].item_id}_3.jpg").write_bytes(b"\xff\xd8\xff garbage")  # corrupt
 
@@ -230,14 +236,7 @@ def test_payload_too_large_isolates_the_image_and_item_errors_stay_per_image(tmp
 
 
 def test_a_5xx_mid_run_exits_1_without_error_lines_and_resumes(tmp_path):
-    records, _ = import_dsg_csv(FIXTURES / "dsg_tifa160_dev.csv")
-    questions = tmp_path / "q.jsonl"
-    write_jsonl(records[:2], questions)
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, r in enumerate(records[:2]):
-        for k in range(2):
-            Image.new("RGB", (32, 32), (60 * i + 20 * k, 90, 160)).save(images / f"{r.item_id}_{k}.png")
+    records, questions, images = two_items_two_images(tmp_path, (32, 32))
     state = {"n": 0, "fail": True}
 
     def handler(request: httpx.Request) -> httpx.Response:

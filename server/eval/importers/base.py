@@ -71,6 +71,17 @@ class IssueLog:
     def skip(self, line: int, reason: str) -> None:
         self.issues.append(ImportIssue(self.file, line, reason, "skip"))
 
+    def first_text(self, item_id: str, texts: list[tuple[int, str]], what: str) -> str | None:
+        """An item's prompt from its rows' (line, text): the first non-empty one; rows that disagree are
+        reported as repairs, and an item with none is reported (every row skipped)."""
+        first = next((t for _, t in texts if t), None)
+        for line, t in texts:
+            if first is None:
+                self.skip(line, f"item {item_id} has no {what}")
+            elif t and t != first:
+                self.repair(line, f"{what} differs from the first row of item {item_id}; kept the first")
+        return first
+
     def in_file_order(self) -> list[ImportIssue]:
         """Issues by line (stable), since some are only found once a whole prompt is read."""
         return sorted(self.issues, key=lambda issue: issue.line)

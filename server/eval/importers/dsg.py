@@ -189,7 +189,7 @@ def _build_item(item_id: str, item: _Item, source: str, log: IssueLog) -> Prompt
     """Assemble one prompt: unique ids, resolved dependencies, no cycles."""
     if not item.rows:
         return None  # every row was already reported as skipped
-    prompt = _prompt_text(item_id, item.rows, log)
+    prompt = log.first_text(item_id, [(r.line, r.prompt) for r in item.rows], "prompt text")
     if prompt is None:
         return None
     final_ids = _unique_ids(item_id, item.rows, log)
@@ -207,19 +207,6 @@ def _build_item(item_id: str, item: _Item, source: str, log: IssueLog) -> Prompt
             log.repair(row.line, "row has fewer fields than the header; missing ones read as empty")
         questions.append(Question.model_validate({**row.question.model_dump(), "id": fid, "depends_on": graph[fid]}))
     return PromptRecord(item_id=item_id, prompt=prompt, questions=tuple(questions), source=source)
-
-
-def _prompt_text(item_id: str, rows: list[_Row], log: IssueLog) -> str | None:
-    """The item's prompt: the first non-empty `text`; disagreeing rows are reported."""
-    prompt = next((r.prompt for r in rows if r.prompt), None)
-    if prompt is None:
-        for r in rows:
-            log.skip(r.line, f"item {item_id} has no prompt text")
-        return None
-    for r in rows:
-        if r.prompt and r.prompt != prompt:
-            log.repair(r.line, f"prompt text differs from the first row of item {item_id}; kept the first")
-    return prompt
 
 
 def _unique_ids(item_id: str, rows: list[_Row], log: IssueLog) -> list[str]:

@@ -161,13 +161,8 @@ def _sentence(text: str) -> str:
 
 
 def _record(key: str, entries: list[_Entry], source: str, log: IssueLog) -> PromptRecord | None:
-    caption = next((e.caption for e in entries if e.caption), None)
+    caption = log.first_text(key, [(e.line, e.caption) for e in entries], "caption")
     if caption is None:
-        for e in entries:
-            log.skip(e.line, f"item {key} has no caption")
         return None
-    for e in entries:
-        if e.caption and e.caption != caption:
-            log.repair(e.line, f"caption differs from the first entry of item {key}; kept the first")
     return PromptRecord(item_id=key, prompt=caption, questions=tuple(e.question for e in entries),
                         source=source)
