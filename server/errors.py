@@ -18,6 +18,7 @@ class ErrorCode(StrEnum):
     verification_failed = "verification_failed"
     delivery_limit = "delivery_limit"
     expired = "expired"
+    aggregation_failed = "aggregation_failed"
     internal = "internal"
 
 
@@ -34,6 +35,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.verification_failed: 502,
     ErrorCode.delivery_limit: 502,
     ErrorCode.expired: 504,
+    ErrorCode.aggregation_failed: 500,
     ErrorCode.internal: 500,
 }
 

@@ -93,3 +93,10 @@ def aggregate(
     else:
         reward = _weighted_mean(list(questions), gp, weights)
     return RewardBreakdown(reward=reward, sc=sc, pq=pq, gated_p=gp)
+
+
+def check_weights(
+    questions: Sequence[Question], aggregation: Aggregation, tag_weights: Mapping[str, float] | None
+) -> None:
+    """Raise ValueError for weights that leave a half of these questions weightless: known before any scoring."""
+    aggregate(questions, {q.id: 1.0 for q in questions}, aggregation, Gating.none, tag_weights)
