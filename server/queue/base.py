@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from server.errors import ErrorCode, ServiceError
+from server.errors import ErrorCode, ServiceError, scrub
 from server.schemas import WorkerInfo
 
 
@@ -68,7 +68,7 @@ class Result:
 
     @classmethod
     def failure(cls, task_id: str, code: ErrorCode, message: str) -> Result:
-        return cls(task_id, None, code, message)
+        return cls(task_id, None, code, scrub(message))
 
 
 Compute = Callable[[], Awaitable[bytes]]
