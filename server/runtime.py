@@ -30,12 +30,13 @@ def build_broker(settings: Settings) -> Broker:
         from server.queue.memory import MemoryBroker
 
         return MemoryBroker(max_queue=settings.max_queue, result_ttl=settings.result_ttl_s)
-    from server.queue.redis_broker import RedisBroker
+    from server.queue.redis_broker import TRIM_GRACE_S, RedisBroker
 
     return RedisBroker(
         settings.redis_url, prefix=settings.queue_prefix, max_queue=settings.max_queue,
         result_ttl=settings.result_ttl_s, visibility_timeout=settings.visibility_timeout_s,
-        max_deliveries=settings.max_deliveries,
+        max_deliveries=settings.max_deliveries, timeout=settings.redis_timeout_s,
+        max_task_age=settings.request_timeout_s + TRIM_GRACE_S,
     )
 
 
