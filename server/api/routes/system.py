@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -10,6 +12,7 @@ from server.errors import ErrorCode, ServiceError
 from server.schemas import ModelsResponse
 
 router = APIRouter()
+READY_TIMEOUT_S = 1.0  # probes have short timeouts of their own: a frozen queue must be a quick 503
 
 
 @router.get("/healthz")
@@ -20,9 +23,14 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(broker: BrokerDep) -> dict:
-    """Ready when the queue answers and at least one live worker has its models loaded."""
-    await broker.ping()
-    workers = await broker.workers()
+    """Ready when the queue answers (within a second) and at least one live worker has its models loaded."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await broker.ping()
+            workers = await broker.workers()
+    except TimeoutError as exc:
+        raise ServiceError(ErrorCode.unavailable, f"the queue did not answer within {READY_TIMEOUT_S:g} s",
+                           retry_after=2.0) from exc
     if not workers:
         raise ServiceError(ErrorCode.unavailable, "no live worker: start `dvreward worker` (models may be loading)",
                            retry_after=5.0)
