@@ -14,9 +14,10 @@ from typing import Any
 from server.settings import Settings
 
 # Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
-# the default models are chosen by device, and the API names the models in results and cache keys.
-WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
-                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision", "batch_timeout_s"}
+# the default models are chosen by device, and the API names the models in results and cache keys. The
+# verifier's layout, pixel range and token budget are on both: the API refuses items they cannot hold.
+WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decomposer_max_new_tokens",
+                   "batched_vision", "batch_timeout_s"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
                "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item"}
 

@@ -83,6 +83,26 @@ def test_weights_that_zero_a_half_are_refused_before_any_image_is_verified(
     assert 'dvreward_images_total{outcome="ok"}' not in metrics
 
 
+# ---- item 3: an item the verifier's token budget cannot hold is refused before the queue -------------------
+def test_items_over_the_token_budget_are_413_before_any_work(
+    serve: Callable[..., Any], kit: types.SimpleNamespace,
+) -> None:
+    """448x448 is 256 visual tokens, plus the template: more than a budget of 300 tokens per forward pass."""
+    big, small = kit.png_b64(1, (448, 448)), kit.png_b64(2, (32, 32))
+    with serve(max_batch_tokens=300) as url, httpx.Client(base_url=url, timeout=60) as c:
+        verify = c.post("/v1/verify", json={"items": [{"images": [small], "questions": ["Is it red?"]},
+                                                      {"images": [big], "questions": ["Is it red?"]}]})
+        score = c.post("/v1/score", json={"groups": [{"questions": Q, "images": [small, big]}]})
+        fine = c.post("/v1/verify", json={"items": [{"images": [small], "questions": ["Is it red?"]}]})
+        metrics = c.get("/metrics").text
+    assert verify.status_code == 413, verify.text
+    assert "items[1]" in verify.json()["error"]["message"]
+    assert "DVREWARD_MAX_BATCH_TOKENS" in verify.json()["error"]["message"]
+    assert score.status_code == 413 and "groups[0].images[1]" in score.json()["error"]["message"], score.text
+    assert fine.status_code == 200 and fine.json()["results"][0]["p"] is not None, fine.text
+    assert re.search(r'dvreward_images_total\{outcome="ok"\} 1\.0', metrics), "only the small item was scored"
+
+
 # ---- items 5, 6, 7: keys as bytes, checked before the body, idempotency per key ---------------------
 def raw_request(url: str, head: bytes, body: bytes = b"", wait: float = 10.0) -> tuple[bytes, float]:
     """Send raw bytes (headers, part of a body) and read until the server closes or `wait` passes."""
