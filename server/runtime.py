@@ -74,6 +74,7 @@ def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
     return Worker(
         broker, verifier, decomposer, template_version=template_version(), batch_size=settings.batch_size,
         batch_wait=settings.batch_wait_ms / 1000, heartbeat_s=settings.heartbeat_s,
+        batch_timeout_s=settings.batch_timeout_s,
         max_image_pixels=settings.max_image_pixels,
     )
 

@@ -25,6 +25,11 @@ from server.schemas import WorkerInfo
 log = logging.getLogger("dvreward.worker")
 
 
+class WorkerHung(RuntimeError):
+    """A batch ran past the batch timeout: the engine is stuck in a thread nothing can stop. The worker
+    stops renewing its claims (other workers get the tasks), leaves the registry and must exit."""
+
+
 class Worker:
     def __init__(
         self,
@@ -36,6 +41,7 @@ class Worker:
         batch_size: int = 32,
         batch_wait: float = 0.01,
         heartbeat_s: float = 2.0,
+        batch_timeout_s: float = 600.0,
         max_image_pixels: int = 4096 * 4096,
         worker_id: str | None = None,
     ) -> None:
@@ -47,6 +53,7 @@ class Worker:
         self.batch_size = batch_size
         self.batch_wait = batch_wait
         self.heartbeat_s = heartbeat_s
+        self.batch_timeout_s = batch_timeout_s
         self.max_image_pixels = max_image_pixels
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.info = WorkerInfo(
@@ -126,7 +133,12 @@ class Worker:
 
         renewer = asyncio.create_task(renew())
         try:
-            return await work
+            return await asyncio.wait_for(work, timeout=self.batch_timeout_s)
+        except TimeoutError as exc:
+            log.critical("a batch of %d tasks ran past the batch timeout of %g s: the engine is hung; leaving "
+                         "the registry and exiting so that a supervisor restarts this worker",
+                         len(tasks), self.batch_timeout_s)
+            raise WorkerHung(f"a batch of {len(tasks)} tasks ran past {self.batch_timeout_s:g} s") from exc
         finally:
             renewer.cancel()
 

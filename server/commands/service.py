@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import types
@@ -20,6 +21,9 @@ WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decom
                    "batched_vision", "batch_timeout_s"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
                "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item"}
+
+
+EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
 
 
 def flag(name: str) -> str:
@@ -98,6 +102,7 @@ def _api(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from server.runtime import build_broker, build_worker, load_decomposer, load_verifier
+    from server.worker import WorkerHung
 
     _logging()
     s = settings_from(args)
@@ -114,6 +119,9 @@ def _worker(args: argparse.Namespace) -> int:
         logging.getLogger("dvreward").info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
         try:
             await worker.run(stop)
+        except* WorkerHung:
+            # The hung engine thread can be neither stopped nor joined (interpreter exit would wait for it).
+            os._exit(EXIT_HUNG)
         finally:
             await worker.broker.close()
 
