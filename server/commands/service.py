@@ -74,6 +74,7 @@ def _logging() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.api.protocol import with_header_deadline
     from server.runtime import build_app, load_decomposer, load_verifier
 
     _logging()
@@ -81,13 +82,14 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_app(s, (load_verifier(s), load_decomposer(s)))
     queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
-    uvicorn.run(app, host=s.host, port=s.port, log_level="info")
+    uvicorn.run(app, host=s.host, port=s.port, log_level="info", http=with_header_deadline(s.body_timeout_s))
     return 0
 
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.api.protocol import with_header_deadline
     from server.runtime import build_app
 
     _logging()
@@ -96,7 +98,8 @@ def _api(args: argparse.Namespace) -> int:
         print("dvreward api needs --redis-url (or DVREWARD_REDIS_URL); for one process use `dvreward serve`",
               file=sys.stderr)
         return 2
-    uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info")
+    uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info",
+                http=with_header_deadline(s.body_timeout_s))
     return 0
 
 
