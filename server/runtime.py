@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
+from server.engines.loading import public_id, public_name
 from server.engines.prompts import template_version
 from server.queue.base import Broker
 from server.service import ScoringService, ServiceConfig
@@ -63,7 +64,9 @@ def load_decomposer(settings: Settings) -> Decomposer | None:
 
 def build_service(settings: Settings, broker: Broker) -> ScoringService:
     return ScoringService(broker, ServiceConfig(
-        verifier=settings.verifier, decomposer=settings.decomposer or None, pipeline=settings.pipeline,
+        verifier=public_name(settings.verifier, settings.public_verifier),
+        decomposer=settings.decomposer or None, pipeline=settings.pipeline,
+        decomposer_name=public_name(settings.decomposer, settings.public_decomposer) if settings.decomposer else None,
         template_version=template_version(), queue_prefix=settings.queue_prefix,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
     ))
@@ -71,11 +74,16 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
 
 def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
                  decomposer: Decomposer | None) -> Worker:
+    """Results name the models publicly (name and checkpoint digest); their paths only go to the log."""
+    ids = (public_id(settings.verifier, settings.public_verifier) if verifier else None,
+           public_id(settings.decomposer, settings.public_decomposer) if decomposer and settings.decomposer else None)
+    log.info("worker models: verifier %s = %s, decomposer %s = %s", settings.verifier, ids[0], settings.decomposer,
+             ids[1])
     return Worker(
         broker, verifier, decomposer, template_version=template_version(), batch_size=settings.batch_size,
         batch_wait=settings.batch_wait_ms / 1000, heartbeat_s=settings.heartbeat_s,
         batch_timeout_s=settings.batch_timeout_s,
-        max_image_pixels=settings.max_image_pixels,
+        max_image_pixels=settings.max_image_pixels, public_ids=ids,
     )
 
 

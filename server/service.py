@@ -36,10 +36,11 @@ from trainer_client.grpo import group_advantages
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    verifier: str
-    decomposer: str | None
+    verifier: str  # the verifier's public name, reported until a worker reports its own
+    decomposer: str | None  # the decomposer reference: part of the cache key
     pipeline: str
     template_version: str
+    decomposer_name: str | None = None  # the decomposer's public name, reported
     queue_prefix: str = "dvr"
     request_timeout_s: float = 120.0
     cache_ttl_s: float = 7 * 24 * 3600
@@ -58,7 +59,8 @@ class ScoringService:
     @property
     def models(self) -> ModelIds:
         c = self.config
-        return ModelIds(verifier=c.verifier, decomposer=c.decomposer, pipeline=c.pipeline if c.decomposer else None)
+        return ModelIds(verifier=c.verifier, decomposer=c.decomposer_name or c.decomposer,
+                        pipeline=c.pipeline if c.decomposer else None)
 
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s

@@ -44,7 +44,9 @@ class Worker:
         batch_timeout_s: float = 600.0,
         max_image_pixels: int = 4096 * 4096,
         worker_id: str | None = None,
+        public_ids: tuple[str | None, str | None] = (None, None),
     ) -> None:
+        """`public_ids` (verifier, decomposer) are the names results report; by default the engines' ids."""
         if verifier is None and decomposer is None:
             raise ValueError("a worker needs a verifier, a decomposer, or both")
         self.broker = broker
@@ -56,10 +58,12 @@ class Worker:
         self.batch_timeout_s = batch_timeout_s
         self.max_image_pixels = max_image_pixels
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.verifier_id = public_ids[0] or (verifier.model_id if verifier else "")
+        self.decomposer_id = public_ids[1] or (decomposer.model_id if decomposer else None)
         self.info = WorkerInfo(
             worker_id=self.worker_id,
-            verifier=verifier.model_id if verifier else "",
-            decomposer=decomposer.model_id if decomposer else None,
+            verifier=self.verifier_id,
+            decomposer=self.decomposer_id if decomposer else None,
             pipeline=decomposer.pipeline if decomposer else None,
             template_version=template_version,
             capacity=batch_size,
@@ -173,7 +177,7 @@ class Worker:
             except (ValueError, ServiceError) as exc:
                 results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
         for i, outcome in zip(owners, self._scores(items), strict=True):
-            results[i] = (Result(tasks[i].task_id, {"p": outcome, "model": self.verifier.model_id})
+            results[i] = (Result(tasks[i].task_id, {"p": outcome, "model": self.verifier_id})
                           if isinstance(outcome, list) else
                           Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(outcome)))
         return [results[i] for i in range(len(tasks))]
@@ -206,7 +210,8 @@ class Worker:
                 log.warning("decomposition of task %s failed: %s", t.task_id, o)
                 out.append(Result.failure(t.task_id, ErrorCode.decomposition_failed, _reason(o)))
             else:
-                out.append(Result(t.task_id, o.model_dump(mode="json")))
+                named = o.model_copy(update={"model": self.decomposer_id})
+                out.append(Result(t.task_id, named.model_dump(mode="json")))
         return out
 
 
