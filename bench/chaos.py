@@ -157,7 +157,7 @@ def chaos(redis: Proc, workers: list[Proc], duration: float, events: list[dict[s
         time.sleep(max(0.0, t0 + fraction * duration - time.monotonic()))
 
     at(0.15)
-    note("SIGKILL worker 0 (mid-batch under load)")
+    note("SIGKILL worker 0 under load")
     workers[0].kill()
     time.sleep(1.0)
     workers[0].start()
