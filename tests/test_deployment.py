@@ -82,3 +82,15 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`DVREWARD_{name.upper()}`" in readme, f"README's settings table lacks DVREWARD_{name.upper()}"
+
+
+def test_pixels_default_to_the_checkpoints_everywhere() -> None:
+    """Compose, `dvreward serve|worker`, `dvreward score` and `dvreward eval` resize alike: the checkpoint's own."""
+    assert Settings.model_fields["min_pixels"].default is None and Settings.model_fields["max_pixels"].default is None
+    for spec in COMPOSE["services"].values():
+        assert not {"DVREWARD_MIN_PIXELS", "DVREWARD_MAX_PIXELS"} & set(spec.get("environment") or {})
+    sub = _subparsers(build_parser())
+    for command, args in (("score", ["a.png", "--verifier", "v"]),
+                          ("eval", ["--images", "i", "--questions", "q", "-o", "o", "--verifier", "v"])):
+        parsed = sub[command].parse_args(args)
+        assert (parsed.min_pixels, parsed.max_pixels) == (None, None), command

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from server.commands.verifier_flags import add_verifier_flags, verifier_options
 from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
 from server.core.reward import Aggregation, Gating, aggregate
 from server.engines.loading import DTYPES
@@ -48,7 +49,7 @@ def _score(args: argparse.Namespace) -> int:
             print("give --questions FILE, or --decomposer PATH with --prompt", file=sys.stderr)
             return 2
         images = [Image.open(p).convert("RGB") for p in args.images]
-        verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype)
+        verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype, **verifier_options(args))
     except (OSError, ValueError, ValidationError, DecompositionError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -60,7 +61,8 @@ def _score(args: argparse.Namespace) -> int:
         b = aggregate(list(dec.questions), p, Aggregation(args.aggregation), Gating(args.gating))
         out.append({"image": path, "reward": b.reward, "sc": b.sc, "pq": b.pq, "p": p})
     print(json.dumps({"prompt": dec.prompt, "questions": [q.model_dump(mode="json") for q in dec.questions],
-                      "verifier": args.verifier, "results": out}, indent=2))
+                      "verifier": args.verifier, "verifier_system_prompt": verifier.system_prompt,
+                      "results": out}, indent=2))
     return 0
 
 
@@ -76,4 +78,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gating", choices=[g.value for g in Gating], default="none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_verifier_flags(p)
     p.set_defaults(func=_score)

@@ -16,7 +16,8 @@ from server.settings import Settings
 # Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys.
 WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
-                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision"}
+                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision", "verifier_system_prompt",
+                   "verifier_system_prompt_file", "decomposer_max_semantic", "decomposer_max_quality"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
                "max_prompt_chars", "max_groups", "request_timeout_s"}
 

@@ -40,6 +40,7 @@ class EvalOptions:
     verifier: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    verifier_options: dict[str, Any] = field(default_factory=dict)  # system prompt, pixel range (HFVerifier.load)
     gating: Gating = Gating.none
     aggregation: Aggregation = Aggregation.geometric
     batch_size: int = 8
@@ -72,7 +73,7 @@ def make_backend(opts: EvalOptions) -> Backend:
         raise EvalInputError("give --server URL or --verifier PATH")
     from server.engines.hf_verifier import HFVerifier
 
-    return LocalBackend(HFVerifier.load(opts.verifier, device=opts.device, dtype=opts.dtype))
+    return LocalBackend(HFVerifier.load(opts.verifier, device=opts.device, dtype=opts.dtype, **opts.verifier_options))
 
 
 def run_eval(

@@ -88,3 +88,36 @@ def test_flow_grpo_reward_fn_failed_image_is_nan(client, make_images, questions,
     scores, info = fn(imgs, ["x"] * 4, [{"questions": questions}] * 4)
     assert math.isnan(scores["reward"][3]) and info["failed"] == [3] and math.isnan(info["advantages"][3])
     assert all(math.isfinite(r) for r in scores["reward"][:3])
+
+
+# The AlphaGRPO data format: precomputed questions in each sample's metadata, strings or objects.
+REFERENCE_META = {
+    "semantic_questions": ["Is there a cube?", {"question": "Is the cube red?", "tag": "Attribute"}],
+    "quality_questions": [{"question": "Is the cube well-formed?", "tag": "Geometry"}, "Is it sharp?"],
+}
+REFERENCE_AS_OURS = [
+    {"id": "s1", "text": "Is there a cube?", "tag": "Attribute", "metadata": {"tag_source": "default"}},
+    {"id": "s2", "text": "Is the cube red?", "tag": "Attribute"},
+    {"id": "q1", "text": "Is the cube well-formed?", "kind": "quality", "tag": "Geometry"},
+    {"id": "q2", "text": "Is it sharp?", "kind": "quality", "tag": "Aesthetics", "metadata": {"tag_source": "default"}},
+]
+
+
+def test_flow_grpo_uses_the_references_precomputed_questions(client, make_images):
+    fn = make_flow_grpo_reward_fn(client)
+    images = make_images(4, seed=21)
+    scores, info = fn(images, ["a red cube"] * 4, [REFERENCE_META] * 4)
+    assert info["questions"] == {"a red cube": ["Is there a cube?", "Is the cube red?", "Is the cube well-formed?",
+                                                "Is it sharp?"]}
+    want = client.score(["a red cube"], [images], questions=[REFERENCE_AS_OURS]).flat_rewards()
+    assert scores["dvreward"] == pytest.approx(want, abs=1e-6)
+
+
+def test_trl_reads_the_references_question_columns(client, make_images):
+    fn = make_trl_reward_func(client)
+    images = make_images(2, seed=22)
+    rewards = fn(["a red cube"] * 2, ["", ""], images=images,
+                 semantic_questions=[REFERENCE_META["semantic_questions"]] * 2,
+                 quality_questions=[REFERENCE_META["quality_questions"]] * 2)
+    want = client.score(["a red cube"], [images], questions=[REFERENCE_AS_OURS]).flat_rewards()
+    assert rewards == pytest.approx(want, abs=1e-6)
