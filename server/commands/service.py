@@ -9,9 +9,15 @@ import signal
 import sys
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from server.preflight import StartupError, check, settings_problems
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engines.base import Decomposer, Verifier
 
 # Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys.
@@ -32,7 +38,7 @@ def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     if typing.get_origin(annotation) is typing.Literal:
         return str, {"choices": list(typing.get_args(annotation))}
     if typing.get_origin(annotation) is list:
-        return str, {"nargs": "*"}
+        return str, {"metavar": "A,B"}  # one value, comma-separated or JSON, parsed like the environment
     if annotation is bool:
         return _boolean, {"metavar": "{true,false}"}
     return annotation, {}
@@ -52,14 +58,37 @@ def add_settings_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:
             continue
         typ, extra = _arg_type(field.annotation)
         env = f"DVREWARD_{name.upper()}"
+        default = _shown(field.get_default(call_default_factory=True))
         p.add_argument(flag(name), dest=name, type=typ, default=None,
-                       help=f"{field.description} (env {env}; default {field.default!r})", **extra)
+                       help=f"{field.description} (env {env}; default {default})", **extra)
+
+
+def _shown(default: Any) -> str:
+    if default is None or default == "":
+        return "unset"
+    if isinstance(default, list):
+        return ",".join(map(str, default)) or "none"
+    return str(default)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """Flags override the environment, which overrides the defaults."""
+    """Flags override the environment, which overrides the defaults; a bad value is one line, not a traceback."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise StartupError(settings_problems(exc)) from None
+
+
+def _load_engines(s: Settings) -> tuple[Verifier, Decomposer | None]:
+    """Loading errors (a corrupt checkpoint) are one line too."""
+    from server.engines.base import EngineError
+    from server.runtime import load_decomposer, load_verifier
+
+    try:
+        return load_verifier(s), load_decomposer(s)
+    except EngineError as exc:
+        raise StartupError([str(exc)]) from None
 
 
 def _logging() -> None:
@@ -69,11 +98,12 @@ def _logging() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.runtime import build_app, load_decomposer, load_verifier
+    from server.runtime import build_app
 
     _logging()
     s = settings_from(args)
-    app = build_app(s, (load_verifier(s), load_decomposer(s)))
+    check(models={"verifier": s.verifier, "decomposer": s.decomposer}, listen=(s.host, s.port))
+    app = build_app(s, _load_engines(s))
     queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
     uvicorn.run(app, host=s.host, port=s.port, log_level="info")
@@ -91,19 +121,21 @@ def _api(args: argparse.Namespace) -> int:
         print("dvreward api needs --redis-url (or DVREWARD_REDIS_URL); for one process use `dvreward serve`",
               file=sys.stderr)
         return 2
+    check(listen=(s.host, s.port))
     uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info")
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from server.runtime import build_broker, build_worker, load_decomposer, load_verifier
+    from server.runtime import build_broker, build_worker
 
     _logging()
     s = settings_from(args)
     if not s.redis_url:
         print("dvreward worker needs --redis-url (or DVREWARD_REDIS_URL)", file=sys.stderr)
         return 2
-    worker = build_worker(s, build_broker(s), load_verifier(s), load_decomposer(s))
+    check(models={"verifier": s.verifier, "decomposer": s.decomposer})
+    worker = build_worker(s, build_broker(s), *_load_engines(s))
 
     async def main() -> None:
         stop = asyncio.Event()
