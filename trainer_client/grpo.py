@@ -1,7 +1,7 @@
 """GRPO helpers shared by the trainer client and the server (pure Python, no numpy).
 
-A failed image (None reward) is left out of every statistic and gets a None advantage:
-it must never be treated as a reward of 0.
+A failed image (None reward, or NaN as `on_error="nan"` returns it) is left out of every statistic
+and gets the same marker as its advantage: it must never be treated as a reward of 0.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 StdMode = Literal["group", "global"]
+
+
+def _failed(r: float | None) -> bool:
+    return r is None or math.isnan(r)
 
 
 def _std(xs: Sequence[float]) -> float:
@@ -36,9 +40,9 @@ def group_advantages(
         raise ValueError(f"clip must be positive, got {clip}")
     for g in rewards:
         for r in g:
-            if r is not None and not math.isfinite(r):
-                raise ValueError(f"reward {r} is not finite; pass None for a failed image")
-    valid = [[r for r in g if r is not None] for g in rewards]
+            if not _failed(r) and not math.isfinite(r):
+                raise ValueError(f"reward {r} is not finite; pass None or NaN for a failed image")
+    valid = [[r for r in g if not _failed(r)] for g in rewards]
     global_std = _std([r for g in valid for r in g])
     out: list[list[float | None]] = []
     for g, vg in zip(rewards, valid, strict=True):
@@ -46,8 +50,8 @@ def group_advantages(
         s = _std(vg) if std == "group" else global_std
         adv: list[float | None] = []
         for r in g:
-            if r is None:
-                adv.append(None)
+            if _failed(r):
+                adv.append(r)  # None stays None, NaN stays NaN
                 continue
             a = 0.0 if max(vg) == min(vg) else (r - mean) / (s + eps)
             if clip is not None:
