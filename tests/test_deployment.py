@@ -82,3 +82,12 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`DVREWARD_{name.upper()}`" in readme, f"README's settings table lacks DVREWARD_{name.upper()}"
+
+
+def test_readme_gives_the_portable_cpu_torch_install() -> None:
+    """A plain `pip install torch==X` is the CPU build only where pip has a local CPU wheel configured."""
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"pip install torch==[\d.]+ --index-url https://download\.pytorch\.org/whl/cpu", readme)
+    pinned = re.search(r"torch==([\d.]+) --index-url", readme)
+    ci = re.search(r"torch==([\d.]+)", (ROOT / ".ci" / "run").read_text())
+    assert pinned and ci and pinned.group(1) == ci.group(1), "README and CI install the same torch"
