@@ -60,7 +60,10 @@ def test_compose_shape() -> None:
     assert any(v.endswith(":/models") for v in worker["volumes"]), "workers share a model cache volume"
     for svc in ("api", "worker"):
         assert services[svc]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    gpus = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpus["capabilities"] == ["gpu"]
+    # compose does not spread `count: 1` over GPUs: one container takes them all, one process per GPU
+    assert gpus["count"] == "all" and worker["command"][-2:] == ["--devices", "all"]
 
 
 @pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "worker.Dockerfile"])

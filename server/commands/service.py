@@ -134,6 +134,8 @@ def _worker(args: argparse.Namespace) -> int:
     if not s.redis_url:
         print("dvreward worker needs --redis-url (or DVREWARD_REDIS_URL)", file=sys.stderr)
         return 2
+    if args.devices:
+        return _supervise(args)
     check(models={"verifier": s.verifier, "decomposer": s.decomposer})
     worker = build_worker(s, build_broker(s), *_load_engines(s))
 
@@ -152,6 +154,33 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supervise(args: argparse.Namespace) -> int:
+    """One worker process per device, each given the flags of this command (as environment)."""
+    import os
+
+    from server.supervisor import parse_devices, supervise
+
+    if args.device is not None:
+        raise StartupError(["give --device (one worker) or --devices (one per device), not both"])
+
+    def gpu_count() -> int:
+        import torch
+
+        return torch.cuda.device_count()
+
+    try:
+        devices = parse_devices(args.devices, gpu_count)
+    except ValueError as exc:
+        raise StartupError([str(exc)]) from None
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    s = settings_from(argparse.Namespace(**given, device=devices[0]))  # default models depend on the device
+    check(models={"verifier": s.verifier, "decomposer": s.decomposer})  # once, not in a restart loop
+    env = dict(os.environ)
+    for name, value in given.items():
+        env[f"DVREWARD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return supervise(devices, env)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="API and worker in one process (embedded queue unless --redis-url)")
     add_settings_flags(p, set())
@@ -161,4 +190,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_api)
     p = sub.add_parser("worker", help="a GPU/CPU worker, against Redis")
     add_settings_flags(p, API_SETTINGS)
+    p.add_argument("--devices", help="one supervised worker process per device, restarted if it dies: all, GPU "
+                   "indices (0,1,2,3), cuda:N or cpu (repeatable: cpu,cpu); instead of --device")
     p.set_defaults(func=_worker)
