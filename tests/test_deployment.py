@@ -94,3 +94,40 @@ def test_readme_gives_the_portable_cpu_torch_install() -> None:
     pinned = re.search(r"torch==([\d.]+) --index-url", readme)
     ci = re.search(r"torch==([\d.]+)", (ROOT / ".ci" / "run").read_text())
     assert pinned and ci and pinned.group(1) == ci.group(1), "README and CI install the same torch"
+
+
+# The Python each base image ships: an image must install no other `pythonX.Y` (the distribution has none).
+DISTRO_PYTHON = {"ubuntu20.04": "3.8", "ubuntu22.04": "3.10", "ubuntu24.04": "3.12", "bullseye": "3.9",
+                 "bookworm": "3.11", "trixie": "3.13"}
+
+
+def base_python(image: str) -> str:
+    """The Python a base image runs: the official python image's tag, else its distribution's release."""
+    name, _, tag = image.partition(":")
+    if name in ("python", "docker.io/library/python"):
+        return re.match(r"\d+\.\d+", tag).group(0)  # type: ignore[union-attr]
+    if name == "vllm/vllm-openai":
+        return "3.12"
+    release = re.search(r"ubuntu\d\d\.\d\d|bullseye|bookworm|trixie", tag.replace("ubuntu-", "ubuntu")
+                        if name != "ubuntu" else f"ubuntu{tag}")
+    assert release, f"{image}: unknown base; add its Python to DISTRO_PYTHON"
+    return DISTRO_PYTHON[release.group(0)]
+
+
+@pytest.mark.parametrize("dockerfile", sorted(p.name for p in (ROOT / "docker").glob("*Dockerfile")))
+def test_dockerfile_python_is_its_base_images(dockerfile: str) -> None:
+    text = (ROOT / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    (image,) = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    python = base_python(image)
+    lo = re.search(r'requires-python = ">=(\d+\.\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert lo and tuple(map(int, python.split("."))) >= tuple(map(int, lo.group(1).split("."))), \
+        f"{dockerfile}: {image} runs Python {python}, below the project's requires-python"
+    for named in re.findall(r"python(\d\.\d+)", " ".join(re.findall(r"^RUN (.*)$", text, re.M))):
+        assert named == python, f"{dockerfile}: uses python{named}, but {image} has Python {python}"
+
+
+def test_base_python_table() -> None:
+    """The check above would pass vacuously if the table misread the image that issue 12 found broken."""
+    assert base_python("nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04") == "3.12"
+    assert base_python("python:3.11-slim-bookworm") == "3.11"
+    assert base_python("ubuntu:22.04") == "3.10"
