@@ -55,11 +55,6 @@ class ScoringService:
         self.config = config
         self.keys = Keys(config.queue_prefix)
 
-    @property
-    def models(self) -> ModelIds:
-        c = self.config
-        return ModelIds(verifier=c.verifier, decomposer=c.decomposer, pipeline=c.pipeline if c.decomposer else None)
-
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s
 
@@ -153,8 +148,7 @@ class ScoringService:
             gr.advantages = a
             if not req.details:
                 gr.images = None
-        models = self.models
-        models.verifier = _verifier_of(list(results.values()), models.verifier)
+        models = ModelIds(verifier=_verifier_of(list(results.values()), self.config.verifier), **_decomposer_of(decs))
         return ScoreResponse(
             request_id=request_id, models=models, template_version=self.config.template_version,
             aggregation=req.aggregation, gating=req.gating, groups=groups,
@@ -215,6 +209,13 @@ def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRe
     b = aggregate(questions, p, req.aggregation, req.gating, req.tag_weights)
     return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p,
                        failed=[q.id for q in questions if p[q.id] < 0.5])
+
+
+def _decomposer_of(decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> dict[str, str | None]:
+    """The decomposer that wrote the questions (its own output, fresh or cached); none for explicit questions."""
+    made = [d[0] for d in decs if isinstance(d, tuple) and d[0].pipeline != "explicit"]
+    return {"decomposer": made[0].model, "pipeline": made[0].pipeline} if made else {"decomposer": None,
+                                                                                     "pipeline": None}
 
 
 def _verifier_of(results: list[Result], default: str) -> str:
