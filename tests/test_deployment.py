@@ -131,3 +131,16 @@ def test_base_python_table() -> None:
     assert base_python("nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04") == "3.12"
     assert base_python("python:3.11-slim-bookworm") == "3.11"
     assert base_python("ubuntu:22.04") == "3.10"
+
+
+def test_readme_tls_redis_url_gives_a_tls_connection_with_the_ca() -> None:
+    """The multi-host docs' `rediss://` URL really configures TLS, the CA file and the password."""
+    from server.queue.redis_broker import RedisBroker
+
+    readme = (ROOT / "README.md").read_text()
+    url = re.search(r'DVREWARD_REDIS_URL="(rediss://[^"]+)"', readme)
+    assert url, "README documents no rediss:// URL"
+    pool = RedisBroker(url.group(1).replace("$REDIS_PASSWORD", "pw")).redis.connection_pool
+    assert pool.connection_class.__name__ == "SSLConnection"
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/dvreward/redis-ca.pem"
+    assert pool.connection_kwargs["password"] == "pw"
