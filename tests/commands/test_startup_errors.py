@@ -99,3 +99,13 @@ def test_a_checkpoint_that_fails_to_load_is_one_line(tmp_path: Path) -> None:
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "cannot load the verifier" in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--devices", "cpu", "--device", "cpu"], "not both"),
+    (["--devices", "gpu0"], "not a GPU index"),
+])
+def test_worker_devices_mistakes_are_one_line(flags: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "--redis-url", "redis://127.0.0.1:1/0", *flags]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert says in line
