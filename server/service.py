@@ -59,11 +59,6 @@ class ScoringService:
         self.config = config
         self.keys = Keys(config.queue_prefix)
 
-    @property
-    def models(self) -> ModelIds:
-        c = self.config
-        return ModelIds(verifier=c.verifier, decomposer=c.decomposer, pipeline=c.pipeline if c.decomposer else None)
-
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s
 
@@ -161,8 +156,7 @@ class ScoringService:
             if not req.details:
                 gr.images = None
         done, c = list(results.values()), self.config
-        models = self.models
-        models.verifier = _reported(done, "model", models.verifier)
+        models = ModelIds(verifier=_reported(done, "model", c.verifier), **_decomposer_of(decs))
         return ScoreResponse(
             request_id=request_id, models=models,
             template_version=_reported(done, "template_version", c.template_version),
@@ -240,6 +234,13 @@ def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRe
 def _reported(results: list[Result], key: str, default: str) -> str:
     """What really scored (workers report model, template and system prompt), not what this API was told."""
     return next((r.data[key] for r in results if r.data and isinstance(r.data.get(key), str)), default)
+
+
+def _decomposer_of(decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> dict[str, str | None]:
+    """The decomposer that wrote the questions (its own output, fresh or cached); none for explicit questions."""
+    made = [d[0] for d in decs if isinstance(d, tuple) and d[0].pipeline != "explicit"]
+    return {"decomposer": made[0].model, "pipeline": made[0].pipeline} if made else {"decomposer": None,
+                                                                                     "pipeline": None}
 
 
 def _explicit(g: int, prompt: str | None, questions: list[Question]) -> Decomposition:

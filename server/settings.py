@@ -6,11 +6,12 @@ configured entirely by environment (docker-compose) or entirely by flags.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
 
@@ -21,10 +22,26 @@ DEFAULT_MODELS = {
 }
 
 
-
 def default_models(device: str) -> tuple[str, str]:
     """(verifier, decomposer) hub ids used when none is given."""
     return DEFAULT_MODELS["cpu" if device == "cpu" else "gpu"]
+
+
+# ---- list settings: `a,b` and `["a", "b"]` both parse (environment and flags alike) ----------------
+def parse_list(value: Any) -> Any:
+    """A comma-separated string or a JSON list; pydantic-settings alone accepts only JSON."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"starts with '[' but is not a JSON list ({exc.msg}); or give a,b,c") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list)]
 
 
 class Settings(BaseSettings):
@@ -78,7 +95,9 @@ class Settings(BaseSettings):
     # API
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, description="bind port")
-    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty = no auth")
+    api_keys: StrList = Field(
+        default_factory=list, description="accepted Bearer keys, comma-separated or a JSON list; empty = no auth"
+    )
     request_timeout_s: float = Field(120.0, description="deadline of one request; past it the API answers 504")
     max_body_bytes: int = Field(64 * 1024 * 1024, description="largest request body")
     max_images: int = Field(512, description="most images in one request")

@@ -135,9 +135,13 @@ def run_eval(
     write_html(opts.out / REPORT, summary, records, opts.report_max_images)
     write_png(opts.out / CHART, summary)
     c, o = summary["counts"], summary["overall"]
-    mean = "n/a" if o["reward"] is None else f"{o['reward']:.4f}"
-    say(f"{c['scored']} image(s) scored, {c['errors']} failed, {c['pending']} pending; mean reward {mean}; "
+    lead = o["lead"]
+    mean = "n/a" if o[lead] is None else f"{o[lead]:.4f}"
+    say(f"{c['scored']} image(s) scored, {c['errors']} failed, {c['pending']} pending; "
+        f"mean {'reward' if lead == 'reward' else lead.upper()} {mean}; "
         f"wrote {opts.out / RESULTS}, {SUMMARY}, {REPORT}, {CHART}")
+    for note in summary["notes"]:
+        say(f"note: {note}")
     return EvalResult(summary, exit_code, opts.out)
 
 

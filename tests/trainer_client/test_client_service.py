@@ -17,6 +17,7 @@ from trainer_client import (
     DVRewardClient,
     ImageFailed,
     ScoreResult,
+    group_advantages,
 )
 from trainer_client.grpo import group_advantages
 
@@ -166,6 +167,8 @@ def test_on_error_nan_gives_nan_never_zero(service_url, make_images, questions, 
     assert math.isfinite(r[0]) and math.isfinite(r[2])
     assert math.isnan(got.advantages[0][1]) and math.isnan(got.sc[0][1])
     assert got.response.groups[0].rewards[1] is None  # the wire keeps null
+    (mine,) = group_advantages(got.rewards)  # the helper takes what on_error="nan" returns
+    assert math.isnan(mine[1]) and mine[0] == pytest.approx(-mine[2])
     (f,) = got.failures
     assert (f.group, f.index, f.code) == (0, 1, "bad_image") and "decoded" in f.message
     assert got.images[0][1].error is not None and got.images[0][1].error.code == "bad_image"

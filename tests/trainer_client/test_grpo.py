@@ -200,7 +200,18 @@ def test_invalid_std_mode_rejected(mode):
         group_advantages([[0.0, 1.0]], std=mode)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_marks_a_failed_image_like_none():
+    """`on_error="nan"` rewards go straight in: NaN is left out of the statistics and stays NaN."""
+    nan = float("nan")
+    (adv,) = group_advantages([[nan, 0.0, nan, 1.0]])
+    assert math.isnan(adv[0]) and math.isnan(adv[2])
+    assert adv[1] == pytest.approx(-0.5 / 0.5001) and adv[3] == pytest.approx(0.5 / 0.5001)
+    out = group_advantages([[0.0, nan, 2.0], [None, 4.0, 6.0]], std="global")
+    s = math.sqrt(5)
+    assert out[0][0] == pytest.approx(-1 / (s + EPS)) and math.isnan(out[0][1]) and out[1][0] is None
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
 def test_non_finite_reward_rejected(bad):
     with pytest.raises(ValueError) as ei:
         group_advantages([[0.0, 1.0], [0.5, bad]])
