@@ -11,6 +11,9 @@ import pytest
 from trainer_client import DVRewardClient, make_flow_grpo_reward_fn, make_trl_reward_func
 from trainer_client.adapters import group_indices
 
+# The same pixels scored in other batch layouts (order, grouping, requests) differ by float32 noise, ~1e-7.
+TOL = 1e-5
+
 
 @pytest.fixture
 def client(service_url):
@@ -36,7 +39,7 @@ def test_trl_reward_func(client, make_images, questions, truncated_png):
     assert all(isinstance(r, float) and 0 < r < 1 for i, r in enumerate(rewards) if i != 4)
     want = client.score(["a red cube", "a blue ball"], [images[:3], images[3:]], questions=[questions] * 2,
                         on_error="nan").flat_rewards()
-    assert all((w is None and math.isnan(v)) or abs(w - v) < 1e-6 for w, v in zip(rewards, want, strict=True))
+    assert all((w is None and math.isnan(v)) or abs(w - v) < TOL for w, v in zip(rewards, want, strict=True))
 
     # scattered equal prompts with group_by="all", conversational prompts: same rewards per sample
     order = [0, 3, 1, 4, 2, 5]
@@ -48,7 +51,7 @@ def test_trl_reward_func(client, make_images, questions, truncated_png):
     for pos, i in enumerate(order):
         assert (shuffled[pos] is None) == (rewards[i] is None)
         if rewards[i] is not None:
-            assert abs(shuffled[pos] - rewards[i]) < 1e-6
+            assert abs(shuffled[pos] - rewards[i]) < TOL
 
 
 def test_trl_reward_func_decomposes_prompts(client, make_images):
@@ -79,7 +82,7 @@ def test_flow_grpo_reward_fn(client, make_images, questions):
     assert abs(sum(adv)) < 1e-6 and (np.argsort(group) == np.argsort(adv)).all()
 
     scores_np, _ = fn(images, prompts, metadata)
-    assert all(abs(a - b) < 1e-6 for a, b in zip(scores["dvreward"], scores_np["dvreward"], strict=True))
+    assert all(abs(a - b) < TOL for a, b in zip(scores["dvreward"], scores_np["dvreward"], strict=True))
 
 
 def test_flow_grpo_reward_fn_failed_image_is_nan(client, make_images, questions, truncated_png):
@@ -110,7 +113,7 @@ def test_flow_grpo_uses_the_references_precomputed_questions(client, make_images
     assert info["questions"] == {"a red cube": ["Is there a cube?", "Is the cube red?", "Is the cube well-formed?",
                                                 "Is it sharp?"]}
     want = client.score(["a red cube"], [images], questions=[REFERENCE_AS_OURS]).flat_rewards()
-    assert scores["dvreward"] == pytest.approx(want, abs=1e-6)
+    assert scores["dvreward"] == pytest.approx(want, abs=TOL)
 
 
 def test_trl_reads_the_references_question_columns(client, make_images):
@@ -120,4 +123,4 @@ def test_trl_reads_the_references_question_columns(client, make_images):
                  semantic_questions=[REFERENCE_META["semantic_questions"]] * 2,
                  quality_questions=[REFERENCE_META["quality_questions"]] * 2)
     want = client.score(["a red cube"], [images], questions=[REFERENCE_AS_OURS]).flat_rewards()
-    assert rewards == pytest.approx(want, abs=1e-6)
+    assert rewards == pytest.approx(want, abs=TOL)
