@@ -78,7 +78,7 @@ def timed(v: HFVerifier, items: list[VerifyItem], repeat: int) -> tuple[float, l
 def packed_memory(v: HFVerifier, items: list[VerifyItem]) -> dict[str, float | int | None]:
     """The packed layout's batches, its largest attention mask (B*L*L booleans, bounded by the token budget
     times L) and, on CUDA, the peak memory allocated while scoring (the largest batch sets it)."""
-    lengths = [len(p.prefix) + sum(len(b) for b in p.blocks) for p in map(v._prepare, items)]
+    lengths = [len(p.prefix) + sum(len(b) for b in p.blocks) for it in items for p in v._prepare(it)]
     batches = list(v._batches(lengths))
     mask = max(len(b) * max(lengths[i] for i in b) ** 2 for b in batches)
     peak = None

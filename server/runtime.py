@@ -48,26 +48,29 @@ def load_verifier(settings: Settings) -> Verifier:
     return HFVerifier.load(
         settings.verifier, device=settings.device, dtype=settings.dtype, min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels, mode=settings.verifier_mode, max_batch_tokens=settings.max_batch_tokens,
-        batched_vision=settings.batched_vision,
+        batched_vision=settings.batched_vision, system_prompt=settings.verifier_system_prompt,
     )
 
 
 def load_decomposer(settings: Settings) -> Decomposer | None:
     if not settings.decomposer:
         return None
+    from server.engines.decomposition_schema import Limits
     from server.engines.hf_decomposer import HFDecomposer
 
     log.info("loading decomposer %s (%s pipeline)", settings.decomposer, settings.pipeline)
     return HFDecomposer(settings.decomposer, settings.pipeline, device=settings.device, dtype=settings.dtype,
-                        max_new_tokens=settings.decomposer_max_new_tokens)
+                        max_new_tokens=settings.decomposer_max_new_tokens,
+                        limits=Limits(max_semantic=settings.decomposer_max_semantic,
+                                      max_quality=settings.decomposer_max_quality))
 
 
 def build_service(settings: Settings, broker: Broker) -> ScoringService:
     return ScoringService(broker, ServiceConfig(
         verifier=public_name(settings.verifier, settings.public_verifier),
         decomposer=settings.decomposer or None, pipeline=settings.pipeline,
-        decomposer_name=public_name(settings.decomposer, settings.public_decomposer) if settings.decomposer else None,
-        template_version=template_version(), queue_prefix=settings.queue_prefix,
+        template_version=template_version(settings.verifier_system_prompt),
+        verifier_system_prompt=settings.verifier_system_prompt, queue_prefix=settings.queue_prefix,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
     ))
 
@@ -80,7 +83,8 @@ def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
     log.info("worker models: verifier %s = %s, decomposer %s = %s", settings.verifier, ids[0], settings.decomposer,
              ids[1])
     return Worker(
-        broker, verifier, decomposer, template_version=template_version(), batch_size=settings.batch_size,
+        broker, verifier, decomposer, template_version=template_version(settings.verifier_system_prompt),
+        batch_size=settings.batch_size,
         batch_wait=settings.batch_wait_ms / 1000, heartbeat_s=settings.heartbeat_s,
         batch_timeout_s=settings.batch_timeout_s,
         max_image_pixels=settings.max_image_pixels, public_ids=ids,

@@ -94,6 +94,11 @@ def quality_schema(limits: Limits = Limits()) -> dict[str, Any]:
     return _obj({"quality": _quality_items(limits)})
 
 
+def reason_schema(limits: Limits = Limits()) -> dict[str, Any]:
+    """DSG stage 4, for a rejected question: one sentence saying why."""
+    return _obj({"reason": _text(limits)})
+
+
 def tag_grammar() -> str:
     """DSG stage 5 as EBNF: the answer is exactly one semantic tag name, nothing else."""
     return "root ::= " + " | ".join(json.dumps(t) for t in SEMANTIC_TAGS)

@@ -48,6 +48,8 @@ async def score(req: ScoreRequest, response: Response, request_id: RequestId, se
             metrics.images.labels("ok" if r is not None else "failed").inc()
         if g.get("decomposition_cached") is not None:
             metrics.cache.labels("hit" if g["decomposition_cached"] else "miss").inc()
+    for w in body["warnings"] if not replayed else ():
+        metrics.warnings.labels(w["code"]).inc()
     _timing_headers(response, request_id, body, replayed)
     return body
 
