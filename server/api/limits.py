@@ -39,7 +39,12 @@ CHARS_PER_TOKEN = 4
 
 
 def image_tokens(info: ImageInfo, s: Settings) -> int:
-    area = min(max(info.width * info.height, s.min_pixels), s.max_pixels)
+    """Unless a pixel range is configured, the checkpoint's own is unknown here: the image's area counts."""
+    area = info.width * info.height
+    if s.min_pixels is not None:
+        area = max(area, s.min_pixels)
+    if s.max_pixels is not None:
+        area = min(area, s.max_pixels)
     return math.ceil(area / PIXELS_PER_TOKEN)
 
 

@@ -29,7 +29,10 @@ class DropsOneP:
     """A verifier whose results are one p short: the kind of server-side fault a broken worker makes."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.model_id = inner, inner.model_id
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # model_id, system_prompt, ...: the real engine's
+        return getattr(self.inner, name)
 
     def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
         return [ps[:-1] for ps in self.inner.verify(items)]

@@ -128,6 +128,7 @@ class Hangs:
     """Fault injection: an engine stuck forever (a deadlocked kernel, a hung driver) until released."""
 
     model_id = "hangs"
+    system_prompt = ""
 
     def __init__(self) -> None:
         self.release = threading.Event()
