@@ -31,7 +31,7 @@ class MemoryBroker:
         for kind in TaskKind:
             n = sum(1 for t in tasks if t.kind is kind)
             too_many(kind, n, self.max_queue)
-            depth = await self.queue_depth(kind)
+            depth = self._depth(kind)
             if n and depth + n > self.max_queue:
                 raise queue_full(kind, depth, self.max_queue)
         for t in tasks:
@@ -127,6 +127,9 @@ class MemoryBroker:
         return None
 
     async def queue_depth(self, kind: TaskKind) -> int:
+        return self._depth(kind)
+
+    def _depth(self, kind: TaskKind) -> int:
         return self._queues[kind].qsize() + len(self._claimed[kind])
 
     async def close(self) -> None:
