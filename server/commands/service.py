@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import types
@@ -20,12 +21,16 @@ if TYPE_CHECKING:
     from server.engines.base import Decomposer, Verifier
 
 # Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
-# the default models are chosen by device, and the API names the models in results and cache keys.
-WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
-                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision", "verifier_system_prompt",
-                   "verifier_system_prompt_file", "decomposer_max_semantic", "decomposer_max_quality"}
+# the default models are chosen by device, and the API names the models in results and cache keys. The
+# verifier's layout, pixel range and token budget are on both: the API refuses items they cannot hold.
+WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decomposer_max_new_tokens",
+                   "batched_vision", "verifier_system_prompt", "verifier_system_prompt_file", "decomposer_max_semantic",
+                   "decomposer_max_quality", "batch_timeout_s"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
-               "max_prompt_chars", "max_groups", "request_timeout_s"}
+               "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item"}
+
+
+EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
 
 
 def flag(name: str) -> str:
@@ -99,6 +104,7 @@ def _logging() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.api.protocol import with_header_deadline
     from server.runtime import build_app
 
     _logging()
@@ -107,13 +113,14 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_app(s, _load_engines(s))
     queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
-    uvicorn.run(app, host=s.host, port=s.port, log_level="info")
+    uvicorn.run(app, host=s.host, port=s.port, log_level="info", http=with_header_deadline(s.body_timeout_s))
     return 0
 
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.api.protocol import with_header_deadline
     from server.runtime import build_app
 
     _logging()
@@ -123,12 +130,14 @@ def _api(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     check(listen=(s.host, s.port))
-    uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info")
+    uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info",
+                http=with_header_deadline(s.body_timeout_s))
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
     from server.runtime import build_broker, build_worker
+    from server.worker import WorkerHung
 
     _logging()
     s = settings_from(args)
@@ -148,6 +157,9 @@ def _worker(args: argparse.Namespace) -> int:
         logging.getLogger("dvreward").info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
         try:
             await worker.run(stop)
+        except* WorkerHung:
+            # The hung engine thread can be neither stopped nor joined (interpreter exit would wait for it).
+            os._exit(EXIT_HUNG)
         finally:
             await worker.broker.close()
 
@@ -157,8 +169,6 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _supervise(args: argparse.Namespace) -> int:
     """One worker process per device, each given the flags of this command (as environment)."""
-    import os
-
     from server.supervisor import parse_devices, supervise
 
     if args.device is not None:
