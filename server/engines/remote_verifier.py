@@ -1,0 +1,111 @@
+"""The verifier on an OpenAI-compatible server (vLLM, SGLang or a hosted API): one request per question.
+
+Each request carries the verifier conversation with the item's images as PNG data URLs and asks
+for one greedy token with log-probabilities; remote_answer reads p and says how (`logits`,
+`top_k` or `text`). The yes/no token ids come from the model's tokenizer (a local path or hub
+id); without one, p comes from the top-k. A question that fails after retries fails its
+item with the reason; other items are unaffected.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from server.engines.base import EngineError, ItemScores, PSource, VerifyItem, scores_or_raise
+from server.engines.conversation import verifier_messages
+from server.engines.remote import ChatClient, RemoteOptions, RequestError
+from server.engines.remote_answer import YesNoIds, answer_body, read_answer
+from server.engines.remote_tokens import remote_yes_no_ids
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = logging.getLogger("dvreward.remote")
+
+
+def data_url(image: Image) -> str:
+    """A lossless PNG data URL: the server decodes exactly the pixels the worker decoded."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def remote_messages(system_prompt: str, urls: Sequence[str], question: str) -> list[dict[str, Any]]:
+    """The verifier conversation with the item's images, in order, as `image_url` parts."""
+    return verifier_messages(system_prompt, question, [{"type": "image_url", "image_url": {"url": u}} for u in urls])
+
+
+class OpenAIVerifier:
+    """Verifier protocol over HTTP. `exact=False` never asks for `logprob_token_ids` (p from the top-k)."""
+
+    def __init__(self, client: ChatClient, system_prompt: str, ids: YesNoIds | None, *, exact: bool = True) -> None:
+        self.client = client
+        self.model_id = client.model
+        self.system_prompt = system_prompt
+        self.ids = ids if exact else None
+
+    @classmethod
+    def connect(cls, url: str, model: str, system_prompt: str, options: RemoteOptions = RemoteOptions(), *,
+                tokenizer: str | None = None, exact: bool = True) -> OpenAIVerifier:
+        client = ChatClient(url, model, options)
+        ids = remote_yes_no_ids(model, tokenizer) if exact else None
+        return cls(client, system_prompt, ids, exact=exact)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
+        return scores_or_raise(self.verify_each(items))
+
+    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
+        for it in items:
+            if not it.images or not it.questions:
+                raise ValueError("a verification item needs at least one image and one question")
+        keys: list[tuple[int, int]] = []
+        conversations: list[list[dict[str, Any]]] = []
+        for i, it in enumerate(items):
+            urls = [data_url(im) for im in it.images]
+            for k, q in enumerate(it.questions):
+                keys.append((i, k))
+                conversations.append(remote_messages(self.system_prompt, urls, q))
+        answers = self._answers(conversations)
+        out: list[ItemScores | EngineError] = []
+        for i, it in enumerate(items):
+            mine = [answers[n] for n, (j, _) in enumerate(keys) if j == i]
+            errors = [f"question {k} ({it.questions[k][:60]!r}): {a}" for k, a in enumerate(mine)
+                      if isinstance(a, EngineError)]
+            if errors:
+                out.append(EngineError("; ".join(errors)))
+            else:
+                ok = [a for a in mine if not isinstance(a, EngineError)]
+                out.append(ItemScores(tuple(p for p, _ in ok), tuple(s for _, s in ok)))
+        return out
+
+    def _answers(self, conversations: list[list[dict[str, Any]]]) -> list[tuple[float, PSource] | EngineError]:
+        ids = self.ids
+        responses = self.client.chat_each([answer_body(m, ids) for m in conversations])
+        if ids is not None and any(_refused_exact(r) for r in responses):
+            log.warning("%s does not accept logprob_token_ids: p now comes from the top-k log-probabilities",
+                        self.client.base_url)
+            self.ids = None
+            return self._answers(conversations)
+        out: list[tuple[float, PSource] | EngineError] = []
+        for r in responses:
+            if isinstance(r, EngineError):
+                out.append(r)
+                continue
+            try:
+                out.append(read_answer(r, ids))
+            except EngineError as exc:
+                out.append(exc)
+        return out
+
+
+def _refused_exact(r: dict[str, Any] | RequestError) -> bool:
+    """A 400/422 naming the exact-logprob parameters: the server does not support them."""
+    return (isinstance(r, RequestError) and r.status in (400, 422)
+            and ("logprob_token_ids" in r.body or "return_tokens_as_token_ids" in r.body))
