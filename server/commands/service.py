@@ -17,6 +17,10 @@ from server.settings import Settings
 # the default models are chosen by device, and the API names the models in results and cache keys.
 WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
                    "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision"}
+WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "decomposer_url", "verifier_api_key",
+                    "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
+                    "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
+                    "vllm_max_model_len"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
                "max_prompt_chars", "max_groups", "request_timeout_s"}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.engines.answers import YesNo
-from server.engines.base import EngineError, VerifyItem
+from server.engines.base import EngineError, ItemScores, VerifyItem
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
 from server.engines.prompts import VERIFIER_PREAMBLE, VERIFIER_SYSTEM
 from server.engines.vision_attention import enable_batched_vision_attention
@@ -229,6 +229,10 @@ class HFVerifier:
             if self.mode == "packed":
                 return self._verify_packed(preps)
             return self._verify_per_pair(preps)
+
+    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
+        """Exact p from the full logits for every item; a failure raises for the whole batch."""
+        return [ItemScores(tuple(p), ("logits",) * len(p)) for p in self.verify(items)]
 
     def _verify_packed(self, preps: list[_Prepared]) -> list[list[float]]:
         out: list[list[float]] = [[] for _ in preps]
