@@ -55,7 +55,7 @@ def load_verifier(settings: Settings) -> Verifier:
         return OpenAIVerifier.connect(
             settings.verifier_url, settings.verifier, VERIFIER_SYSTEM,
             remote_options(settings, settings.verifier_api_key), tokenizer=settings.verifier_tokenizer,
-            exact=settings.verifier_exact_logprobs,
+            exact=settings.verifier_exact_logprobs, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
         )
     from server.engines.hf_verifier import HFVerifier
 

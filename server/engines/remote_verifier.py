@@ -20,6 +20,7 @@ from server.engines.conversation import verifier_messages
 from server.engines.remote import ChatClient, RemoteOptions, RequestError
 from server.engines.remote_answer import YesNoIds, answer_body, read_answer
 from server.engines.remote_tokens import remote_yes_no_ids
+from server.engines.resize import Resizer
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -42,18 +43,28 @@ def remote_messages(system_prompt: str, urls: Sequence[str], question: str) -> l
 class OpenAIVerifier:
     """Verifier protocol over HTTP. `exact=False` never asks for `logprob_token_ids` (p from the top-k)."""
 
-    def __init__(self, client: ChatClient, system_prompt: str, ids: YesNoIds | None, *, exact: bool = True) -> None:
+    def __init__(self, client: ChatClient, system_prompt: str, ids: YesNoIds | None, *, exact: bool = True,
+                 resize: Resizer | None = None) -> None:
         self.client = client
         self.model_id = client.model
         self.system_prompt = system_prompt
         self.ids = ids if exact else None
+        self.resize = resize
 
     @classmethod
     def connect(cls, url: str, model: str, system_prompt: str, options: RemoteOptions = RemoteOptions(), *,
-                tokenizer: str | None = None, exact: bool = True) -> OpenAIVerifier:
+                tokenizer: str | None = None, exact: bool = True, min_pixels: int | None = None,
+                max_pixels: int | None = None) -> OpenAIVerifier:
+        """With the served model's files at hand (`tokenizer`, else the model name), p can be exact and images
+        are resized here as the transformers engine resizes them; without them, the server decides both."""
         client = ChatClient(url, model, options)
         ids = remote_yes_no_ids(model, tokenizer) if exact else None
-        return cls(client, system_prompt, ids, exact=exact)
+        try:
+            resize: Resizer | None = Resizer.from_pretrained(tokenizer or model, "verifier", min_pixels, max_pixels)
+        except EngineError as exc:
+            log.warning("images go to %s unresized (the server's processor resizes them): %s", url, exc)
+            resize = None
+        return cls(client, system_prompt, ids, exact=exact, resize=resize)
 
     def close(self) -> None:
         self.client.close()
@@ -68,7 +79,7 @@ class OpenAIVerifier:
         keys: list[tuple[int, int]] = []
         conversations: list[list[dict[str, Any]]] = []
         for i, it in enumerate(items):
-            urls = [data_url(im) for im in it.images]
+            urls = [data_url(self.resize(im) if self.resize else im) for im in it.images]
             for k, q in enumerate(it.questions):
                 keys.append((i, k))
                 conversations.append(remote_messages(self.system_prompt, urls, q))
