@@ -1,12 +1,12 @@
 # Slim API image: FastAPI + Redis client, no torch. Workers do the model work.
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY trainer_client ./trainer_client
-RUN pip install . "fastapi>=0.115" "uvicorn[standard]>=0.30" "redis>=5.0" "pillow>=10" \
-        "pydantic-settings>=2.3" "prometheus-client>=0.20"
+RUN pip install . "fastapi>=0.115" "fastapi-offline>=1.7" "uvicorn[standard]>=0.30" "redis>=5.0" "pillow>=10" \
+        "pydantic-settings>=2.7" "prometheus-client>=0.20"
 RUN useradd --create-home dvreward
 USER dvreward
 EXPOSE 8000

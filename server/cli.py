@@ -28,8 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from server.preflight import StartupError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except StartupError as exc:
+        for problem in exc.problems:
+            print(f"dvreward {args.command}: error: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
-from server.engines.prompts import VERIFIER_SYSTEM, template_version
+from server.engines.prompts import template_version
 from server.queue.base import Broker
 from server.service import ScoringService, ServiceConfig
 from server.settings import Settings
@@ -46,14 +46,15 @@ def load_verifier(settings: Settings) -> Verifier:
     if settings.verifier_engine == "vllm":
         from server.engines.vllm_verifier import VLLMVerifier
 
-        return VLLMVerifier.load(settings.verifier, system_prompt=VERIFIER_SYSTEM, options=vllm_options(settings),
-                                 min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+        return VLLMVerifier.load(settings.verifier, system_prompt=settings.verifier_system_prompt,
+                                 options=vllm_options(settings), min_pixels=settings.min_pixels,
+                                 max_pixels=settings.max_pixels)
     if settings.verifier_engine == "openai":
         from server.engines.remote_verifier import OpenAIVerifier
 
         assert settings.verifier_url is not None  # checked by Settings
         return OpenAIVerifier.connect(
-            settings.verifier_url, settings.verifier, VERIFIER_SYSTEM,
+            settings.verifier_url, settings.verifier, settings.verifier_system_prompt,
             remote_options(settings, settings.verifier_api_key), tokenizer=settings.verifier_tokenizer,
             exact=settings.verifier_exact_logprobs, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
         )
@@ -63,31 +64,34 @@ def load_verifier(settings: Settings) -> Verifier:
     return HFVerifier.load(
         settings.verifier, device=settings.device, dtype=settings.dtype, min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels, mode=settings.verifier_mode, max_batch_tokens=settings.max_batch_tokens,
-        batched_vision=settings.batched_vision,
+        batched_vision=settings.batched_vision, system_prompt=settings.verifier_system_prompt,
     )
 
 
 def load_decomposer(settings: Settings) -> Decomposer | None:
     if not settings.decomposer:
         return None
+    from server.engines.decomposition_schema import Limits
+
+    limits = Limits(max_semantic=settings.decomposer_max_semantic, max_quality=settings.decomposer_max_quality)
     log.info("loading decomposer %s (%s pipeline, %s engine)", settings.decomposer, settings.pipeline,
              settings.decomposer_engine)
     if settings.decomposer_engine == "vllm":
         from server.engines.vllm_decomposer import VLLMDecomposer
 
         return VLLMDecomposer(settings.decomposer, settings.pipeline, options=vllm_options(settings),
-                              max_new_tokens=settings.decomposer_max_new_tokens)
+                              max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
     if settings.decomposer_engine == "openai":
         from server.engines.remote_decomposer import OpenAIDecomposer
 
         assert settings.decomposer_url is not None  # checked by Settings
         return OpenAIDecomposer(settings.decomposer_url, settings.decomposer, settings.pipeline,
                                 options=remote_options(settings, settings.decomposer_api_key),
-                                max_new_tokens=settings.decomposer_max_new_tokens)
+                                max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
     from server.engines.hf_decomposer import HFDecomposer
 
     return HFDecomposer(settings.decomposer, settings.pipeline, device=settings.device, dtype=settings.dtype,
-                        max_new_tokens=settings.decomposer_max_new_tokens)
+                        max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
 
 
 def vllm_options(settings: Settings) -> VLLMOptions:
@@ -108,7 +112,8 @@ def remote_options(settings: Settings, api_key: str | None) -> RemoteOptions:
 def build_service(settings: Settings, broker: Broker) -> ScoringService:
     return ScoringService(broker, ServiceConfig(
         verifier=settings.verifier, decomposer=settings.decomposer or None, pipeline=settings.pipeline,
-        template_version=template_version(), queue_prefix=settings.queue_prefix,
+        template_version=template_version(settings.verifier_system_prompt),
+        verifier_system_prompt=settings.verifier_system_prompt, queue_prefix=settings.queue_prefix,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
     ))
 
@@ -116,7 +121,8 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
 def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
                  decomposer: Decomposer | None) -> Worker:
     return Worker(
-        broker, verifier, decomposer, template_version=template_version(), batch_size=settings.batch_size,
+        broker, verifier, decomposer, template_version=template_version(settings.verifier_system_prompt),
+        batch_size=settings.batch_size,
         batch_wait=settings.batch_wait_ms / 1000, heartbeat_s=settings.heartbeat_s,
         max_image_pixels=settings.max_image_pixels,
     )

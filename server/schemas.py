@@ -14,14 +14,18 @@ from server.core.questions import Decomposition, Metadata, Question, Text
 from server.core.reward import Aggregation, Gating
 from server.engines.base import PSource
 
+Answer = Literal["prob", "binary"]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class AdvantageOptions(_Model):
-    std: Literal["group", "global"] = "group"
-    clip: float | None = Field(None, gt=0)
+    """The reference's GRPO advantages by default: (r - prompt mean) / (population std of the step + eps), clipped."""
+
+    std: Literal["group", "global"] = Field("global", description="std over all rewards of the request, or per group")
+    clip: float | None = Field(5.0, gt=0, description="clip advantages to ±clip; null: no clipping")
     eps: float = Field(1e-4, ge=0)
 
 
@@ -38,6 +42,9 @@ class ScoreRequest(_Model):
     gating: Gating = Gating.none
     tag_weights: dict[str, float] | None = None
     advantages: AdvantageOptions = Field(default_factory=AdvantageOptions)
+    answer: Answer = Field(
+        "prob", description="prob: p = P(yes)/(P(yes)+P(no)); binary: 1 where yes outweighs no, else 0"
+    )
     details: bool = Field(True, description="include per-image, per-question p")
 
 
@@ -70,6 +77,14 @@ class GroupResult(_Model):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class Warning(_Model):
+    """Something that scored but may not train or mean what it seems; `group` indexes the request's groups."""
+
+    group: int | None = None
+    code: Literal["lone_image", "question_cap"]
+    message: str
+
+
 class Timings(_Model):
     decompose_ms: float = 0.0
     verify_ms: float = 0.0
@@ -86,9 +101,12 @@ class ScoreResponse(_Model):
     request_id: str
     models: ModelIds
     template_version: str
+    verifier_system_prompt: str
     aggregation: Aggregation
     gating: Gating
+    answer: Answer = "prob"
     groups: list[GroupResult]
+    warnings: list[Warning] = Field(default_factory=list)
     timings: Timings
 
 
@@ -122,6 +140,7 @@ class VerifyResponse(_Model):
     request_id: str
     model: str
     template_version: str
+    verifier_system_prompt: str
     results: list[VerifyItemResult]
     timings: Timings
 
@@ -144,3 +163,4 @@ class ModelsResponse(_Model):
 class ErrorResponse(_Model):
     error: ErrorInfo
     request_id: str | None = None
+

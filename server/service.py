@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
 from server.core.reward import aggregate
+from server.core.scoring import answered_yes
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import Broker, Result, Task, TaskKind
 from server.queue.keys import Keys
@@ -30,8 +31,10 @@ from server.schemas import (
     VerifyItemResult,
     VerifyRequest,
     VerifyResponse,
+    Warning,
 )
 from trainer_client.grpo import group_advantages
+from trainer_client.results import lone_image_warnings
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class ServiceConfig:
     decomposer: str | None
     pipeline: str
     template_version: str
+    verifier_system_prompt: str
     queue_prefix: str = "dvr"
     request_timeout_s: float = 120.0
     cache_ttl_s: float = 7 * 24 * 3600
@@ -54,11 +58,6 @@ class ScoringService:
         self.broker = broker
         self.config = config
         self.keys = Keys(config.queue_prefix)
-
-    @property
-    def models(self) -> ModelIds:
-        c = self.config
-        return ModelIds(verifier=c.verifier, decomposer=c.decomposer, pipeline=c.pipeline if c.decomposer else None)
 
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s
@@ -129,9 +128,11 @@ class ScoringService:
             for r in results
         ]
         ms = _ms(t0)
-        return VerifyResponse(request_id=request_id, model=_verifier_of(results, self.config.verifier),
-                              template_version=self.config.template_version, results=out,
-                              timings=Timings(verify_ms=ms, total_ms=ms))
+        c = self.config
+        return VerifyResponse(request_id=request_id, model=_reported(results, "model", c.verifier),
+                              template_version=_reported(results, "template_version", c.template_version),
+                              verifier_system_prompt=_reported(results, "system_prompt", c.verifier_system_prompt),
+                              results=out, timings=Timings(verify_ms=ms, total_ms=ms))
 
     # ---- scoring ----------------------------------------------------------------------
     async def score(self, req: ScoreRequest, blobs: list[list[bytes]], request_id: str) -> ScoreResponse:
@@ -148,17 +149,21 @@ class ScoringService:
         t_ver = _ms(t1)
         groups = [self._group(g, req, decs[g], [results.get((g, i)) for i in range(len(blobs[g]))])
                   for g in range(len(req.groups))]
+        keys = [group.prompt for group in req.groups]
         adv = group_advantages([gr.rewards for gr in groups], std=req.advantages.std, eps=req.advantages.eps,
-                               clip=req.advantages.clip)
+                               clip=req.advantages.clip, keys=keys)
         for gr, a in zip(groups, adv, strict=True):
             gr.advantages = a
             if not req.details:
                 gr.images = None
-        models = self.models
-        models.verifier = _verifier_of(list(results.values()), models.verifier)
+        done, c = list(results.values()), self.config
+        models = ModelIds(verifier=_reported(done, "model", c.verifier), **_decomposer_of(decs))
         return ScoreResponse(
-            request_id=request_id, models=models, template_version=self.config.template_version,
-            aggregation=req.aggregation, gating=req.gating, groups=groups,
+            request_id=request_id, models=models,
+            template_version=_reported(done, "template_version", c.template_version),
+            verifier_system_prompt=_reported(done, "system_prompt", c.verifier_system_prompt),
+            aggregation=req.aggregation, gating=req.gating, answer=req.answer, groups=groups,
+            warnings=score_warnings(groups, keys, decs),
             timings=Timings(decompose_ms=t_dec, verify_ms=t_ver, total_ms=_ms(t0)),
         )
 
@@ -205,6 +210,14 @@ class ScoringService:
         return [out[g] for g in range(len(req.groups))]
 
 
+def score_warnings(groups: list[GroupResult], keys: list[str | None],
+                   decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> list[Warning]:
+    """Results that scored but will not train as a user may expect, per group."""
+    out = [Warning(group=g, code="question_cap", message=w)
+           for g, d in enumerate(decs) if isinstance(d, tuple) for w in d[0].warnings]
+    return out + lone_image_warnings([gr.rewards for gr in groups], keys)
+
+
 # Decomposition errors that belong to one prompt: only that group's images fail.
 _PER_GROUP = (ErrorCode.decomposition_failed, ErrorCode.delivery_limit)
 
@@ -214,9 +227,10 @@ def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRe
         return ImageResult(index=index, reward=None, error=_error_info(r))
     ids = [q.id for q in questions]
     p = dict(zip(ids, r.data["p"], strict=True))
-    b = aggregate(questions, p, req.aggregation, req.gating, req.tag_weights)
+    scores = {q: float(answered_yes(v)) for q, v in p.items()} if req.answer == "binary" else p
+    b = aggregate(questions, scores, req.aggregation, req.gating, req.tag_weights)
     return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p, p_source=_sources(ids, r),
-                       failed=[q.id for q in questions if p[q.id] < 0.5])
+                       failed=[q.id for q in questions if not answered_yes(p[q.id])])
 
 
 def _sources(ids: list[str], r: Result) -> dict[str, str] | None:
@@ -225,9 +239,16 @@ def _sources(ids: list[str], r: Result) -> dict[str, str] | None:
     return dict(zip(ids, sources, strict=True)) if sources is not None else None
 
 
-def _verifier_of(results: list[Result], default: str) -> str:
-    """The model that really scored (workers report it), not the one this API process was told about."""
-    return next((r.data["model"] for r in results if r.data and r.data.get("model")), default)
+def _reported(results: list[Result], key: str, default: str) -> str:
+    """What really scored (workers report model, template and system prompt), not what this API was told."""
+    return next((r.data[key] for r in results if r.data and isinstance(r.data.get(key), str)), default)
+
+
+def _decomposer_of(decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> dict[str, str | None]:
+    """The decomposer that wrote the questions (its own output, fresh or cached); none for explicit questions."""
+    made = [d[0] for d in decs if isinstance(d, tuple) and d[0].pipeline != "explicit"]
+    return {"decomposer": made[0].model, "pipeline": made[0].pipeline} if made else {"decomposer": None,
+                                                                                     "pipeline": None}
 
 
 def _explicit(g: int, prompt: str | None, questions: list[Question]) -> Decomposition:

@@ -6,10 +6,14 @@ configured entirely by environment (docker-compose) or entirely by flags.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
 
 # Real models by hub id, as model servers conventionally default: 7B on a GPU, the small siblings on a CPU.
 DEFAULT_MODELS = {
@@ -18,10 +22,26 @@ DEFAULT_MODELS = {
 }
 
 
-
 def default_models(device: str) -> tuple[str, str]:
     """(verifier, decomposer) hub ids used when none is given."""
     return DEFAULT_MODELS["cpu" if device == "cpu" else "gpu"]
+
+
+# ---- list settings: `a,b` and `["a", "b"]` both parse (environment and flags alike) ----------------
+def parse_list(value: Any) -> Any:
+    """A comma-separated string or a JSON list; pydantic-settings alone accepts only JSON."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"starts with '[' but is not a JSON list ({exc.msg}); or give a,b,c") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list)]
 
 
 class Settings(BaseSettings):
@@ -36,11 +56,27 @@ class Settings(BaseSettings):
     decomposer_max_new_tokens: int = Field(
         1024, ge=1, description="longest decomposer output; a longer one is a failed decomposition, never cut short"
     )
+    decomposer_max_semantic: int = Field(
+        16, ge=1, le=64, description="most semantic questions per prompt; a list at the cap is reported"
+    )
+    decomposer_max_quality: int = Field(
+        8, ge=0, le=64, description="most quality questions per prompt; a list at the cap is reported"
+    )
     device: str = Field("cpu", description="torch device of the engines, e.g. cpu or cuda:0")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
     verifier_mode: Literal["packed", "per_pair"] = Field("packed", description="verifier scoring layout")
-    min_pixels: int = Field(28 * 28 * 4, description="smallest image area fed to the verifier (resized up)")
-    max_pixels: int = Field(448 * 448, description="largest image area fed to the verifier (resized down)")
+    verifier_system_prompt: str = Field(
+        VERIFIER_SYSTEM_PROMPT, description="system message of every verifier conversation (empty: none)"
+    )
+    verifier_system_prompt_file: Path | None = Field(
+        None, description="read the verifier system prompt from this UTF-8 file instead"
+    )
+    min_pixels: int | None = Field(
+        None, gt=0, description="smallest image area fed to the verifier (unset: the checkpoint's own)"
+    )
+    max_pixels: int | None = Field(
+        None, gt=0, description="largest image area fed to the verifier (unset: the checkpoint's own)"
+    )
     max_batch_tokens: int = Field(32768, description="token budget of one verifier forward pass")
     batched_vision: bool = Field(True, description="vision window attention in one call (same result, faster)")
 
@@ -95,7 +131,9 @@ class Settings(BaseSettings):
     # API
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, description="bind port")
-    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty = no auth")
+    api_keys: StrList = Field(
+        default_factory=list, description="accepted Bearer keys, comma-separated or a JSON list; empty = no auth"
+    )
     request_timeout_s: float = Field(120.0, description="deadline of one request; past it the API answers 504")
     max_body_bytes: int = Field(64 * 1024 * 1024, description="largest request body")
     max_images: int = Field(512, description="most images in one request")
@@ -104,6 +142,19 @@ class Settings(BaseSettings):
     max_questions: int = Field(64, description="most questions per group")
     max_prompt_chars: int = Field(2000, description="longest prompt")
     max_groups: int = Field(128, description="most groups in one request")
+
+    @model_validator(mode="after")
+    def _system_prompt_file(self) -> Settings:
+        path = self.verifier_system_prompt_file
+        if path is None:
+            return self
+        if "verifier_system_prompt" in self.model_fields_set:
+            raise ValueError("give verifier_system_prompt or verifier_system_prompt_file, not both")
+        try:
+            self.verifier_system_prompt = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the verifier system prompt file {str(path)!r}: {exc}") from exc
+        return self
 
     @model_validator(mode="after")
     def _remote_urls(self) -> Settings:

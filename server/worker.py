@@ -162,10 +162,17 @@ class Worker:
                 results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
         for i, outcome in zip(owners, self._scores(items), strict=True):
             results[i] = (Result(tasks[i].task_id, {"p": list(outcome.p), "p_source": list(outcome.source),
-                                                    "model": self.verifier.model_id})
+                                                    **self._provenance})
                           if isinstance(outcome, ItemScores) else
                           Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(outcome)))
         return [results[i] for i in range(len(tasks))]
+
+    @property
+    def _provenance(self) -> dict[str, str]:
+        """What produced a verification result, reported with it (the API may run other settings)."""
+        assert self.verifier is not None
+        return {"model": self.verifier.model_id, "template_version": self.info.template_version,
+                "system_prompt": self.verifier.system_prompt}
 
     def _scores(self, items: list[VerifyItem]) -> list[ItemScores | Exception]:
         """The batch in one call; if it fails, item by item, so one bad item cannot fail other requests."""

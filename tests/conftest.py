@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 # Tests never reach a hub: set before transformers / huggingface_hub are imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,3 +20,50 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     paths = write_tiny_models(root)
     return {k: Path(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def plain_chat_p() -> Any:
+    """p of one (images, question) from a plain transformers chat call, written apart from the engines.
+
+    The chat template's own ids (system prompt, the images, the question), each image placeholder
+    expanded to its patch count, the image processor at the checkpoint's settings, one ordinary forward
+    pass, and p summed over every vocabulary entry that reads yes / no (lower-cased, stripped of
+    whitespace and . , ? !).
+    """
+    import string
+
+    import torch
+
+    strip = string.whitespace + ".,?!"
+
+    def template_ids(tokenizer: Any, system_prompt: str, n_images: int, question: str) -> list[int]:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+
+    def answer_sets(tokenizer: Any) -> tuple[list[int], list[int]]:
+        words = [tokenizer.decode([i]).lower().strip(strip) for i in range(len(tokenizer))]
+        return [i for i, w in enumerate(words) if w == "yes"], [i for i, w in enumerate(words) if w == "no"]
+
+    def plain_p(model: Any, tokenizer: Any, image_processor: Any, system_prompt: str, images: list[Any],
+                question: str) -> float:
+        vis = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        pad = model.config.image_token_id
+        counts = iter(int(n) // image_processor.merge_size**2 for n in vis["image_grid_thw"].prod(-1).tolist())
+        ids: list[int] = []
+        for t in template_ids(tokenizer, system_prompt, len(images), question):
+            ids.extend([t] * next(counts) if t == pad else [t])
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = model(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=vis["pixel_values"],
+                        image_grid_thw=vis["image_grid_thw"], mm_token_type_ids=(x == pad).int())
+        prob = torch.softmax(out.logits[0, -1].double(), dim=-1)
+        yes, no = answer_sets(tokenizer)
+        return float(prob[yes].sum() / (prob[yes].sum() + prob[no].sum()))
+
+    plain_p.template_ids = template_ids  # type: ignore[attr-defined]
+    plain_p.answer_sets = answer_sets  # type: ignore[attr-defined]
+    return plain_p

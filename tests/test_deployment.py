@@ -60,7 +60,10 @@ def test_compose_shape() -> None:
     assert any(v.endswith(":/models") for v in worker["volumes"]), "workers share a model cache volume"
     for svc in ("api", "worker"):
         assert services[svc]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    gpus = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpus["capabilities"] == ["gpu"]
+    # compose does not spread `count: 1` over GPUs: one container takes them all, one process per GPU
+    assert gpus["count"] == "all" and worker["command"][-2:] == ["--devices", "all"]
 
 
 @pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "worker.Dockerfile"])
@@ -82,3 +85,74 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`DVREWARD_{name.upper()}`" in readme, f"README's settings table lacks DVREWARD_{name.upper()}"
+
+
+def test_pixels_default_to_the_checkpoints_everywhere() -> None:
+    """Compose, `dvreward serve|worker`, `dvreward score` and `dvreward eval` resize alike: the checkpoint's own."""
+    assert Settings.model_fields["min_pixels"].default is None and Settings.model_fields["max_pixels"].default is None
+    for spec in COMPOSE["services"].values():
+        assert not {"DVREWARD_MIN_PIXELS", "DVREWARD_MAX_PIXELS"} & set(spec.get("environment") or {})
+    sub = _subparsers(build_parser())
+    for command, args in (("score", ["a.png", "--verifier", "v"]),
+                          ("eval", ["--images", "i", "--questions", "q", "-o", "o", "--verifier", "v"])):
+        parsed = sub[command].parse_args(args)
+        assert (parsed.min_pixels, parsed.max_pixels) == (None, None), command
+
+
+def test_readme_gives_the_portable_cpu_torch_install() -> None:
+    """A plain `pip install torch==X` is the CPU build only where pip has a local CPU wheel configured."""
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"pip install torch==[\d.]+ --index-url https://download\.pytorch\.org/whl/cpu", readme)
+    pinned = re.search(r"torch==([\d.]+) --index-url", readme)
+    ci = re.search(r"torch==([\d.]+)", (ROOT / ".ci" / "run").read_text())
+    assert pinned and ci and pinned.group(1) == ci.group(1), "README and CI install the same torch"
+
+
+# The Python each base image ships: an image must install no other `pythonX.Y` (the distribution has none).
+DISTRO_PYTHON = {"ubuntu20.04": "3.8", "ubuntu22.04": "3.10", "ubuntu24.04": "3.12", "bullseye": "3.9",
+                 "bookworm": "3.11", "trixie": "3.13"}
+
+
+def base_python(image: str) -> str:
+    """The Python a base image runs: the official python image's tag, else its distribution's release."""
+    name, _, tag = image.partition(":")
+    if name in ("python", "docker.io/library/python"):
+        return re.match(r"\d+\.\d+", tag).group(0)  # type: ignore[union-attr]
+    if name == "vllm/vllm-openai":
+        return "3.12"
+    release = re.search(r"ubuntu\d\d\.\d\d|bullseye|bookworm|trixie", tag.replace("ubuntu-", "ubuntu")
+                        if name != "ubuntu" else f"ubuntu{tag}")
+    assert release, f"{image}: unknown base; add its Python to DISTRO_PYTHON"
+    return DISTRO_PYTHON[release.group(0)]
+
+
+@pytest.mark.parametrize("dockerfile", sorted(p.name for p in (ROOT / "docker").glob("*Dockerfile")))
+def test_dockerfile_python_is_its_base_images(dockerfile: str) -> None:
+    text = (ROOT / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    (image,) = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    python = base_python(image)
+    lo = re.search(r'requires-python = ">=(\d+\.\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert lo and tuple(map(int, python.split("."))) >= tuple(map(int, lo.group(1).split("."))), \
+        f"{dockerfile}: {image} runs Python {python}, below the project's requires-python"
+    for named in re.findall(r"python(\d\.\d+)", " ".join(re.findall(r"^RUN (.*)$", text, re.M))):
+        assert named == python, f"{dockerfile}: uses python{named}, but {image} has Python {python}"
+
+
+def test_base_python_table() -> None:
+    """The check above would pass vacuously if the table misread the image that issue 12 found broken."""
+    assert base_python("nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04") == "3.12"
+    assert base_python("python:3.11-slim-bookworm") == "3.11"
+    assert base_python("ubuntu:22.04") == "3.10"
+
+
+def test_readme_tls_redis_url_gives_a_tls_connection_with_the_ca() -> None:
+    """The multi-host docs' `rediss://` URL really configures TLS, the CA file and the password."""
+    from server.queue.redis_broker import RedisBroker
+
+    readme = (ROOT / "README.md").read_text()
+    url = re.search(r'DVREWARD_REDIS_URL="(rediss://[^"]+)"', readme)
+    assert url, "README documents no rediss:// URL"
+    pool = RedisBroker(url.group(1).replace("$REDIS_PASSWORD", "pw")).redis.connection_pool
+    assert pool.connection_class.__name__ == "SSLConnection"
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/dvreward/redis-ca.pem"
+    assert pool.connection_kwargs["password"] == "pw"

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from server.core.alphagrpo import QUALITY_KEY, SEMANTIC_KEY, has_reference_questions, reference_questions
 from trainer_client.client import DVRewardClient, ScoreResult
 from trainer_client.encoding import split_group
 
@@ -53,6 +54,19 @@ def group_indices(prompts: Sequence[str], group_by: GroupBy = "consecutive") -> 
     return list(by_prompt.values())
 
 
+def _sample_questions(metas: Sequence[Mapping[str, Any] | None], questions_key: str | None) -> list[Any] | None:
+    """Per sample: the reference's precomputed questions (`semantic_questions` / `quality_questions`) when
+    present, else `questions_key`'s explicit questions, else None (the prompt is decomposed)."""
+    out: list[Any] = []
+    for m in metas:
+        m = m or {}
+        if has_reference_questions(m):
+            out.append(reference_questions(m)[0])
+        else:
+            out.append(m.get(questions_key) if questions_key else None)
+    return out if any(q is not None for q in out) else None
+
+
 def _score_samples(
     client: DVRewardClient, prompts: list[str], images: list[Any], groups: list[list[int]],
     questions: list[Any] | None, score_kwargs: Mapping[str, Any],
@@ -80,7 +94,9 @@ def make_trl_reward_func(
     """A TRL `reward_func(prompts, completions, **kwargs)`; one image per completion from kwargs[image_key].
 
     TRL repeats each prompt num_generations times consecutively, hence group_by="consecutive"; use "all"
-    when equal prompts are scattered. `questions_key` names a dataset column with explicit questions.
+    when equal prompts are scattered. Dataset columns `semantic_questions` / `quality_questions` (the
+    AlphaGRPO data format) are used as each sample's questions; `questions_key` names a column with
+    explicit questions in our format.
     Extra keyword arguments (aggregation, gating, clip, ...) go to client.score.
     """
 
@@ -93,7 +109,11 @@ def make_trl_reward_func(
         if not len(texts) == len(images) == len(completions):
             raise ValueError(f"{len(texts)} prompts, {len(completions)} completions and {len(images)} images: "
                              "expected one image per completion")
-        questions = list(kwargs[questions_key]) if questions_key else None
+        columns = {k: kwargs[k] for k in (SEMANTIC_KEY, QUALITY_KEY) if kwargs.get(k) is not None}
+        if questions_key and kwargs.get(questions_key) is not None:
+            columns[questions_key] = kwargs[questions_key]
+        metas = [{k: col[i] for k, col in columns.items()} for i in range(len(texts))]
+        questions = _sample_questions(metas, questions_key)
         result, where = _score_samples(client, texts, images, group_indices(texts, group_by), questions, score_kwargs)
         rewards = result.rewards
         return [None if math.isnan(r := rewards[g][k]) else r for g, k in where]
@@ -115,7 +135,8 @@ def make_flow_grpo_reward_fn(
 
     Returns ({name: rewards, "sc": [...], "pq": [...]}, info) with NaN (never 0) for failed images; info holds
     per-sample `advantages`, the `questions` per prompt, `failed` sample indices and `request_ids`.
-    If metadata[i][questions_key] exists it is used as that prompt's explicit questions.
+    metadata[i]'s `semantic_questions` / `quality_questions` (the AlphaGRPO data format) or, failing those,
+    metadata[i][questions_key] are used as that prompt's questions instead of decomposing it.
     """
 
     def reward_fn(images: Any, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -124,9 +145,7 @@ def make_flow_grpo_reward_fn(
         texts = [_prompt_text(p) for p in prompts]
         if len(imgs) != len(texts):
             raise ValueError(f"{len(imgs)} images but {len(texts)} prompts: expected one prompt per image")
-        questions = None
-        if metadata is not None and questions_key and any(questions_key in (m or {}) for m in metadata):
-            questions = [(m or {}).get(questions_key) for m in metadata]
+        questions = _sample_questions(metadata, questions_key) if metadata is not None else None
         result, where = _score_samples(client, texts, imgs, group_indices(texts, "all"), questions, score_kwargs)
         rewards, adv, sc, pq = result.rewards, result.advantages, result.sc, result.pq
         scores = {

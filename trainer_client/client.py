@@ -31,6 +31,7 @@ from server.core.questions import Question
 from server.core.reward import Aggregation, Gating
 from server.schemas import (
     AdvantageOptions,
+    Answer,
     DecomposeRequest,
     DecomposeResponse,
     GroupResult,
@@ -44,6 +45,7 @@ from server.schemas import (
     VerifyItemResult,
     VerifyRequest,
     VerifyResponse,
+    Warning,
 )
 from trainer_client.chunks import Part, plan_chunks, split_by_bytes
 from trainer_client.encoding import EncodeOptions, ImageFormat, encode_base64, split_group
@@ -57,8 +59,8 @@ from trainer_client.errors import (
     error_from_response,
     error_from_transport,
 )
-from trainer_client.grpo import StdMode, group_advantages
-from trainer_client.results import ScoreResult, VerifyResult
+from trainer_client.grpo import DEFAULT_CLIP, DEFAULT_EPS, DEFAULT_STD, StdMode, group_advantages
+from trainer_client.results import ScoreResult, VerifyResult, lone_image_warnings
 
 log = logging.getLogger("trainer_client")
 
@@ -130,6 +132,21 @@ class _Sent(Generic[M]):
     parts: list[Part]
     response: M
     replayed: bool
+
+
+def _step_warnings(sent: list[_Sent[ScoreResponse]]) -> list[Warning]:
+    """The requests' warnings with their group indices mapped to the step's, once each.
+
+    Lone-image warnings are left out: only the whole step can tell (see `lone_image_warnings`).
+    """
+    out: dict[str, Warning] = {}
+    for s in sent:
+        for w in s.response.warnings:
+            if w.code == "lone_image":
+                continue
+            mapped = w.model_copy(update={"group": None if w.group is None else s.parts[w.group].group})
+            out.setdefault(mapped.model_dump_json(), mapped)
+    return list(out.values())
 
 
 def _as_question(q: QuestionLike) -> Question:
@@ -228,7 +245,7 @@ class _Base:
                    questions: Sequence[Sequence[QuestionLike] | None] | None,
                    metadata: Sequence[Mapping[str, Any] | None] | None, aggregation: Aggregation | str,
                    gating: Gating | str, advantages_std: StdMode, clip: float | None, eps: float,
-                   tag_weights: Mapping[str, float] | None, details: bool) -> _ScoreJob:
+                   tag_weights: Mapping[str, float] | None, details: bool, answer: Answer) -> _ScoreJob:
         _not_str_seq("prompts", prompts)
         _not_str_seq("images", images)
         n = len(prompts)
@@ -247,7 +264,8 @@ class _Base:
                 raise ValueError(f"group {i}: give a non-empty prompt or explicit questions")
         options = {"aggregation": Aggregation(aggregation), "gating": Gating(gating),
                    "tag_weights": dict(tag_weights) if tag_weights is not None else None,
-                   "advantages": AdvantageOptions(std=advantages_std, clip=clip, eps=eps), "details": details}
+                   "advantages": AdvantageOptions(std=advantages_std, clip=clip, eps=eps), "details": details,
+                   "answer": answer}
         return _ScoreJob(groups, list(prompts), qs, [dict(m or {}) for m in (metadata or [None] * n)], options)
 
     def _verify_job(self, images: Sequence[Any], questions: Sequence[Sequence[str]] | Sequence[str]) -> _VerifyJob:
@@ -335,7 +353,7 @@ class _Base:
                     images[g][part.start + im.index] = im.model_copy(update={"index": part.start + im.index})
         opts: AdvantageOptions = job.options["advantages"]
         # Chunks only saw part of the batch: recompute over the whole step exactly as the server would.
-        adv = group_advantages(rewards, std=opts.std, eps=opts.eps, clip=opts.clip)
+        adv = group_advantages(rewards, std=opts.std, eps=opts.eps, clip=opts.clip, keys=job.prompts)
         first = sent[0].response
         groups = []
         for g, h in enumerate(head):
@@ -351,7 +369,9 @@ class _Base:
                           total_ms=max(x.total_ms for x in t))  # requests ran concurrently: the slowest one
         return ScoreResponse.model_construct(
             request_id=first.request_id, models=first.models, template_version=first.template_version,
-            aggregation=first.aggregation, gating=first.gating, groups=groups, timings=timings,
+            verifier_system_prompt=first.verifier_system_prompt, aggregation=first.aggregation,
+            gating=first.gating, answer=first.answer, groups=groups,
+            warnings=_step_warnings(sent) + lone_image_warnings(rewards, job.prompts), timings=timings,
         )
 
     def _merge_verify(self, job: _VerifyJob, sent: list[_Sent[VerifyResponse]], wall_s: float,
@@ -450,21 +470,25 @@ class DVRewardClient(_Base):
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
         aggregation: Aggregation | str = Aggregation.geometric,
         gating: Gating | str = Gating.none,
-        advantages_std: StdMode = "group",
-        clip: float | None = None,
-        eps: float = 1e-4,
+        advantages_std: StdMode = DEFAULT_STD,
+        clip: float | None = DEFAULT_CLIP,
+        eps: float = DEFAULT_EPS,
         tag_weights: Mapping[str, float] | None = None,
         details: bool = True,
         on_error: OnError | None = None,
+        answer: Answer = "prob",
     ) -> ScoreResult:
         """Score groups: images[i] is the group (list or 4-D batch) of prompts[i]; questions[i] skips decomposition.
 
         Failed images follow `on_error` (client default if None): "nan" gives NaN rewards, "raise" raises
-        ImageFailed (with `.result`). Request-level failures always raise a DVRewardError.
+        ImageFailed (with `.result`). Request-level failures always raise a DVRewardError. Advantages are the
+        reference's by default (population std over the whole step, clipped to ±5), computed over the whole
+        step even when it took several requests; groups with the same prompt form one GRPO group.
+        `answer="binary"` scores each question 1 where yes outweighs no, else 0.
         """
         t0, policy = time.perf_counter(), _policy(on_error, self.on_error)
         job = self._score_job(prompts, images, questions, metadata, aggregation, gating, advantages_std, clip, eps,
-                              tag_weights, details)
+                              tag_weights, details, answer)
         sent = self._run(job, ScoreResponse)
         return self._merge_score(job, sent, time.perf_counter() - t0, policy)
 
@@ -587,17 +611,18 @@ class AsyncDVRewardClient(_Base):
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
         aggregation: Aggregation | str = Aggregation.geometric,
         gating: Gating | str = Gating.none,
-        advantages_std: StdMode = "group",
-        clip: float | None = None,
-        eps: float = 1e-4,
+        advantages_std: StdMode = DEFAULT_STD,
+        clip: float | None = DEFAULT_CLIP,
+        eps: float = DEFAULT_EPS,
         tag_weights: Mapping[str, float] | None = None,
         details: bool = True,
         on_error: OnError | None = None,
+        answer: Answer = "prob",
     ) -> ScoreResult:
         """See DVRewardClient.score."""
         t0, policy = time.perf_counter(), _policy(on_error, self.on_error)
         job = self._score_job(prompts, images, questions, metadata, aggregation, gating, advantages_std, clip, eps,
-                              tag_weights, details)
+                              tag_weights, details, answer)
         sent = await self._run(job, ScoreResponse)
         return self._merge_score(job, sent, time.perf_counter() - t0, policy)
 

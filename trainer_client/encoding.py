@@ -184,8 +184,13 @@ def encode_image(x: Any, opts: EncodeOptions, what: str = "image") -> bytes:
         if not data:
             raise ValueError(f"{what}: encoded image is empty (zero bytes)")
         return data
-    if isinstance(x, os.PathLike):
-        return Path(x).read_bytes()
+    if isinstance(x, str | os.PathLike):
+        try:
+            return Path(x).read_bytes()
+        except OSError as exc:
+            shown = str(x) if len(str(x)) <= 120 else str(x)[:117] + "..."
+            raise ValueError(f"{what}: a str or Path is read as an image file, and {shown!r} could not be read "
+                             f"({exc.strerror or exc})") from None
     lib = _lib(x)
     if lib == "numpy":
         return _encode_array(_numpy_hwc_uint8(x, what), opts)

@@ -1,16 +1,25 @@
 """GRPO helpers shared by the trainer client and the server (pure Python, no numpy).
 
-A failed image (None reward) is left out of every statistic and gets a None advantage:
-it must never be treated as a reward of 0.
+A failed image (None reward, or NaN as `on_error="nan"` returns it) is left out of every statistic
+and gets the same marker as its advantage: it must never be treated as a reward of 0.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Literal
 
 StdMode = Literal["group", "global"]
+
+# The reference's advantages: population std over the whole step, +1e-4, clipped to ±5.
+DEFAULT_STD: StdMode = "global"
+DEFAULT_EPS = 1e-4
+DEFAULT_CLIP = 5.0
+
+
+def _failed(r: float | None) -> bool:
+    return r is None or math.isnan(r)
 
 
 def _std(xs: Sequence[float]) -> float:
@@ -22,32 +31,37 @@ def _std(xs: Sequence[float]) -> float:
 
 def group_advantages(
     rewards: Sequence[Sequence[float | None]],
-    std: StdMode = "group",
-    eps: float = 1e-4,
-    clip: float | None = None,
+    std: StdMode = DEFAULT_STD,
+    eps: float = DEFAULT_EPS,
+    clip: float | None = DEFAULT_CLIP,
+    keys: Sequence[Hashable | None] | None = None,
 ) -> list[list[float | None]]:
-    """(r - group mean) / (std + eps), std per group or over the whole batch, optionally clipped.
+    """(r - group mean) / (std + eps), std per group or over the whole step (population), optionally clipped.
 
-    A group whose valid rewards are all equal gets zero advantages (never NaN).
+    `keys` (one per group, e.g. the prompt) pools groups with the same non-None key into one GRPO group,
+    as the reference keys groups by prompt; groups without a key stand alone. A group whose valid
+    rewards are all equal gets zero advantages (never NaN).
     """
     if std not in ("group", "global"):
         raise ValueError(f"std must be 'group' or 'global', got {std!r}")
     if clip is not None and clip <= 0:
         raise ValueError(f"clip must be positive, got {clip}")
+    if keys is not None and len(keys) != len(rewards):
+        raise ValueError(f"{len(keys)} keys for {len(rewards)} groups")
     for g in rewards:
         for r in g:
-            if r is not None and not math.isfinite(r):
-                raise ValueError(f"reward {r} is not finite; pass None for a failed image")
-    valid = [[r for r in g if r is not None] for g in rewards]
-    global_std = _std([r for g in valid for r in g])
+            if not _failed(r) and not math.isfinite(r):
+                raise ValueError(f"reward {r} is not finite; pass None or NaN for a failed image")
+    pooled = _pooled(rewards, keys)
+    global_std = _std([r for g in rewards for r in g if not _failed(r)])  # each image once, pooled or not
     out: list[list[float | None]] = []
-    for g, vg in zip(rewards, valid, strict=True):
+    for g, vg in zip(rewards, pooled, strict=True):
         mean = sum(vg) / len(vg) if vg else 0.0
         s = _std(vg) if std == "group" else global_std
         adv: list[float | None] = []
         for r in g:
-            if r is None:
-                adv.append(None)
+            if _failed(r):
+                adv.append(r)  # None stays None, NaN stays NaN
                 continue
             a = 0.0 if max(vg) == min(vg) else (r - mean) / (s + eps)
             if clip is not None:
@@ -55,6 +69,24 @@ def group_advantages(
             adv.append(a)
         out.append(adv)
     return out
+
+
+def _pooled(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None) -> list[list[float]]:
+    """Per group, the valid rewards of its GRPO group: its own, or all groups' with the same key."""
+    valid = [[r for r in g if not _failed(r)] for g in rewards]
+    if keys is None:
+        return valid
+    by_key: dict[Hashable, list[float]] = {}
+    for k, vg in zip(keys, valid, strict=True):
+        if k is not None:
+            by_key.setdefault(k, []).extend(vg)
+    return [vg if k is None else by_key[k] for k, vg in zip(keys, valid, strict=True)]
+
+
+def lone_groups(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None = None) -> list[int]:
+    """Groups whose GRPO group (pooled by key) has exactly one valid reward: advantage 0, nothing to learn."""
+    return [g for g, (own, vg) in enumerate(zip(rewards, _pooled(rewards, keys), strict=True))
+            if len(vg) == 1 and any(not _failed(r) for r in own)]
 
 
 def false_positive_rectification(

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -136,7 +137,8 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
         finally:
             await service.broker.close()
 
-    app = FastAPI(title="DVReward", version="0.1.0", lifespan=lifespan,
+    # /docs and /redoc serve their JavaScript and CSS from the package, not a CDN: they work air-gapped.
+    app = FastAPIOffline(title="DVReward", version="0.1.0", lifespan=lifespan,
                   description="Decompositional Verifiable Reward: rewards for RL of image generators.")
     app.state.settings = settings
     app.state.service = service

@@ -28,6 +28,7 @@ import os
 import sys
 from pathlib import Path
 
+from server.commands.verifier_flags import add_verifier_flags, verifier_options
 from server.core.reward import Aggregation, Gating
 
 
@@ -36,10 +37,15 @@ def _eval(args: argparse.Namespace) -> int:
     from server.eval.matching import EvalInputError
     from server.eval.run import EvalOptions, run_eval
 
+    try:
+        engine_options = verifier_options(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     opts = EvalOptions(
         images=Path(args.images), questions=Path(args.questions), out=Path(args.output),
         server=args.server, api_key=args.api_key or os.environ.get("DVREWARD_API_KEY") or None,
-        verifier=args.verifier, device=args.device, dtype=args.dtype,
+        verifier=args.verifier, device=args.device, dtype=args.dtype, verifier_options=engine_options,
         gating=Gating(args.gating), aggregation=Aggregation(args.aggregation), batch_size=args.batch_size,
         timeout_s=args.timeout, max_retries=args.max_retries, max_questions=args.max_questions,
         retry_errors=args.retry_errors, progress=not args.no_progress, report_max_images=args.report_max_images,
@@ -75,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for --verifier (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype for --verifier (default float32)")
+    add_verifier_flags(p)
     p.add_argument("--gating", default=Gating.none.value, choices=[g.value for g in Gating],
                    help="dependency gating of the reward and of the tag/aspect means (benchmark categories "
                         "always use hard gating)")

@@ -9,26 +9,51 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from server.commands.verifier_flags import add_verifier_flags, verifier_options
 from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
 from server.core.reward import Aggregation, Gating, aggregate
 from server.engines.loading import DTYPES
 
+QUESTION_SHAPE = '{"id": "1", "text": "Is there a cat?", "tag": "Existence"}'
 
-def read_questions(path: Path) -> list[Question]:
-    """A JSON list of questions, or an object / first JSONL record with a `questions` list."""
+
+def read_questions(path: Path) -> tuple[str | None, list[Question]]:
+    """(prompt, questions) from a JSON list of questions, or one JSON object / one JSONL record with a
+    `questions` list (and optionally its `prompt`). Several records are refused: the images on the
+    command line belong to one prompt."""
     text = path.read_text()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        lines = text.strip().splitlines()
+        lines = [line for line in text.splitlines() if line.strip()]
         if not lines:
             raise ValueError(f"{path}: the file is empty") from None
-        data = json.loads(lines[0])
+        if len(lines) > 1:
+            raise ValueError(f"{path} holds {len(lines)} records; `dvreward score` scores the images given for one "
+                             "prompt, so give a file with one record (or score a benchmark with `dvreward eval`)"
+                             ) from None
+        try:
+            data = json.loads(lines[0])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON or JSONL ({exc.msg} at line {exc.lineno})") from None
+    prompt = data.get("prompt") if isinstance(data, dict) else None
     if isinstance(data, dict):
         data = data.get("questions")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of questions or an object with `questions`")
-    return validate_questions([Question.model_validate(q) for q in data])
+    return prompt, validate_questions([_question(path, n, q) for n, q in enumerate(data, 1)])
+
+
+def _question(path: Path, n: int, raw: object) -> Question:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: question {n} is {type(raw).__name__} {raw!r}; each question is an object "
+                         f"such as {QUESTION_SHAPE} (README: Questions)")
+    try:
+        return Question.model_validate(raw)
+    except ValidationError as exc:
+        why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'question'}: {e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors())
+        raise ValueError(f"{path}: question {n}: {why} (README: Questions)") from None
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -39,7 +64,8 @@ def _score(args: argparse.Namespace) -> int:
 
     try:
         if args.questions:
-            dec = Decomposition(prompt=args.prompt or "", questions=tuple(read_questions(Path(args.questions))))
+            prompt, questions = read_questions(Path(args.questions))
+            dec = Decomposition(prompt=args.prompt or prompt or "", questions=tuple(questions))
         elif args.decomposer and args.prompt:
             from server.engines.hf_decomposer import HFDecomposer
 
@@ -48,7 +74,7 @@ def _score(args: argparse.Namespace) -> int:
             print("give --questions FILE, or --decomposer PATH with --prompt", file=sys.stderr)
             return 2
         images = [Image.open(p).convert("RGB") for p in args.images]
-        verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype)
+        verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype, **verifier_options(args))
     except (OSError, ValueError, ValidationError, DecompositionError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -60,7 +86,8 @@ def _score(args: argparse.Namespace) -> int:
         b = aggregate(list(dec.questions), p, Aggregation(args.aggregation), Gating(args.gating))
         out.append({"image": path, "reward": b.reward, "sc": b.sc, "pq": b.pq, "p": p})
     print(json.dumps({"prompt": dec.prompt, "questions": [q.model_dump(mode="json") for q in dec.questions],
-                      "verifier": args.verifier, "results": out}, indent=2))
+                      "verifier": args.verifier, "verifier_system_prompt": verifier.system_prompt,
+                      "results": out}, indent=2))
     return 0
 
 
@@ -71,9 +98,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decomposer", help="decomposer checkpoint, used when --questions is not given")
     p.add_argument("--pipeline", choices=["fast", "dsg"], default="fast")
     p.add_argument("--prompt", help="the generation prompt")
-    p.add_argument("--questions", help="JSON file of questions (skips the decomposer)")
+    p.add_argument("--questions",
+                   help="JSON list of questions, or one JSON/JSONL record {prompt?, questions} (skips the decomposer)")
     p.add_argument("--aggregation", choices=[a.value for a in Aggregation], default="geometric")
     p.add_argument("--gating", choices=[g.value for g in Gating], default="none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_verifier_flags(p)
     p.set_defaults(func=_score)

@@ -9,14 +9,21 @@ import signal
 import sys
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from server.preflight import StartupError, check, settings_problems
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engines.base import Decomposer, Verifier
 
 # Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys.
 WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
-                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision"}
+                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision", "verifier_system_prompt",
+                   "verifier_system_prompt_file", "decomposer_max_semantic", "decomposer_max_quality"}
 WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "decomposer_url", "verifier_api_key",
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
@@ -36,7 +43,7 @@ def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     if typing.get_origin(annotation) is typing.Literal:
         return str, {"choices": list(typing.get_args(annotation))}
     if typing.get_origin(annotation) is list:
-        return str, {"nargs": "*"}
+        return str, {"metavar": "A,B"}  # one value, comma-separated or JSON, parsed like the environment
     if annotation is bool:
         return _boolean, {"metavar": "{true,false}"}
     return annotation, {}
@@ -56,14 +63,37 @@ def add_settings_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:
             continue
         typ, extra = _arg_type(field.annotation)
         env = f"DVREWARD_{name.upper()}"
+        default = _shown(field.get_default(call_default_factory=True))
         p.add_argument(flag(name), dest=name, type=typ, default=None,
-                       help=f"{field.description} (env {env}; default {field.default!r})", **extra)
+                       help=f"{field.description} (env {env}; default {default})", **extra)
+
+
+def _shown(default: Any) -> str:
+    if default is None or default == "":
+        return "unset"
+    if isinstance(default, list):
+        return ",".join(map(str, default)) or "none"
+    return str(default)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """Flags override the environment, which overrides the defaults."""
+    """Flags override the environment, which overrides the defaults; a bad value is one line, not a traceback."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise StartupError(settings_problems(exc)) from None
+
+
+def _load_engines(s: Settings) -> tuple[Verifier, Decomposer | None]:
+    """Loading errors (a corrupt checkpoint) are one line too."""
+    from server.engines.base import EngineError
+    from server.runtime import load_decomposer, load_verifier
+
+    try:
+        return load_verifier(s), load_decomposer(s)
+    except EngineError as exc:
+        raise StartupError([str(exc)]) from None
 
 
 def _logging() -> None:
@@ -73,11 +103,12 @@ def _logging() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.runtime import build_app, load_decomposer, load_verifier
+    from server.runtime import build_app
 
     _logging()
     s = settings_from(args)
-    app = build_app(s, (load_verifier(s), load_decomposer(s)))
+    check(models={"verifier": s.verifier, "decomposer": s.decomposer}, listen=(s.host, s.port))
+    app = build_app(s, _load_engines(s))
     queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
     uvicorn.run(app, host=s.host, port=s.port, log_level="info")
@@ -95,19 +126,23 @@ def _api(args: argparse.Namespace) -> int:
         print("dvreward api needs --redis-url (or DVREWARD_REDIS_URL); for one process use `dvreward serve`",
               file=sys.stderr)
         return 2
+    check(listen=(s.host, s.port))
     uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info")
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from server.runtime import build_broker, build_worker, load_decomposer, load_verifier
+    from server.runtime import build_broker, build_worker
 
     _logging()
     s = settings_from(args)
     if not s.redis_url:
         print("dvreward worker needs --redis-url (or DVREWARD_REDIS_URL)", file=sys.stderr)
         return 2
-    worker = build_worker(s, build_broker(s), load_verifier(s), load_decomposer(s))
+    if args.devices:
+        return _supervise(args)
+    check(models={"verifier": s.verifier, "decomposer": s.decomposer})
+    worker = build_worker(s, build_broker(s), *_load_engines(s))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -124,6 +159,33 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supervise(args: argparse.Namespace) -> int:
+    """One worker process per device, each given the flags of this command (as environment)."""
+    import os
+
+    from server.supervisor import parse_devices, supervise
+
+    if args.device is not None:
+        raise StartupError(["give --device (one worker) or --devices (one per device), not both"])
+
+    def gpu_count() -> int:
+        import torch
+
+        return torch.cuda.device_count()
+
+    try:
+        devices = parse_devices(args.devices, gpu_count)
+    except ValueError as exc:
+        raise StartupError([str(exc)]) from None
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    s = settings_from(argparse.Namespace(**given, device=devices[0]))  # default models depend on the device
+    check(models={"verifier": s.verifier, "decomposer": s.decomposer})  # once, not in a restart loop
+    env = dict(os.environ)
+    for name, value in given.items():
+        env[f"DVREWARD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return supervise(devices, env)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="API and worker in one process (embedded queue unless --redis-url)")
     add_settings_flags(p, set())
@@ -133,4 +195,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_api)
     p = sub.add_parser("worker", help="a GPU/CPU worker, against Redis")
     add_settings_flags(p, API_SETTINGS)
+    p.add_argument("--devices", help="one supervised worker process per device, restarted if it dies: all, GPU "
+                   "indices (0,1,2,3), cuda:N or cpu (repeatable: cpu,cpu); instead of --device")
     p.set_defaults(func=_worker)

@@ -193,6 +193,7 @@ class Decomposition(BaseModel):
     pipeline: str = "explicit"
     model: str | None = None
     template_version: str | None = None
+    warnings: tuple[str, ...] = Field((), description="what the decomposer reported, e.g. a list cut at its cap")
 
     @model_validator(mode="after")
     def _valid(self) -> Decomposition:

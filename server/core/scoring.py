@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import string
+from collections.abc import Mapping
 
-YES_WORDS = ("yes",)
-NO_WORDS = ("no",)
+_STRIP = string.whitespace + ".,?!"
 
 
-def answer_variants(words: Iterable[str]) -> list[str]:
-    """Case and leading-space variants whose probabilities are summed ("yes", " Yes", "YES", ...)."""
-    out: list[str] = []
-    for w in words:
-        for cased in (w.lower(), w.capitalize(), w.upper()):
-            for s in (cased, " " + cased):
-                if s not in out:
-                    out.append(s)
-    return out
+def answer_word(token_text: str) -> str:
+    """The word a token reads as under the method's rule: lower-cased, stripped of whitespace and `.,?!`.
+
+    " Yes", "yes.", "YES!" and "\nno" read as "yes", "yes", "yes" and "no"; "nope" and "yes:" do not.
+    """
+    return token_text.lower().strip(_STRIP)
+
+
+def answered_yes(p: float) -> bool:
+    """The binary reading of p: yes outweighs no (the reference's `dvreward_binary`; a tie is no)."""
+    return p > 0.5
 
 
 class UnscorableError(ValueError):
@@ -47,14 +49,13 @@ def p_yes_from_logits(yes_logits: list[float], no_logits: list[float]) -> float:
 
 
 def p_yes_from_top_logprobs(top: Mapping[str, float]) -> float:
-    """p from an OpenAI-style top-k {token: logprob}: words missing from the top-k count as 0.
+    """p from an OpenAI-style top-k {token: logprob} under `answer_word`: words missing from the top-k count as 0.
 
-    If neither word is in the top-k, the answer is unscorable rather than 0 or 1.
+    An approximation of the full-vocabulary p (the reference reads its top-5 this way); if neither
+    word is in the top-k, the answer is unscorable rather than 0 or 1.
     """
-    yes = {v for v in answer_variants(YES_WORDS)}
-    no = {v for v in answer_variants(NO_WORDS)}
-    ly = [lp for tok, lp in top.items() if tok in yes]
-    ln = [lp for tok, lp in top.items() if tok in no]
+    ly = [lp for tok, lp in top.items() if answer_word(tok) == "yes"]
+    ln = [lp for tok, lp in top.items() if answer_word(tok) == "no"]
     if not ly and not ln:
         shown = ", ".join(repr(t) for t in list(top)[:5])
         raise UnscorableError(f"neither yes nor no is among the top-{len(top)} tokens ({shown})")

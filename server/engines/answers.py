@@ -1,7 +1,7 @@
 """The yes/no reading of a model's next-token distribution, shared by the verifier and the DSG validity stage.
 
-p = P(yes) / (P(yes) + P(no)) with the case and leading-space variants of each word summed
-(server.core.scoring holds the same rule in pure Python for top-k logprobs).
+p = P(yes) / (P(yes) + P(no)) over the full vocabulary, where yes / no are every token that reads
+"yes" / "no" under `server.core.scoring.answer_word` (the same rule the top-k reading applies).
 """
 
 from __future__ import annotations
@@ -9,29 +9,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.core.scoring import NO_WORDS, YES_WORDS, answer_variants
+from server.core.scoring import answer_word
 from server.engines.base import EngineError
 
 
-def single_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
-    """Ids of the variants the tokenizer writes as one token (the only ones a next token can be)."""
-    ids: set[int] = set()
-    for w in words:
-        toks = tokenizer.encode(w, add_special_tokens=False)
-        if len(toks) == 1:
-            ids.add(toks[0])
-    return sorted(ids)
+def answer_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(yes ids, no ids): every vocabulary entry whose decoded text reads "yes" / "no"."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    words = [answer_word(t) for t in texts]
+    return [i for i, w in enumerate(words) if w == "yes"], [i for i, w in enumerate(words) if w == "no"]
 
 
 class YesNo:
     """Token ids of "yes" and "no" for one tokenizer, and p from logits over the full vocabulary."""
 
     def __init__(self, tokenizer: Any, model_id: str) -> None:
-        self.yes_ids = single_token_ids(tokenizer, answer_variants(YES_WORDS))
-        self.no_ids = single_token_ids(tokenizer, answer_variants(NO_WORDS))
+        self.yes_ids, self.no_ids = answer_token_ids(tokenizer)
         if not self.yes_ids or not self.no_ids:
-            raise EngineError(f"the tokenizer of {model_id!r} has no single-token 'yes' or 'no'")
-
+            raise EngineError(f"the tokenizer of {model_id!r} has no token that reads 'yes' or 'no'")
     def p_yes(self, logits: Any) -> list[float]:
         """p per row of (N, vocab) logits; the log-softmax normaliser cancels, kept for numerical range."""
         import torch

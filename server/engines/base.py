@@ -46,6 +46,7 @@ class ItemScores:
 
 class Verifier(Protocol):
     model_id: str
+    system_prompt: str  # the system message of every conversation it scores, reported with results
 
     def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
         """p = P(yes) / (P(yes) + P(no)) for every question of every item, in order; EngineError if any fails."""

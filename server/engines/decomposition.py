@@ -31,6 +31,7 @@ from server.engines.decomposition_parse import (
     parse_dsg_questions,
     parse_fast_output,
     parse_quality,
+    parse_reason,
     parse_tag,
     parse_tuples,
     require_finished,
@@ -41,6 +42,7 @@ from server.engines.decomposition_schema import (
     fast_schema,
     quality_schema,
     questions_schema,
+    reason_schema,
     tuples_schema,
 )
 
@@ -127,6 +129,10 @@ def dsg_validity_messages(prompt: str, question: str) -> Messages:
     return _messages(P.DSG_VALIDITY.format(prompt=prompt, question=question))
 
 
+def dsg_validity_reason_messages(prompt: str, question: str) -> Messages:
+    return _messages(P.DSG_VALIDITY_REASON.format(prompt=prompt, question=question))
+
+
 def dsg_tag_messages(prompt: str, question: str) -> Messages:
     return _messages(P.DSG_TAG.format(prompt=prompt, question=question, tags=", ".join(SEMANTIC_TAGS)))
 
@@ -183,13 +189,21 @@ class PipelineDecomposer:
                 break
             for i, result in zip(todo, attempt([prompts[i] for i in todo], n), strict=True):
                 if isinstance(result, Decomposition):
-                    done[i] = result
+                    done[i] = self._cap_warnings(result)
                     errors.pop(i, None)
                 else:
                     errors[i] = result
         return [done[i] if i in done else EngineError(
                     _failure_message(prompts[i:i + 1], {0: errors[i]}, self.max_retries + 1, self.pipeline))
                 for i in range(len(prompts))]
+
+    def _cap_warnings(self, dec: Decomposition) -> Decomposition:
+        """Say when a list stopped at its cap: the schema cannot tell a full list from a cut one."""
+        caps = (("semantic", len(dec.semantic), self.limits.max_semantic, "DVREWARD_DECOMPOSER_MAX_SEMANTIC"),
+                ("quality", len(dec.quality), self.limits.max_quality, "DVREWARD_DECOMPOSER_MAX_QUALITY"))
+        warnings = tuple(f"the {kind} questions reached their cap of {cap}; the prompt may need more "
+                         f"(raise {setting})" for kind, n, cap, setting in caps if cap and n >= cap)
+        return dec.model_copy(update={"warnings": warnings}) if warnings else dec
 
     def _meta(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "model": self.model_id, "template_version": self.template_version}
@@ -210,7 +224,7 @@ class PipelineDecomposer:
         """Stages 1-6 for every prompt, batched per stage; a prompt drops out at its first failure."""
         errors: dict[int, str] = {}
         tuples, deps, questions = self._dsg_graph(prompts, attempt, errors)
-        verdicts = self._validity(prompts, questions, errors)
+        verdicts = self._validity(prompts, questions, attempt, errors)
         tag = Choice(SEMANTIC_TAGS)
         tags = self._stage("DSG tagging", {
             (i, qid): (dsg_tag_messages(prompts[i], q), tag, parse_tag)
@@ -250,12 +264,17 @@ class PipelineDecomposer:
                 _bind(parse_dsg_questions, ids[i])) for i in deps}, attempt, errors)
         return tuples, deps, questions
 
-    def _validity(self, prompts: list[str], questions: dict[int, dict[str, str]],
+    def _validity(self, prompts: list[str], questions: dict[int, dict[str, str]], attempt: int,
                   errors: dict[int, str]) -> dict[int, dict[str, bool]]:
-        """Stage 4: P(yes) vs P(no) per question; prompts with a rejected or unreadable question drop out."""
+        """Stage 4: P(yes) vs P(no) per question; prompts with a rejected or unreadable question drop out here,
+        with the model's reason for each rejection."""
         keys = [(i, qid) for i in questions for qid in questions[i]]
         probs = dict(zip(keys, self.backend.p_yes(
             [dsg_validity_messages(prompts[i], questions[i][qid]) for i, qid in keys]), strict=True))
+        reasons = self._stage("DSG validity reason", {
+            k: (dsg_validity_reason_messages(prompts[k[0]], questions[k[0]][k[1]]),
+                JsonSchema(reason_schema(self.limits)), parse_reason)
+            for k in keys if _rejected(probs[k])}, attempt, {})  # no reason still rejects, just unexplained
         verdicts: dict[int, dict[str, bool]] = {}
         for i, qs in questions.items():
             read = {qid: probs[(i, qid)] for qid in qs}
@@ -265,7 +284,7 @@ class PipelineDecomposer:
                 continue
             v = {qid: is_required(p) for qid, p in read.items() if not isinstance(p, EngineError)}
             try:
-                check_validity(qs, v)
+                check_validity(qs, v, {qid: r for (j, qid), r in reasons.items() if j == i})
                 verdicts[i] = v
             except ValueError as e:
                 errors[i] = f"DSG validity: {e}"
@@ -287,6 +306,10 @@ class PipelineDecomposer:
                 msg = str(e)
                 errors[k[0] if isinstance(k, tuple) else k] = msg if msg.startswith(what) else f"{what}: {msg}"
         return out
+
+
+def _rejected(p: float | EngineError) -> bool:
+    return not isinstance(p, EngineError) and not is_required(p)
 
 
 def _tids(tuples: Sequence[DSGTuple]) -> list[str]:

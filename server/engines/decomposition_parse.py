@@ -238,9 +238,20 @@ def is_required(p_yes: float) -> bool:
     return p_yes > 0.5
 
 
-def check_validity(questions: Mapping[str, str], verdicts: Mapping[str, bool]) -> None:
-    """The published rule: one question judged not required rejects the whole decomposition."""
-    rejected = [f"{qid} ({text!r})" for qid, text in questions.items() if not verdicts[qid]]
+def parse_reason(text: str) -> str:
+    """Stage 4's explanation of a rejected question: {"reason": "..."}."""
+    reason = _field(load_json_object(text, "DSG validity reason"), "reason", str, "DSG validity reason")
+    if not reason.strip():
+        raise ValueError("DSG validity reason: blank reason")
+    return reason.strip()
+
+
+def check_validity(questions: Mapping[str, str], verdicts: Mapping[str, bool],
+                   reasons: Mapping[str, str] | None = None) -> None:
+    """The published rule: one question judged not required rejects the whole decomposition (reasons quoted)."""
+    why = reasons or {}
+    rejected = [f"{qid} ({text!r}" + (f": {why[qid]}" if qid in why else "") + ")"
+                for qid, text in questions.items() if not verdicts[qid]]
     if rejected:
         raise DecompositionError("question(s) judged not strictly required by the prompt: " + "; ".join(rejected))
 

@@ -94,6 +94,11 @@ def quality_schema(limits: Limits = Limits()) -> dict[str, Any]:
     return _obj({"quality": _quality_items(limits)})
 
 
+def reason_schema(limits: Limits = Limits()) -> dict[str, Any]:
+    """DSG stage 4, for a rejected question: one sentence saying why."""
+    return _obj({"reason": _text(limits)})
+
+
 def choice_grammar(options: Sequence[str]) -> str:
     """EBNF for "exactly one of these strings, nothing else" (DSG stage 5: one semantic tag name)."""
     return "root ::= " + " | ".join(json.dumps(o) for o in options)

@@ -1,9 +1,11 @@
 """The transformers verifier: p(yes) for K questions about an image from full next-token logits.
 
-`packed` (default) puts the image prefix once and all K question blocks in one sequence:
-each block attends only to the prefix and to itself, and its positions restart where the
-prefix ends, so every block sees exactly what it would see alone (see ../shared/bench).
-`per_pair` runs one ordinary sequence per (image, question): the reference packed must equal.
+Every (item, question) is the method's conversation (`conversation.py`) rendered by the checkpoint's
+chat template and tokenized whole, so its ids are exactly `apply_chat_template`'s. `packed` (default)
+puts the ids the K questions share (the image block) once and the K remainders after it in one
+sequence: each block attends only to the shared prefix and to itself, and its positions restart where
+the prefix ends, so every block sees exactly what it would see alone. `per_pair` runs one ordinary
+sequence per (image, question): the reference packed must equal.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ from typing import Any, Literal
 
 from server.engines.answers import YesNo
 from server.engines.base import EngineError, ItemScores, VerifyItem
+from server.engines.conversation import IMAGE_PART, verifier_messages
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
-from server.engines.prompts import VERIFIER_PREAMBLE, VERIFIER_SYSTEM
+from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
 from server.engines.vision_attention import enable_batched_vision_attention
 
 Mode = Literal["packed", "per_pair"]
-_SENTINEL = "\u2063DVREWARD_QUESTION\u2063"
 
 
 @dataclass
 class _Prepared:
-    """One item turned into token ids, vision inputs and prefix positions."""
+    """Questions of one item sharing a token prefix: ids, vision inputs and prefix positions."""
 
+    slots: list[int]  # the item's question indices, one per block
     prefix: list[int]
     blocks: list[list[int]]
     pixel_values: Any
@@ -44,6 +47,7 @@ class HFVerifier:
         image_processor: Any,
         *,
         model_id: str,
+        system_prompt: str = VERIFIER_SYSTEM_PROMPT,
         mode: Mode = "packed",
         max_batch_tokens: int = 32768,
         attn_mask_mode: Literal["block", "causal"] = "block",
@@ -52,6 +56,7 @@ class HFVerifier:
             raise ValueError(f"mode must be 'packed' or 'per_pair', got {mode!r}")
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         self.model_id = model_id
+        self.system_prompt = system_prompt
         self.mode: Mode = mode
         self.device = model.device
         self.max_batch_tokens = max_batch_tokens
@@ -68,25 +73,25 @@ class HFVerifier:
         *,
         device: str = "cpu",
         dtype: str = "float32",
-        min_pixels: int = 28 * 28 * 4,
-        max_pixels: int = 448 * 448,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         batched_vision: bool = True,
         **options: Any,
     ) -> HFVerifier:
         """Load tokenizer, image processor and model from a local directory or hub id.
 
-        `batched_vision` runs the vision tower's window attention as one call (same result, faster).
+        Images are resized within the checkpoint's own pixel range unless `min_pixels` / `max_pixels`
+        override it. `batched_vision` runs the vision tower's window attention as one call (same result).
         """
         from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
-        if not 0 < min_pixels <= max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
         kw = pretrained_kwargs(ref)
         try:
             tokenizer = AutoTokenizer.from_pretrained(ref, **kw)
-            processor = Qwen2VLImageProcessorPil.from_pretrained(
-                ref, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **kw
-            )
+            processor = Qwen2VLImageProcessorPil.from_pretrained(ref, **kw)
+            if min_pixels is not None or max_pixels is not None:
+                size = pixel_range(processor.size, min_pixels, max_pixels)
+                processor = Qwen2VLImageProcessorPil.from_pretrained(ref, size=size, **kw)
             model = AutoModelForImageTextToText.from_pretrained(
                 ref, dtype=torch_dtype(dtype), attn_implementation="sdpa", **kw
             )
@@ -97,45 +102,52 @@ class HFVerifier:
         return cls(model.to(device).eval(), tokenizer, processor, model_id=ref, **options)
 
     # ---- preparation -------------------------------------------------------------------
-    def _template(self, n_images: int) -> tuple[str, str]:
-        """Chat-rendered text before and after the question, split at a sentinel."""
-        content: list[dict[str, str]] = [{"type": "image"} for _ in range(n_images)]
-        content.append({"type": "text", "text": VERIFIER_PREAMBLE + _SENTINEL})
-        messages = [{"role": "system", "content": VERIFIER_SYSTEM}, {"role": "user", "content": content}]
+    def token_ids(self, n_images: int, question: str) -> list[int]:
+        """The chat template's ids for one question about `n_images` images (one placeholder per image)."""
+        messages = verifier_messages(self.system_prompt, question, [IMAGE_PART] * n_images)
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        before, sep, after = text.partition(_SENTINEL)
-        if not sep:
-            raise EngineError("the verifier's chat template dropped the question text")
-        return before, after
-
-    def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _prepare(self, item: VerifyItem) -> _Prepared:
-        import torch
+    def _expand(self, ids: list[int], counts: list[int]) -> list[int]:
+        """Each image placeholder repeated as many times as its image has merged patches."""
+        placeholders = sum(1 for t in ids if t == self.image_token_id)
+        if placeholders != len(counts):
+            raise EngineError(f"the chat template wrote {placeholders} image placeholders for {len(counts)} images")
+        out: list[int] = []
+        pieces = iter(counts)
+        for tok in ids:
+            out.extend([tok] * next(pieces) if tok == self.image_token_id else [tok])
+        return out
 
+    def _prepare(self, item: VerifyItem) -> list[_Prepared]:
+        """The item's questions split at the longest token prefix they share.
+
+        Normally one group: the image block and everything before it is common. A question whose
+        tokens would change the shared prefix around the images gets a prefix of its own, so the
+        ids are always exactly the chat template's.
+        """
         if not item.images:
             raise ValueError("a verification item needs at least one image")
         if not item.questions:
             raise ValueError("a verification item needs at least one question")
-        before, after = self._template(len(item.images))
         vis = self.image_processor(images=[im.convert("RGB") for im in item.images], return_tensors="pt")
         grid = vis["image_grid_thw"]
         counts = [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
-        tokens = self._encode(before)
-        placeholders = sum(1 for t in tokens if t == self.image_token_id)
-        if placeholders != len(counts):
-            raise EngineError(f"the chat template wrote {placeholders} image placeholders for {len(counts)} images")
-        prefix: list[int] = []
-        pieces = iter(counts)
-        for tok in tokens:
-            prefix.extend([tok] * next(pieces) if tok == self.image_token_id else [tok])
-        blocks = [self._encode(q + after) for q in item.questions]
-        ids = torch.tensor([prefix + blocks[0][:1]])
-        pos, _ = self.model.model.get_rope_index(
-            ids, (ids == self.image_token_id).int(), image_grid_thw=grid
-        )
-        return _Prepared(prefix, blocks, vis["pixel_values"], grid, pos[:, 0, :-1], int(pos[0, 0, -1]))
+        seqs = [self._expand(self.token_ids(len(item.images), q), counts) for q in item.questions]
+        n = _shared_prefix(seqs)
+        if n > _last_index(seqs[0], self.image_token_id):
+            return [self._prepared(list(range(len(seqs))), seqs, n, vis)]
+        return [self._prepared([k], [s], len(s) - 1, vis) for k, s in enumerate(seqs)]
+
+    def _prepared(self, slots: list[int], seqs: list[list[int]], n: int, vis: Any) -> _Prepared:
+        import torch
+
+        prefix = seqs[0][:n]
+        ids = torch.tensor([seqs[0][: n + 1]])
+        grid = vis["image_grid_thw"]
+        pos, _ = self.model.model.get_rope_index(ids, (ids == self.image_token_id).int(), image_grid_thw=grid)
+        return _Prepared(slots, prefix, [s[n:] for s in seqs], vis["pixel_values"], grid, pos[:, 0, :-1],
+                         int(pos[0, 0, -1]))
 
     # ---- batching ------------------------------------------------------------------------
     def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
@@ -224,11 +236,16 @@ class HFVerifier:
     def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
         import torch
 
-        preps = [self._prepare(it) for it in items]
+        groups = [self._prepare(it) for it in items]
+        preps = [p for g in groups for p in g]
         with torch.inference_mode():
-            if self.mode == "packed":
-                return self._verify_packed(preps)
-            return self._verify_per_pair(preps)
+            scores = self._verify_packed(preps) if self.mode == "packed" else self._verify_per_pair(preps)
+        out: list[list[float]] = []
+        flat = iter(scores)
+        for item, g in zip(items, groups, strict=True):
+            by_slot = {k: p for prep in g for k, p in zip(prep.slots, next(flat), strict=True)}
+            out.append([by_slot[k] for k in range(len(item.questions))])  # a missing p is a KeyError, never 0
+        return out
 
     def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
         """Exact p from the full logits for every item; a failure raises for the whole batch."""
@@ -244,8 +261,8 @@ class HFVerifier:
 
     def _verify_per_pair(self, preps: list[_Prepared]) -> list[list[float]]:
         pairs = [
-            _Prepared(p.prefix, [blk], p.pixel_values, p.grid_thw, p.prefix_pos, p.block_start)
-            for p in preps for blk in p.blocks
+            _Prepared([k], p.prefix, [blk], p.pixel_values, p.grid_thw, p.prefix_pos, p.block_start)
+            for p in preps for k, blk in zip(p.slots, p.blocks, strict=True)
         ]
         owner = [(i, k) for i, p in enumerate(preps) for k in range(len(p.blocks))]
         flat: dict[int, float] = {}
@@ -255,3 +272,28 @@ class HFVerifier:
         for n, (i, _k) in enumerate(owner):
             out[i].append(flat[n])  # a pair that was never scored is a KeyError, never a silent 0
         return out
+
+
+def pixel_range(size: dict[str, int], min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
+    """The image processor's size with explicit overrides; unset bounds keep the checkpoint's own."""
+    lo = size["shortest_edge"] if min_pixels is None else min_pixels
+    hi = size["longest_edge"] if max_pixels is None else max_pixels
+    if not 0 < lo <= hi:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {lo} and {hi}")
+    return {"shortest_edge": lo, "longest_edge": hi}
+
+
+def _shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving every sequence at least one token of its own."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _last_index(seq: list[int], token: int) -> int:
+    return max(i for i, t in enumerate(seq) if t == token)

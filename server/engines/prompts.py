@@ -7,20 +7,17 @@ template below must bump it.
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
-TEMPLATE_VERSION = "2026-11-26.1"
+TEMPLATE_VERSION = "2026-12-01.1"
 
-VERIFIER_SYSTEM = (
-    "You are a careful visual verifier. Look at the image and answer the question about it "
-    "with a single word: yes or no. If the subject the question is about does not exist in "
-    "the image, answer no."
-)
-
-# Placed between the image(s) and the question; kept fixed and at least 16 tokens long so
-# that prefix caching (vLLM) shares the whole image block across the questions of an image.
-VERIFIER_PREAMBLE = (
-    "Consider only what is visible in the image above. Answer the following question with "
-    "yes or no.\nQuestion: "
+# The verifier's default system prompt (a setting: DVREWARD_VERIFIER_SYSTEM_PROMPT). Its contract is the
+# method's: judge strictly, answer with the bare word yes or no, and no when the subject is absent.
+VERIFIER_SYSTEM_PROMPT = (
+    "You audit AI-generated images. Judge strictly whether the image satisfies the question. Reply with "
+    "exactly one word, yes or no, with no punctuation and nothing else. If anything the question is about "
+    "is missing from the image, reply no."
 )
 
 
@@ -70,7 +67,58 @@ DECOMPOSER_FAST = (
     "cat anatomically correct?\", \"aspect\": \"Anatomy\"}}]}}"
 )
 
+# In-context examples for the dsg pipeline: two human-written decompositions of the DSG TIFA160 set
+# (Apache-2.0), with its action and global categories written in this pipeline's categories.
+_DSG_EXAMPLES: tuple[dict[str, Any], ...] = (
+    {
+        "prompt": "A man in a black suit surfing a large wave",
+        "tuples": [("entity", "whole", ["man"]), ("entity", "whole", ["suit"]), ("entity", "whole", ["wave"]),
+                   ("attribute", "color", ["suit", "black"]), ("attribute", "size", ["wave", "large"]),
+                   ("relation", "action", ["man", "wave", "surf"])],
+        "parents": [[], [], [], ["t2"], ["t3"], ["t1", "t3"]],
+        "questions": ["Is there a man?", "Is there a suit?", "Is there a wave?", "Is the suit black?",
+                      "Is the wave large?", "Is the man surfing on the wave?"],
+    },
+    {
+        "prompt": "Black and white photograph of a bed with a laptop on it.",
+        "tuples": [("global", "style", ["photograph"]), ("entity", "whole", ["bed"]), ("entity", "whole", ["laptop"]),
+                   ("global", "style", ["black and white"]), ("relation", "spatial", ["laptop", "bed", "on"])],
+        "parents": [[], [], [], [], ["t2", "t3"]],
+        "questions": ["Is this a photograph?", "Is there a bed?", "Is there a laptop?",
+                      "Is the photograph black and white?", "Is the laptop on the bed?"],
+    },
+)
+
+
+def _braced(obj: Any) -> str:
+    """JSON with braces doubled, to sit inside a str.format template."""
+    return json.dumps(obj).replace("{", "{{").replace("}", "}}")
+
+
+def _tuples_of(ex: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"id": f"t{i}", "category": c, "type": t, "args": a} for i, (c, t, a) in enumerate(ex["tuples"], 1)]
+
+
+def _rendered_tuples(ex: dict[str, Any]) -> str:
+    return "\n".join(f"t{i} | {c} - {t} ({', '.join(a)})" for i, (c, t, a) in enumerate(ex["tuples"], 1))
+
+
+DSG_TUPLES_EXAMPLES = "".join(
+    f"Example prompt: {ex['prompt']}\nAnswer: {_braced({'tuples': _tuples_of(ex)})}\n" for ex in _DSG_EXAMPLES
+)
+DSG_DEPENDENCIES_EXAMPLES = "".join(
+    f"Example prompt: {ex['prompt']}\nTuples:\n{_rendered_tuples(ex)}\nAnswer: "
+    + _braced({"dependencies": [{"id": f"t{i}", "parents": ps} for i, ps in enumerate(ex["parents"], 1)]}) + "\n"
+    for ex in _DSG_EXAMPLES
+)
+DSG_QUESTIONS_EXAMPLES = "".join(
+    f"Example prompt: {ex['prompt']}\nTuples:\n{_rendered_tuples(ex)}\nAnswer: "
+    + _braced({"questions": [{"id": f"t{i}", "text": q} for i, q in enumerate(ex["questions"], 1)]}) + "\n"
+    for ex in _DSG_EXAMPLES
+)
+
 DSG_TUPLES = (
+    DSG_TUPLES_EXAMPLES + "\n"
     "Prompt: {prompt}\n\n"
     "Break the prompt into Davidsonian scene-graph tuples: the atomic facts an image must show for "
     "the prompt to hold. Categories: \"entity\" (an object or person; type whole or part), "
@@ -85,6 +133,7 @@ DSG_TUPLES = (
 )
 
 DSG_DEPENDENCIES = (
+    DSG_DEPENDENCIES_EXAMPLES + "\n"
     "Prompt: {prompt}\nTuples:\n{tuples}\n\n"
     "For every tuple list the earlier tuples it depends on: an attribute, part or relation of an "
     "entity depends on the tuple saying that the entity exists; entities and global tuples usually "
@@ -94,6 +143,7 @@ DSG_DEPENDENCIES = (
 )
 
 DSG_QUESTIONS = (
+    DSG_QUESTIONS_EXAMPLES + "\n"
     "Prompt: {prompt}\nTuples:\n{tuples}\n\n"
     "Turn every tuple into one natural yes/no question about the image, answerable by looking at it, "
     "where yes means the image shows the fact: entity whole (cat) becomes \"Is there a cat?\", "
@@ -107,6 +157,12 @@ DSG_VALIDITY = (
     "Is this question strictly required by the prompt, that is, would an image for which the answer "
     "is no fail to match the prompt? An ambiguous noun may be read as the object alone (for \"a jump "
     "rope\", asking whether there is a jump rope is fine). Answer yes or no."
+)
+
+DSG_VALIDITY_REASON = (
+    "Prompt: {prompt}\nQuestion: {question}\n\n"
+    "This question was judged not strictly required by the prompt. In one sentence, say why.\n"
+    "Answer as JSON: {{\"reason\": \"...\"}}"
 )
 
 DSG_TAG = (
@@ -128,6 +184,12 @@ DSG_QUALITY = (
 )
 
 
-def template_version() -> str:
-    """TEMPLATE_VERSION plus a digest of the templates, so cache keys follow any edit."""
-    return f"{TEMPLATE_VERSION}+{template_hash()}"
+def template_version(verifier_system_prompt: str | None = None) -> str:
+    """TEMPLATE_VERSION plus a digest of the templates (and of the verifier's system prompt, when given).
+
+    Cache keys and results follow any edit, including a system prompt set by a deployment.
+    """
+    if verifier_system_prompt is None:
+        return f"{TEMPLATE_VERSION}+{template_hash()}"
+    digest = hashlib.sha256(f"{template_hash()}\n{verifier_system_prompt}".encode()).hexdigest()[:12]
+    return f"{TEMPLATE_VERSION}+{digest}"

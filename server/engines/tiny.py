@@ -32,6 +32,8 @@ _CORPUS = [
     "yes", "Yes", "YES", "no", "No", "NO",
     "Yes yes YES No no NO",
     " Yes yes YES No no NO",
+    # answers glued to punctuation: ".yes" reads yes under the answer rule, ":no" does not
+    "?Yes .yes !No ,no :no :yes \nYes \nno",
     "Is there a cat? Is the dog red? Are there two apples on the table? Does the image look sharp?",
     "a photo of a red car next to a blue house under a cloudy sky, in watercolor style",
     '{"semantic": [{"id": "1", "text": "Is there a cat?", "tag": "Existence", "depends_on": []}],'
@@ -43,12 +45,24 @@ _CORPUS = [
 ]
 
 
+# Qwen2's pre-tokenizer split: letters keep one leading non-letter (" Is", "?Is"), digits stand alone,
+# punctuation runs keep one leading space. The tiny tokenizer splits the same way, so token-boundary
+# effects of the real models (a question tokenized apart from its context) show up in tests too.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
 def build_tokenizer(vocab_size: int = 1000) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -68,7 +82,8 @@ def build_tokenizer(vocab_size: int = 1000) -> Any:
 
 
 VERIFIER_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(h=64, inter=128, layers=2, heads=4, kv=2, vdepth=2, vh=32, vinter=64, vheads=2, full=[1]),
+    # head_dim 64 (128 / 2): the smallest that vLLM's CPU attention accepts, so every engine runs these.
+    "tiny": dict(h=128, inter=256, layers=2, heads=2, kv=1, vdepth=2, vh=32, vinter=64, vheads=2, full=[1]),
     "small": dict(h=256, inter=512, layers=4, heads=4, kv=2, vdepth=4, vh=128, vinter=256, vheads=4, full=[1, 3]),
     # The real Qwen2.5-VL-7B-Instruct shapes (8.29B parameters), for GPU benchmarks with random weights.
     "qwen2.5-vl-7b": dict(h=3584, inter=18944, layers=28, heads=28, kv=4, vdepth=32, vh=1280, vinter=3420,
@@ -77,6 +92,8 @@ VERIFIER_SIZES: dict[str, dict[str, Any]] = {
 
 
 VERIFIER_ARCHS = ("qwen2.5-vl", "qwen2-vl", "qwen3-vl")
+# The reference's verifier family (Qwen3-VL-30B-A3B): a mixture-of-experts text model on Qwen3-VL's vision.
+EXTRA_ARCHS = ("qwen3-vl-moe",)
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:
@@ -94,7 +111,7 @@ def _text_ids(tokenizer: Any) -> dict[str, int]:
 
 def verifier_config(tokenizer: Any, size: str, arch: str = "qwen2.5-vl") -> Any:
     """A Qwen-VL-family config of the given size whose special token ids match `tokenizer`."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
     d = VERIFIER_SIZES[size]
     # M-RoPE splits head_dim / 2 rotary pairs over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
@@ -118,18 +135,26 @@ def verifier_config(tokenizer: Any, size: str, arch: str = "qwen2.5-vl") -> Any:
         vision = dict(depth=d["vdepth"], embed_dim=d["vh"], num_heads=d["vheads"], mlp_ratio=2, hidden_size=d["h"],
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-    if arch == "qwen3-vl":
+    if arch in ("qwen3-vl", "qwen3-vl-moe"):
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
         text["head_dim"] = d["h"] // d["heads"]
         vision = dict(depth=d["vdepth"], hidden_size=d["vh"], intermediate_size=d["vinter"], num_heads=d["vheads"],
                       out_hidden_size=d["h"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       deepstack_visual_indexes=[0], num_position_embeddings=256, initializer_range=0.2)
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
-    raise ValueError(f"unknown verifier architecture {arch!r}; expected one of {', '.join(VERIFIER_ARCHS)}")
+        if arch == "qwen3-vl":
+            return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=d["inter"] // 2)
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common)
+    raise ValueError(f"unknown verifier architecture {arch!r}; expected one of "
+                     f"{', '.join(VERIFIER_ARCHS + EXTRA_ARCHS)}")
+
+
+# Qwen2-VL / Qwen2.5-VL checkpoints ship this image-processor range; the engines use a checkpoint's own.
+QWEN_MAX_PIXELS = 12845056
 
 
 def write_tiny_verifier(
-    path: Path, size: str = "tiny", seed: int = 0, max_pixels: int = 448 * 448, arch: str = "qwen2.5-vl"
+    path: Path, size: str = "tiny", seed: int = 0, max_pixels: int = QWEN_MAX_PIXELS, arch: str = "qwen2.5-vl"
 ) -> Path:
     """A random Qwen-VL-family verifier with tokenizer, image processor and chat template."""
     import torch
@@ -158,7 +183,7 @@ def write_tiny_decomposer(path: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         vocab_size=len(tokenizer), max_position_embeddings=8192,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),

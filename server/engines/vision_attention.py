@@ -8,11 +8,15 @@ windows to one length and masking the padding gives the same result in one call.
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from typing import Any
 
-_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention", "Qwen3VLVisionAttention")
+_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention", "Qwen3VLVisionAttention",
+                      "Qwen3VLMoeVisionAttention")
+
+log = logging.getLogger("dvreward.engines")
 
 
 def _batched_window_attention(
@@ -43,10 +47,17 @@ def _batched_window_attention(
 
 
 def enable_batched_vision_attention(model: Any) -> int:
-    """Patch the vision attention modules of this model instance (not the class); returns how many."""
+    """Patch the vision attention modules of this model instance (not the class); returns how many.
+
+    A model with none of the known classes keeps transformers' per-window loop (same scores, slower): said
+    in a warning, so a new architecture's slowdown is visible.
+    """
     patched = 0
     for module in model.modules():
         if type(module).__name__ in _ATTENTION_CLASSES and hasattr(module, "qkv"):
             module.forward = types.MethodType(_batched_window_attention, module)
             patched += 1
+    if not patched:
+        log.warning("%s has no vision attention this engine knows (%s): batched vision attention is off",
+                    type(model).__name__, ", ".join(_ATTENTION_CLASSES))
     return patched

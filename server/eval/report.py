@@ -79,6 +79,16 @@ def _table(title: str, rows: dict[str, dict[str, Any]], columns: Sequence[str]) 
     return f"<h3>{_e(title)}</h3><table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+LABELS = {"reward": "reward", "sc": "SC", "pq": "PQ"}
+
+
+def overall_order(s: dict[str, Any]) -> list[str]:
+    """The overall figures, the one the summary leads with first; a half nobody asked about is left out."""
+    o = s["overall"]
+    lead = o["lead"]
+    return [lead] + [k for k in ("reward", "sc", "pq") if k != lead and not (k != "reward" and o[k] is None)]
+
+
 def _summary_html(s: dict[str, Any]) -> str:
     c, o = s["counts"], s["overall"]
     parts = []
@@ -90,8 +100,11 @@ def _summary_html(s: dict[str, Any]) -> str:
                  + "</table>")
     parts.append(f"<p>gating: {_e(s['gating'])}; aggregation: {_e(s['aggregation'])}; "
                  f"model(s): {_e(', '.join(s.get('models') or []) or '—')}</p>")
-    parts.append("<table><tr><th></th><th>reward</th><th>SC</th><th>PQ</th><th>images</th></tr><tr><th>mean</th>"
-                 + _cell(o["reward"]) + _cell(o["sc"]) + _cell(o["pq"])
+    for note in s["notes"]:
+        parts.append(f'<div class="warn">{_e(note)}</div>')
+    columns = overall_order(s)
+    parts.append("<table><tr><th></th>" + "".join(f"<th>{_e(LABELS[k])}</th>" for k in columns)
+                 + "<th>images</th></tr><tr><th>mean</th>" + "".join(_cell(o[k]) for k in columns)
                  + f"<td class='num'>{o['n']}</td></tr></table>")
     parts.append(_table("Mean p by semantic tag", s["by_tag"], ("mean_p", "n")))
     parts.append(_table("Mean p by quality aspect", s["by_aspect"], ("mean_p", "n")))
@@ -106,16 +119,26 @@ def _summary_html(s: dict[str, Any]) -> str:
                            f"<td class='err'>{_e(e.get('error') or e.get('reason'))}</td></tr>" for e in s[key])
             parts.append(f"<h3>{_e(title)} ({len(s[key])})</h3><table><tr><th>item</th><th>image</th>"
                          f"<th>reason</th></tr>{rows}</table>")
-    if s["items_without_images"]:
-        parts.append(f"<h3>Items without images ({len(s['items_without_images'])})</h3><p>"
-                     + ", ".join(_e(i) for i in s["items_without_images"]) + "</p>")
+    if s["items_without_images"]:  # often hundreds of ids (a partial run): a count, the ids one click away
+        parts.append(f"<details><summary>Items without images: {len(s['items_without_images'])}</summary><p>"
+                     + ", ".join(_e(i) for i in s["items_without_images"]) + "</p></details>")
     return "\n".join(parts)
 
 
+def _zeroed_cell(q: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
+    parent = q.get("zeroed_by")  # absent in results written before it existed
+    if parent is None:
+        return "<td></td>"
+    pq = by_id.get(parent, {})
+    return f"<td>{_e(parent)}: {_e(pq.get('text'))} (p {_fmt(pq.get('gated_p'))})</td>"
+
+
 def _image_html(r: dict[str, Any]) -> str:
+    by_id = {q["id"]: q for q in r["questions"]}
+    gated = any(q.get("zeroed_by") for q in r["questions"])
     rows = "".join(
         f"<tr><td>{_e(q['id'])}</td><td>{_e(q['text'])}</td><td>{_e(q['kind'])}</td><td>{_e(q['tag'])}</td>"
-        f"{_cell(q['p'])}{_cell(q['gated_p'])}</tr>"
+        f"{_cell(q['p'])}{_cell(q['gated_p'])}{_zeroed_cell(q, by_id) if gated else ''}</tr>"
         for q in r["questions"]
     )
     if r.get("error") is None:
@@ -124,7 +147,8 @@ def _image_html(r: dict[str, Any]) -> str:
         status = f"<span class='err'>error: {_e(r['error'])}</span>"
     head = f"<b>{_e(r['image'])}</b><br>{status}"
     return (f'<div class="image"><div>{_thumbnail(r["image_path"])}</div><div>{head}'
-            f"<table><tr><th>id</th><th>question</th><th>kind</th><th>tag</th><th>p</th><th>gated p</th></tr>"
+            f"<table><tr><th>id</th><th>question</th><th>kind</th><th>tag</th><th>p</th><th>gated p</th>"
+            f"{'<th>zeroed by parent (answered no)</th>' if gated else ''}</tr>"
             f"{rows}</table></div></div>")
 
 
@@ -179,9 +203,9 @@ def _fit(draw: Any, text: str, font: Any, width: int) -> str:
 def chart_sections(summary: dict[str, Any]) -> list[tuple[str, list[tuple[str, float | None, int]]]]:
     """(title, [(label, value, n)]) for every non-empty chart section."""
     o = summary["overall"]
-    pq = "PQ" if summary["by_aspect"] else "PQ (no quality questions: 1 by definition)"
-    sections = [("Overall (mean over scored images)",
-                 [("reward", o["reward"], o["n"]), ("SC", o["sc"], o["n"]), (pq, o["pq"], o["n"])])]
+    lifted = "reward (lifted: a half is absent)" if summary["notes"] else "reward"
+    labels = {**LABELS, "reward": lifted}
+    sections = [("Overall (mean over scored images)", [(labels[k], o[k], o["n"]) for k in overall_order(summary)])]
     sections.append(("Mean p by semantic tag", [(k, v["mean_p"], v["n"]) for k, v in summary["by_tag"].items()]))
     sections.append(("Mean p by quality aspect", [(k, v["mean_p"], v["n"]) for k, v in summary["by_aspect"].items()]))
     for b in summary["benchmark"].values():

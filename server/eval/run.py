@@ -40,6 +40,7 @@ class EvalOptions:
     verifier: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    verifier_options: dict[str, Any] = field(default_factory=dict)  # system prompt, pixel range (HFVerifier.load)
     gating: Gating = Gating.none
     aggregation: Aggregation = Aggregation.geometric
     batch_size: int = 8
@@ -72,7 +73,7 @@ def make_backend(opts: EvalOptions) -> Backend:
         raise EvalInputError("give --server URL or --verifier PATH")
     from server.engines.hf_verifier import HFVerifier
 
-    return LocalBackend(HFVerifier.load(opts.verifier, device=opts.device, dtype=opts.dtype))
+    return LocalBackend(HFVerifier.load(opts.verifier, device=opts.device, dtype=opts.dtype, **opts.verifier_options))
 
 
 def run_eval(
@@ -134,9 +135,13 @@ def run_eval(
     write_html(opts.out / REPORT, summary, records, opts.report_max_images)
     write_png(opts.out / CHART, summary)
     c, o = summary["counts"], summary["overall"]
-    mean = "n/a" if o["reward"] is None else f"{o['reward']:.4f}"
-    say(f"{c['scored']} image(s) scored, {c['errors']} failed, {c['pending']} pending; mean reward {mean}; "
+    lead = o["lead"]
+    mean = "n/a" if o[lead] is None else f"{o[lead]:.4f}"
+    say(f"{c['scored']} image(s) scored, {c['errors']} failed, {c['pending']} pending; "
+        f"mean {'reward' if lead == 'reward' else lead.upper()} {mean}; "
         f"wrote {opts.out / RESULTS}, {SUMMARY}, {REPORT}, {CHART}")
+    for note in summary["notes"]:
+        say(f"note: {note}")
     return EvalResult(summary, exit_code, opts.out)
 
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Kind
+from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Kind, Question
 from server.core.reward import Aggregation, Gating, aggregate, gate
 from server.eval.importers.base import PromptRecord
 from server.eval.matching import ImageJob, Matching
@@ -49,10 +49,12 @@ def build_record(
     questions = []
     for i, q in enumerate(item.questions):
         ok = breakdown is not None and p is not None
+        gated = breakdown.gated_p if ok and breakdown is not None else None
         questions.append({
             "id": q.id, "text": q.text, "kind": q.kind.value, "tag": q.tag,
             "p": float(p[i]) if ok and p is not None else None,
-            "gated_p": breakdown.gated_p[q.id] if ok and breakdown is not None else None,
+            "gated_p": gated[q.id] if gated is not None else None,
+            "zeroed_by": _zeroed_by(q, gated) if gated is not None and Gating(gating) is Gating.hard else None,
         })
     return {
         "item_id": job.item_id,
@@ -70,6 +72,11 @@ def build_record(
         "gating": Gating(gating).value,
         "aggregation": Aggregation(aggregation).value,
     }
+
+
+def _zeroed_by(q: Question, gated: Mapping[str, float]) -> str | None:
+    """Under hard gating, the parent answered "no" that set this question's gated p to 0."""
+    return next((parent for parent in q.depends_on if gated.get(parent, 1.0) < PASS), None)
 
 
 class _Mean:
@@ -145,6 +152,7 @@ def summarize(
                 row["image_accuracy"], row["n_images"] = im.mean(), im.n
             rows[value] = row
         benchmark[key] = {"label": BENCHMARK_LABELS[key], "gating": Gating.hard.value, "categories": rows}
+    halves = _halves([items[r["item_id"]] for r in ok])
     done = {(r["item_id"], r["image"]) for r in records}
     models = sorted({r["model"] for r in records if r.get("model")})
     return {
@@ -167,10 +175,13 @@ def summarize(
         },
         "overall": {
             "reward": _mean(r["reward"] for r in ok),
-            "sc": _mean(r["sc"] for r in ok),
-            "pq": _mean(r["pq"] for r in ok),
+            "sc": _mean(r["sc"] for r in ok) if halves["semantic"] else None,
+            "pq": _mean(r["pq"] for r in ok) if halves["quality"] else None,
             "n": len(ok),
+            "lead": _lead(halves),
         },
+        "halves": halves,
+        "notes": _notes(halves, Aggregation(aggregation)),
         "by_tag": table(by_tag, SEMANTIC_TAGS),
         "by_aspect": table(by_aspect, QUALITY_ASPECTS),
         "benchmark": benchmark,
@@ -178,6 +189,42 @@ def summarize(
         "unmatched_images": [{"image": u.image, "reason": u.reason} for u in matching.unmatched],
         "items_without_images": list(matching.items_without_images),
     }
+
+
+def _halves(scored_items: Sequence[PromptRecord]) -> dict[str, int]:
+    """Of the scored images, how many were asked semantic and how many quality questions."""
+    return {kind.value: sum(any(q.kind is kind for q in item.questions) for item in scored_items)
+            for kind in (Kind.semantic, Kind.quality)}
+
+
+def _lead(halves: Mapping[str, int]) -> str:
+    """The figure a report leads with: the reward only when both halves were asked."""
+    if halves["semantic"] and not halves["quality"]:
+        return "sc"
+    if halves["quality"] and not halves["semantic"]:
+        return "pq"
+    return "reward"
+
+
+LIFTED = {Aggregation.geometric: ("sqrt({x})", "0.24 reads 0.49"),
+          Aggregation.mean: ("({x} + 1) / 2", "0.24 reads 0.62")}
+
+
+def _notes(halves: Mapping[str, int], aggregation: Aggregation) -> list[str]:
+    """Why a reward may read higher than its evidence: an absent half counts as 1.0 by definition
+    (the flat mean over the questions asked is not lifted)."""
+    if aggregation not in LIFTED:
+        return []
+    formula, example = LIFTED[aggregation]
+    notes = []
+    for kind, other, name, read in (("quality", "semantic", "PQ", "SC"), ("semantic", "quality", "SC", "PQ")):
+        if halves[kind] == 0 and halves[other]:
+            notes.append(f"no {kind} questions: {name} is 1 by definition, so every reward is "
+                         f"{formula.format(x=read)} ({example}); read {read}, not the reward")
+        elif 0 < halves[kind] < halves[other]:
+            notes.append(f"{halves[other] - halves[kind]} of {halves[other]} scored images had no {kind} questions "
+                         f"({name} is 1 by definition for them, their reward {formula.format(x=read)})")
+    return notes
 
 
 def _mean(values: Iterable[float]) -> float | None:

@@ -52,3 +52,25 @@ def test_score_reports_bad_input_without_traceback(tiny_models, tmp_path, images
     qfile.write_text(json.dumps(QUESTIONS))
     assert main(["score", "--verifier", str(tmp_path / "missing"), "--questions", str(qfile), *images]) == 2
     assert "tiny-models" in capsys.readouterr().err
+
+
+def test_score_takes_the_prompt_of_a_one_record_jsonl(tiny_models, tmp_path, images, capsys):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"prompt": "a red cat", "questions": QUESTIONS}) + "\n")
+    assert main(["score", "--verifier", str(tiny_models["verifier"]), "--questions", str(qfile), *images]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] == "a red cat" and len(out["results"]) == 2
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("\n".join(json.dumps({"prompt": p, "questions": QUESTIONS}) for p in ("a", "b")), "holds 2 records"),
+    (json.dumps(["Is there a cat?"]), "question 1 is str"),
+    (json.dumps([{"id": "1", "text": "Is there a cat?"}]), "question 1: tag: Field required"),
+    (json.dumps([{"id": "1", "text": "Is there a cat?", "tag": "Anatomy"}]), "expected one of Style"),
+])
+def test_score_refuses_unclear_question_files(tiny_models, tmp_path, images, capsys, content, says):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(content)
+    assert main(["score", "--verifier", str(tiny_models["verifier"]), "--questions", str(qfile), *images]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err

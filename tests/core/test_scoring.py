@@ -7,45 +7,35 @@ import math
 import pytest
 
 from server.core.scoring import (
-    NO_WORDS,
-    YES_WORDS,
     UnscorableError,
-    answer_variants,
+    answer_word,
+    answered_yes,
     p_yes_from_logits,
     p_yes_from_top_logprobs,
 )
 
-# --- answer_variants -------------------------------------------------------------------------
+# --- answer_word: lower-cased, stripped of whitespace and . , ? ! -------------------------------
 
 
-def test_yes_variants_exact():
-    assert answer_variants(YES_WORDS) == ["yes", " yes", "Yes", " Yes", "YES", " YES"]
+@pytest.mark.parametrize("text", ["yes", "Yes", "YES", " yes", " Yes", "yes.", "Yes!", "yes?", ",yes", "\nYES ",
+                                  "\tyes,", ".yes.", " YES!?"])
+def test_reads_yes(text):
+    assert answer_word(text) == "yes"
 
 
-def test_no_variants_exact():
-    assert answer_variants(NO_WORDS) == ["no", " no", "No", " No", "NO", " NO"]
+@pytest.mark.parametrize("text", ["no", "No", " NO", "no.", "No!", "\nno", " no?"])
+def test_reads_no(text):
+    assert answer_word(text) == "no"
 
 
-def test_variants_from_mixed_case_input():
-    assert answer_variants(["yEs"]) == ["yes", " yes", "Yes", " Yes", "YES", " YES"]
+@pytest.mark.parametrize("text", ["nope", "yes:", "y", "yeah", "no'", "not", "Yes;", "-no", "ye s", ""])
+def test_other_tokens_read_neither(text):
+    assert answer_word(text) not in ("yes", "no")
 
 
-def test_variants_deduplicated():
-    # "y".capitalize() == "y".upper() == "Y": 2 case forms x 2 space forms = 4, not 6.
-    assert answer_variants(["y"]) == ["y", " y", "Y", " Y"]
-    # the same word twice adds nothing
-    assert answer_variants(["no", "No"]) == answer_variants(["no"])
-
-
-def test_variants_of_several_words():
-    out = answer_variants(["yes", "true"])
-    assert len(out) == 12
-    assert out[:6] == answer_variants(["yes"])
-    assert " True" in out
-
-
-def test_variants_empty():
-    assert answer_variants([]) == []
+def test_binary_reading_is_strict_majority():
+    # yes must outweigh no: .5 is a tie, read as no (the reference's dvreward_binary)
+    assert answered_yes(0.5000001) and not answered_yes(0.5) and not answered_yes(0.1)
 
 
 # --- p_yes_from_logits -----------------------------------------------------------------------
@@ -148,11 +138,12 @@ def test_top_logprobs_case_and_space_variants_summed():
     assert p_yes_from_top_logprobs(top) == pytest.approx(0.75, rel=1e-12)
 
 
-def test_top_logprobs_ignores_non_variants():
-    # "Yes." / "yes " / "nope" are not variants: only "yes" (.5) and "no" (.25) count -> 2/3
+def test_top_logprobs_reads_punctuated_answers():
+    # "Yes." (.1) and "yes " (.05) read yes under the rule, "nope" (.05) and "no:" (.05) do not:
+    # yes = .5 + .1 + .05 = .65, no = .25 -> .65 / .9
     top = {"yes": math.log(0.5), "no": math.log(0.25), "Yes.": math.log(0.1),
-           "yes ": math.log(0.05), "nope": math.log(0.05)}
-    assert p_yes_from_top_logprobs(top) == pytest.approx(2 / 3, rel=1e-12)
+           "yes ": math.log(0.05), "nope": math.log(0.05), "no:": math.log(0.05)}
+    assert p_yes_from_top_logprobs(top) == pytest.approx(0.65 / 0.9, rel=1e-12)
 
 
 def test_top_logprobs_only_yes_present():

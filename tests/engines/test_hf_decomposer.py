@@ -22,6 +22,7 @@ from server.engines.decomposition import (
     dsg_dependencies_messages,
     dsg_quality_messages,
     dsg_tag_messages,
+    dsg_tuples_messages,
     fast_messages,
     render_chat,
 )
@@ -29,6 +30,7 @@ from server.engines.decomposition_parse import (
     DSGTuple,
     Generation,
     assemble_dsg,
+    check_validity,
     is_required,
     parse_dependencies,
     parse_dsg_questions,
@@ -87,6 +89,19 @@ def test_fast_pipeline_on_tiny_model_yields_valid_decompositions(engine: HFDecom
         assert len(d.semantic) <= SMALL.max_semantic and len(d.quality) <= SMALL.max_quality
         for q in d.semantic:
             assert all(int(p[1:]) < int(q.id[1:]) for p in q.depends_on)
+
+
+def test_lists_at_their_cap_are_reported(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # one semantic question allowed: every decomposition is at the cap, which the schema cannot tell from a
+    # list that was complete, so it is said
+    monkeypatch.setattr(engine, "limits", Limits(max_semantic=1, max_quality=0, max_text_chars=24))
+    (d,) = engine.decompose(["a red car next to a blue house"])
+    assert len(d.semantic) == 1 and not d.quality
+    assert d.warnings == ("the semantic questions reached their cap of 1; the prompt may need more "
+                          "(raise DVREWARD_DECOMPOSER_MAX_SEMANTIC)",)
+    monkeypatch.setattr(engine, "limits", SMALL)
+    assert all(not d.warnings for d in engine.decompose(PROMPTS) if len(d.semantic) < SMALL.max_semantic
+               and len(d.quality) < SMALL.max_quality)
 
 
 def test_truncated_output_is_reported_not_parsed(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,6 +186,34 @@ def test_dsg_pipeline_on_tiny_model_is_valid_or_fails_clearly(engine: HFDecompos
     for prompt, d in zip(PROMPTS, out, strict=True):
         _assert_valid(d, prompt, "dsg", engine)
         assert all(q.id.startswith("t") and q.metadata["dsg_tuple"].startswith(q.id + " | ") for q in d.semantic)
+
+
+def test_dsg_rejection_gives_the_models_reason(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # stage 4 on questions judged not required (p(yes) = .2 for t2): the prompt is rejected, and the error
+    # quotes the reason the model wrote for t2 (and only t2)
+    monkeypatch.setattr(engine.backend, "p_yes", lambda conversations: [0.9, 0.2][: len(conversations)])
+    errors: dict[int, str] = {}
+    verdicts = engine._validity(["a red car"], {0: {"t1": "Is there a car?", "t2": "Is the car red?"}}, 0, errors)
+    assert verdicts == {}
+    assert re.fullmatch(r"DSG validity: question\(s\) judged not strictly required by the prompt: "
+                        r"t2 \('Is the car red\?': [^)]+\)", errors[0]), errors[0]
+
+
+def test_dsg_examples_are_valid_in_the_pipelines_own_format() -> None:
+    from server.engines import prompts as P
+
+    def answers(block: str) -> list[str]:
+        return [line[len("Answer: "):] for line in block.format().splitlines() if line.startswith("Answer: ")]
+
+    tuples = [parse_tuples(a) for a in answers(P.DSG_TUPLES_EXAMPLES)]
+    assert [len(t) for t in tuples] == [6, 5]
+    for ts, deps, qs in zip(tuples, answers(P.DSG_DEPENDENCIES_EXAMPLES), answers(P.DSG_QUESTIONS_EXAMPLES),
+                            strict=True):
+        ids = [t.id for t in ts]
+        parse_dependencies(deps, ids)
+        parse_dsg_questions(qs, ids)
+        assert all(t.render() in P.DSG_QUESTIONS_EXAMPLES for t in ts)  # shown as the pipeline shows tuples
+    assert P.DSG_TUPLES_EXAMPLES.format() in dsg_tuples_messages("a cat")[1]["content"]
 
 
 def test_dsg_validity_stage_reads_yes_against_no(engine: HFDecomposer) -> None:
@@ -331,6 +374,8 @@ def test_dsg_invalid_question_rejects_the_whole_prompt() -> None:
     with pytest.raises(DecompositionError, match=r"not strictly required by the prompt: t2 \('Is the cat black\?'\)"):
         assemble_dsg("a cat", tuples, parse_dependencies(DEPS, IDS), parse_dsg_questions(QUESTIONS, IDS),
                      verdicts, tags, [])
+    with pytest.raises(DecompositionError, match=r"t2 \('Is the cat black\?': the prompt names no colour\)"):
+        check_validity(parse_dsg_questions(QUESTIONS, IDS), verdicts, {"t2": "the prompt names no colour"})
 
 
 @pytest.mark.parametrize(("text", "message"), [

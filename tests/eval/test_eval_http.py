@@ -124,7 +124,7 @@ def _inputs(tmp_path: Path, n: int) -> list[ScoreInput]:
 def _ok(request: httpx.Request) -> httpx.Response:
     items = json.loads(request.content)["items"]
     return httpx.Response(200, json={
-        "request_id": "r", "model": "m", "template_version": "t",
+        "request_id": "r", "model": "m", "template_version": "t", "verifier_system_prompt": "s",
         "results": [{"p": [0.25] * len(it["questions"]), "error": None} for it in items],
         "timings": {"verify_ms": 1.0, "total_ms": 1.0},
     })

@@ -83,7 +83,7 @@ def test_eval_writes_results_summary_report_and_chart(tmp_path, tiny_models, cap
         assert r["error"] is None and 0.0 < r["reward"] <= 1.0
         assert r["prompt"] and r["item_id"] in ids and r["gating"] == "hard"
         for q in r["questions"]:
-            assert set(q) == {"id", "text", "kind", "tag", "p", "gated_p"}
+            assert set(q) == {"id", "text", "kind", "tag", "p", "gated_p", "zeroed_by"}
             assert 0.0 < q["p"] < 1.0 and 0.0 <= q["gated_p"] <= q["p"]
 
     summary = json.loads((out / "summary.json").read_text())
@@ -102,7 +102,17 @@ def test_eval_writes_results_summary_report_and_chart(tmp_path, tiny_models, cap
     assert "whole" in bench["category_detailed"]["categories"]
     assert all(0 <= row["mean_p"] <= 1 for row in bench["category_broad"]["categories"].values())
 
+    # DSG imports are semantic only: PQ is 1 by definition, so the summary leads with SC and says why
+    o = summary["overall"]
+    assert (o["lead"], o["pq"], summary["halves"]) == ("sc", None, {"semantic": 6, "quality": 0})
+    assert o["sc"] == pytest.approx(sum(r["sc"] for r in ok) / len(ok))
+    (note,) = summary["notes"]
+    assert "no quality questions" in note and "sqrt(SC)" in note
+    assert f"mean SC {o['sc']:.4f}" in err and "note: no quality questions" in err
+
     html = (out / "report.html").read_text()
+    assert note in html and html.index("<th>SC</th>") < html.index("<th>reward</th>") and "<th>PQ</th>" not in html
+    assert f"<details><summary>Items without images: 1</summary><p>{ids[3]}</p></details>" in html
     assert all(item_id in html for item_id in ids[:3])
     assert html.count("<img ") == 7 - 1  # the corrupt image has a placeholder, not an <img>
     assert "data:image/jpeg;base64," in html and "image unavailable" in html
@@ -125,6 +135,7 @@ def test_html_escapes_text(tmp_path, tiny_models):
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;cat&lt;/b&gt;" in html
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["by_aspect"]) == {"Texture"} and summary["benchmark"] == {}
+    assert summary["overall"]["lead"] == "reward" and summary["notes"] == []  # both halves asked: nothing lifted
 
 
 def test_folder_layouts_and_geneval_categories(tmp_path, tiny_models, capsys):

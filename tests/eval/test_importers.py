@@ -327,7 +327,7 @@ def test_cli_fatal_error(tmp_path, capsys):
 
 
 def test_registry_matches_cli_formats():
-    assert sorted(IMPORTERS) == ["dsg-csv", "geneval", "tifa"]
+    assert sorted(IMPORTERS) == ["alphagrpo", "dsg-csv", "geneval", "tifa"]
 
 
 def test_dsg_duplicate_suffix_avoids_existing_ids(tmp_path):
@@ -338,3 +338,33 @@ def test_dsg_duplicate_suffix_avoids_existing_ids(tmp_path):
     (record,), issues = import_dsg_csv(path)
     assert _deps(record) == {"3": (), "3_2": (), "3_3": ("3",)}
     assert [(i.line, i.kind) for i in issues] == [(4, "repair")] and "renamed to 3_3" in issues[0].reason
+
+
+# --- AlphaGRPO training data ----------------------------------------------------------------
+
+
+def test_alphagrpo_jsonl_to_questions(tmp_path, capsys):
+    src = tmp_path / "train.jsonl"
+    lines = [
+        {"id": "a1", "prompt": "two dogs on grass", "semantic_questions": ["Are there two dogs?"],
+         "quality_questions": [{"question": "Are the dogs' legs correct?", "tag": "Anatomy"}]},
+        {"prompt": "a red kite", "metadata": {"semantic_questions": [{"question": "Is the kite red?",
+                                                                     "tag": "Attribute"}]}},
+        {"id": "a3", "prompt": "no questions here"},
+        "not an object",
+    ]
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n", encoding="utf-8")
+    out = tmp_path / "questions.jsonl"
+    assert main(["import", "alphagrpo", str(src), "-o", str(out)]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["item_id"], r["prompt"]) for r in records] == [("a1", "two dogs on grass"), ("2", "a red kite")]
+    assert [(q["id"], q["kind"], q["tag"]) for q in records[0]["questions"]] == [
+        ("s1", "semantic", "Attribute"), ("q1", "quality", "Anatomy")]
+    assert records[1]["questions"][0]["text"] == "Is the kite red?"
+    err = capsys.readouterr().err
+    assert f"{src}:1: repair: semantic_questions[0]: no tag; tagged Attribute" in err
+    assert f"{src}:3: skip: no semantic_questions or quality_questions" in err
+    assert f"{src}:4: skip: not a JSON object" in err and f"{src}:5: skip: not JSON" in err
+    assert "imported 2 prompts, 3 questions; 3 skipped, 1 repaired" in err
+    # the output is usable as /v1/score questions as it is
+    assert validate_questions([Question.model_validate(q) for q in records[0]["questions"]])

@@ -11,6 +11,9 @@ import pytest
 from trainer_client import DVRewardClient, make_flow_grpo_reward_fn, make_trl_reward_func
 from trainer_client.adapters import group_indices
 
+# The same pixels scored in other batch layouts (order, grouping, requests) differ by float32 noise, ~1e-7.
+TOL = 1e-5
+
 
 @pytest.fixture
 def client(service_url):
@@ -36,7 +39,7 @@ def test_trl_reward_func(client, make_images, questions, truncated_png):
     assert all(isinstance(r, float) and 0 < r < 1 for i, r in enumerate(rewards) if i != 4)
     want = client.score(["a red cube", "a blue ball"], [images[:3], images[3:]], questions=[questions] * 2,
                         on_error="nan").flat_rewards()
-    assert all((w is None and math.isnan(v)) or abs(w - v) < 1e-6 for w, v in zip(rewards, want, strict=True))
+    assert all((w is None and math.isnan(v)) or abs(w - v) < TOL for w, v in zip(rewards, want, strict=True))
 
     # scattered equal prompts with group_by="all", conversational prompts: same rewards per sample
     order = [0, 3, 1, 4, 2, 5]
@@ -48,7 +51,7 @@ def test_trl_reward_func(client, make_images, questions, truncated_png):
     for pos, i in enumerate(order):
         assert (shuffled[pos] is None) == (rewards[i] is None)
         if rewards[i] is not None:
-            assert abs(shuffled[pos] - rewards[i]) < 1e-6
+            assert abs(shuffled[pos] - rewards[i]) < TOL
 
 
 def test_trl_reward_func_decomposes_prompts(client, make_images):
@@ -79,7 +82,7 @@ def test_flow_grpo_reward_fn(client, make_images, questions):
     assert abs(sum(adv)) < 1e-6 and (np.argsort(group) == np.argsort(adv)).all()
 
     scores_np, _ = fn(images, prompts, metadata)
-    assert all(abs(a - b) < 1e-6 for a, b in zip(scores["dvreward"], scores_np["dvreward"], strict=True))
+    assert all(abs(a - b) < TOL for a, b in zip(scores["dvreward"], scores_np["dvreward"], strict=True))
 
 
 def test_flow_grpo_reward_fn_failed_image_is_nan(client, make_images, questions, truncated_png):
@@ -88,3 +91,36 @@ def test_flow_grpo_reward_fn_failed_image_is_nan(client, make_images, questions,
     scores, info = fn(imgs, ["x"] * 4, [{"questions": questions}] * 4)
     assert math.isnan(scores["reward"][3]) and info["failed"] == [3] and math.isnan(info["advantages"][3])
     assert all(math.isfinite(r) for r in scores["reward"][:3])
+
+
+# The AlphaGRPO data format: precomputed questions in each sample's metadata, strings or objects.
+REFERENCE_META = {
+    "semantic_questions": ["Is there a cube?", {"question": "Is the cube red?", "tag": "Attribute"}],
+    "quality_questions": [{"question": "Is the cube well-formed?", "tag": "Geometry"}, "Is it sharp?"],
+}
+REFERENCE_AS_OURS = [
+    {"id": "s1", "text": "Is there a cube?", "tag": "Attribute", "metadata": {"tag_source": "default"}},
+    {"id": "s2", "text": "Is the cube red?", "tag": "Attribute"},
+    {"id": "q1", "text": "Is the cube well-formed?", "kind": "quality", "tag": "Geometry"},
+    {"id": "q2", "text": "Is it sharp?", "kind": "quality", "tag": "Aesthetics", "metadata": {"tag_source": "default"}},
+]
+
+
+def test_flow_grpo_uses_the_references_precomputed_questions(client, make_images):
+    fn = make_flow_grpo_reward_fn(client)
+    images = make_images(4, seed=21)
+    scores, info = fn(images, ["a red cube"] * 4, [REFERENCE_META] * 4)
+    assert info["questions"] == {"a red cube": ["Is there a cube?", "Is the cube red?", "Is the cube well-formed?",
+                                                "Is it sharp?"]}
+    want = client.score(["a red cube"], [images], questions=[REFERENCE_AS_OURS]).flat_rewards()
+    assert scores["dvreward"] == pytest.approx(want, abs=TOL)
+
+
+def test_trl_reads_the_references_question_columns(client, make_images):
+    fn = make_trl_reward_func(client)
+    images = make_images(2, seed=22)
+    rewards = fn(["a red cube"] * 2, ["", ""], images=images,
+                 semantic_questions=[REFERENCE_META["semantic_questions"]] * 2,
+                 quality_questions=[REFERENCE_META["quality_questions"]] * 2)
+    want = client.score(["a red cube"], [images], questions=[REFERENCE_AS_OURS]).flat_rewards()
+    assert rewards == pytest.approx(want, abs=TOL)

@@ -69,13 +69,13 @@ def test_bad_images_are_refused_clearly(tmp_path):
         encode_image(np.full((3, 4, 4), np.nan, np.float32), opts)
     with pytest.raises(TypeError, match="uint8"):
         encode_image(np.zeros((4, 4, 3), np.int64), opts)
-    with pytest.raises(TypeError, match="unsupported image type"):
-        encode_image("a.png", opts)
+    with pytest.raises(ValueError, match=r"read as an image file, and '.*missing.png' could not be read"):
+        encode_image(str(tmp_path / "missing.png"), opts)
     with pytest.raises(ValueError, match="empty"):
         encode_image(b"", opts)
     p = tmp_path / "x.png"
     p.write_bytes(b"\x89PNG...")
-    assert encode_image(p, opts) == b"\x89PNG..."
+    assert encode_image(p, opts) == encode_image(str(p), opts) == b"\x89PNG..."  # str paths as the message says
     with pytest.raises(ValueError):
         EncodeOptions("gif")  # type: ignore[arg-type]
 

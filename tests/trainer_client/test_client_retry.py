@@ -27,6 +27,7 @@ from trainer_client.errors import parse_retry_after
 Q = [{"id": "q", "text": "Is there a cube?", "tag": "Existence"}]
 OK = ScoreResponse.model_validate({
     "request_id": "rid-ok", "models": {"verifier": "v", "decomposer": None}, "template_version": "t",
+    "verifier_system_prompt": "s",
     "aggregation": "geometric", "gating": "none", "timings": {},
     "groups": [{"prompt": "p", "questions": Q, "rewards": [0.5], "advantages": [0.0]}],
 }).model_dump(mode="json")

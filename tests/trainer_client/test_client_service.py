@@ -17,6 +17,7 @@ from trainer_client import (
     DVRewardClient,
     ImageFailed,
     ScoreResult,
+    group_advantages,
 )
 
 SIZES = (5, 2, 4, 1)  # groups of different sizes, one bigger than the small chunk size used below
@@ -37,12 +38,35 @@ def _groups(make_images) -> list[list[np.ndarray]]:
     return out
 
 
-def _close(a, b, tol: float = 1e-5) -> bool:
+# Rewards of the same pixels differ by float32 noise (~1e-7) between batch layouts and machines.
+REWARD_TOL = 1e-5
+
+
+def _close(a, b, tol: float = REWARD_TOL) -> bool:
     return all(
         len(x) == len(y)
         and all((math.isnan(u) and math.isnan(v)) or abs(u - v) <= tol for u, v in zip(x, y, strict=True))
         for x, y in zip(a, b, strict=True)
     )
+
+
+def _advantages_close(a, b, rewards, std: str = "global") -> bool:
+    """Advantages are reward differences divided by (std + 1e-4): their noise is the rewards' scaled by 1 / std.
+
+    |Δadv| <= (|Δr| + |Δmean| + |adv| * |Δstd|) / (std + eps) <= (2 + |adv|) * REWARD_TOL / (std + eps).
+    """
+    flat = [r for g in rewards for r in g if not math.isnan(r)]
+    if std == "global":
+        stds = [_pstd(flat)]
+    else:
+        stds = [_pstd([r for r in g if not math.isnan(r)]) for g in rewards]
+    largest = max(abs(x) for g in a for x in g if not math.isnan(x))
+    return _close(a, b, tol=(2 + largest) * REWARD_TOL / (min(stds) + 1e-4))
+
+
+def _pstd(xs) -> float:
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
 def test_grouping_and_order_match_direct_score(any_service_url, make_images, questions):
@@ -60,7 +84,7 @@ def test_grouping_and_order_match_direct_score(any_service_url, make_images, que
     assert isinstance(got, ScoreResult)
     assert [len(g) for g in got.rewards] == list(SIZES)
     assert _close(got.rewards, [g["rewards"] for g in want])
-    assert _close(got.advantages, [g["advantages"] for g in want])
+    assert _advantages_close(got.advantages, [g["advantages"] for g in want], got.rewards)
     assert [g.prompt for g in got.groups] == prompts
     assert [g.metadata for g in got.groups] == [{"g": i} for i in range(4)]
     assert [[q.id for q in qs] for qs in got.questions] == [[q["id"] for q in questions]] * 4
@@ -78,14 +102,15 @@ def test_chunking_gives_the_same_results(service_url, make_images, questions):
     with DVRewardClient(service_url) as whole, DVRewardClient(service_url, chunk_images=3, max_concurrency=3) as small:
         a = whole.score(prompts, groups, questions=qs)
         b = small.score(prompts, groups, questions=qs)
-        c = whole.score(prompts, groups, questions=qs, advantages_std="global", clip=1.0)
-        d = small.score(prompts, groups, questions=qs, advantages_std="global", clip=1.0)
+        c = whole.score(prompts, groups, questions=qs, advantages_std="group", clip=1.0)
+        d = small.score(prompts, groups, questions=qs, advantages_std="group", clip=1.0)
     assert len(a.request_ids) == 1 and len(b.request_ids) > 2  # the 5-image group was split by images
-    assert _close(a.rewards, b.rewards) and _close(a.advantages, b.advantages)
+    assert _close(a.rewards, b.rewards) and _advantages_close(a.advantages, b.advantages, a.rewards)
     assert _close(a.sc, b.sc) and _close(a.pq, b.pq)
     assert [[im.index for im in g] for g in b.images] == [list(range(n)) for n in SIZES]
-    # global std is over the whole step, so it must be recomputed over all chunks, not per request
-    assert _close(c.advantages, d.advantages)
+    # the default (global) std is over the whole step, so it must be recomputed over all chunks, not per
+    # request; the per-group option must survive chunking too
+    assert _advantages_close(c.advantages, d.advantages, c.rewards, std="group")
     assert max(abs(x) for x in d.flat_advantages()) <= 1.0
 
 
@@ -96,7 +121,11 @@ def test_max_request_bytes_splits_requests(service_url, make_images, questions):
         a = whole.score(["p"] * 4, groups, questions=[questions] * 4)
         b = tiny.score(["p"] * 4, groups, questions=[questions] * 4)
     assert len(b.request_ids) > 4
-    assert _close(a.rewards, b.rewards) and _close(a.advantages, b.advantages)
+    assert _close(a.rewards, b.rewards) and _advantages_close(a.advantages, b.advantages, a.rewards)
+    # the split step's advantages are the reference formula over the whole step: the four groups share
+    # prompt "p", so they are one GRPO group
+    assert b.advantages == group_advantages(b.rewards, keys=["p"] * 4)
+    assert _close(a.advantages, group_advantages(a.rewards, keys=["p"] * 4), tol=1e-9)  # the server's too
 
 
 def test_every_input_image_type(service_url, make_images, questions):
@@ -118,7 +147,7 @@ def test_every_input_image_type(service_url, make_images, questions):
     with DVRewardClient(service_url, image_format="png") as client:  # lossless: bytes and arrays match
         got = client.score(["a red cube"] * len(groups), groups, questions=[questions] * len(groups))
     rewards = [g[0] for g in got.rewards]
-    assert all(abs(r - rewards[0]) < 1e-6 for r in rewards), rewards  # same pixels, same reward
+    assert all(abs(r - rewards[0]) < REWARD_TOL for r in rewards), rewards  # same pixels, same reward
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
@@ -137,6 +166,8 @@ def test_on_error_nan_gives_nan_never_zero(service_url, make_images, questions, 
     assert math.isfinite(r[0]) and math.isfinite(r[2])
     assert math.isnan(got.advantages[0][1]) and math.isnan(got.sc[0][1])
     assert got.response.groups[0].rewards[1] is None  # the wire keeps null
+    (mine,) = group_advantages(got.rewards)  # the helper takes what on_error="nan" returns
+    assert math.isnan(mine[1]) and mine[0] == pytest.approx(-mine[2])
     (f,) = got.failures
     assert (f.group, f.index, f.code) == (0, 1, "bad_image") and "decoded" in f.message
     assert got.images[0][1].error is not None and got.images[0][1].error.code == "bad_image"

@@ -7,7 +7,7 @@ import math
 import pytest
 
 import trainer_client
-from trainer_client.grpo import false_positive_rectification, group_advantages
+from trainer_client.grpo import false_positive_rectification, group_advantages, lone_groups
 
 EPS = 1e-4
 
@@ -18,6 +18,39 @@ def test_exported_from_package():
 
 
 # --- group_advantages ------------------------------------------------------------------------
+
+
+def test_defaults_are_the_references():
+    # groups [0, 1] and [0, .5, 1]: population std over all five rewards [0, 1, 0, .5, 1]:
+    # mean .5, var (.25 + .25 + .25 + 0 + .25) / 5 = .2 -> std sqrt(.2); advantage = (r - group mean) / (std + 1e-4)
+    out = group_advantages([[0.0, 1.0], [0.0, 0.5, 1.0]])
+    s = math.sqrt(0.2)
+    assert out == [[pytest.approx(-0.5 / (s + EPS)), pytest.approx(0.5 / (s + EPS))],
+                   [pytest.approx(-0.5 / (s + EPS)), 0.0, pytest.approx(0.5 / (s + EPS))]]
+    # and clipped to ±5: [0 x 99, 1] has mean .01, std sqrt(.0099) ~ .0995, so the 1 would get 9.95
+    (adv,) = group_advantages([[0.0] * 99 + [1.0]])
+    assert adv[-1] == 5.0 and adv[0] == pytest.approx(-0.01 / (math.sqrt(0.0099) + EPS))
+
+
+def test_groups_with_the_same_key_pool_into_one():
+    # the reference keys GRPO groups by prompt: [0, 1] and [.5] of prompt "a" are one group of mean .5,
+    # [.2, .4] of "b" another of mean .3; global std over [0, 1, .5, .2, .4]: mean .42,
+    # var (.1764 + .3364 + .0064 + .0484 + .0004) / 5 = .1136
+    out = group_advantages([[0.0, 1.0], [0.5], [0.2, 0.4]], keys=["a", "a", "b"])
+    s = math.sqrt(0.1136)
+    assert out == [[pytest.approx(-0.5 / (s + EPS)), pytest.approx(0.5 / (s + EPS))], [0.0],
+                   [pytest.approx(-0.1 / (s + EPS)), pytest.approx(0.1 / (s + EPS))]]
+    # None keys stand alone: the lone .5 is its own group again
+    assert group_advantages([[0.0, 1.0], [0.5]], keys=["a", None])[1] == [0.0]
+    with pytest.raises(ValueError, match="2 keys for 3 groups"):
+        group_advantages([[0.0], [1.0], [0.5]], keys=["a", "b"])
+
+
+def test_lone_groups_are_those_alone_with_their_prompt():
+    rewards = [[0.3], [0.5], [0.1, 0.2], [None, 0.4], [None]]
+    assert lone_groups(rewards) == [0, 1, 3]
+    # group 1 shares prompt "a" with group 2: not alone; a group with no valid image is not reported
+    assert lone_groups(rewards, keys=["x", "a", "a", "y", "z"]) == [0, 3]
 
 
 def test_two_rewards_exact_value():
@@ -38,7 +71,7 @@ def test_eps_default_is_1e_minus_4_and_overridable():
 def test_per_group_statistics():
     # group 1: [1, 2, 3] -> mean 2, std sqrt((1 + 0 + 1) / 3) = sqrt(2/3)
     # group 2: [10, 30]  -> mean 20, std 10
-    out = group_advantages([[1.0, 2.0, 3.0], [10.0, 30.0]])
+    out = group_advantages([[1.0, 2.0, 3.0], [10.0, 30.0]], std="group")
     s1 = math.sqrt(2 / 3)
     assert out[0] == [pytest.approx(-1 / (s1 + EPS)), 0.0, pytest.approx(1 / (s1 + EPS))]
     assert out[1] == [pytest.approx(-10 / (10 + EPS)), pytest.approx(10 / (10 + EPS))]
@@ -60,7 +93,7 @@ def test_global_std():
 
 
 def test_all_equal_group_gives_zeros_not_nan():
-    out = group_advantages([[0.7, 0.7, 0.7], [0.0, 1.0]])
+    out = group_advantages([[0.7, 0.7, 0.7], [0.0, 1.0]], std="group")
     assert out[0] == [0.0, 0.0, 0.0]
     assert all(not math.isnan(a) for a in out[0])
     assert out[1][1] == pytest.approx(0.5 / 0.5001)
@@ -127,7 +160,7 @@ def test_empty_input_and_empty_group():
 def test_ragged_groups():
     # sizes 1, 3, 2: each keeps its own shape and statistics
     # [5, 6, 7]: mean 6, std sqrt(2/3); [2, 4]: mean 3, std 1
-    out = group_advantages([[0.1], [5.0, 6.0, 7.0], [2.0, 4.0]])
+    out = group_advantages([[0.1], [5.0, 6.0, 7.0], [2.0, 4.0]], std="group")
     assert [len(g) for g in out] == [1, 3, 2]
     s = math.sqrt(2 / 3)
     assert out[0] == [0.0]
@@ -167,7 +200,18 @@ def test_invalid_std_mode_rejected(mode):
         group_advantages([[0.0, 1.0]], std=mode)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_marks_a_failed_image_like_none():
+    """`on_error="nan"` rewards go straight in: NaN is left out of the statistics and stays NaN."""
+    nan = float("nan")
+    (adv,) = group_advantages([[nan, 0.0, nan, 1.0]])
+    assert math.isnan(adv[0]) and math.isnan(adv[2])
+    assert adv[1] == pytest.approx(-0.5 / 0.5001) and adv[3] == pytest.approx(0.5 / 0.5001)
+    out = group_advantages([[0.0, nan, 2.0], [None, 4.0, 6.0]], std="global")
+    s = math.sqrt(5)
+    assert out[0][0] == pytest.approx(-1 / (s + EPS)) and math.isnan(out[0][1]) and out[1][0] is None
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
 def test_non_finite_reward_rejected(bad):
     with pytest.raises(ValueError) as ei:
         group_advantages([[0.0, 1.0], [0.5, bad]])

@@ -51,6 +51,8 @@ async def score(req: ScoreRequest, response: Response, request_id: RequestId, se
             _count_sources(metrics, (im.get("p_source") or {}).values())
         if g.get("decomposition_cached") is not None:
             metrics.cache.labels("hit" if g["decomposition_cached"] else "miss").inc()
+    for w in body["warnings"] if not replayed else ():
+        metrics.warnings.labels(w["code"]).inc()
     _timing_headers(response, request_id, body, replayed)
     return body
 

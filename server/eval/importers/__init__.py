@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from server.eval.importers.alphagrpo import import_alphagrpo
 from server.eval.importers.base import (
     ImporterError,
     ImportIssue,
@@ -25,6 +26,7 @@ from server.eval.importers.tifa import import_tifa
 Importer = Callable[[str | Path], tuple[list[PromptRecord], list[ImportIssue]]]
 
 IMPORTERS: dict[str, Importer] = {
+    "alphagrpo": import_alphagrpo,
     "dsg-csv": import_dsg_csv,
     "geneval": import_geneval,
     "tifa": import_tifa,
@@ -38,6 +40,7 @@ __all__ = [
     "IssueLog",
     "PromptRecord",
     "count_issues",
+    "import_alphagrpo",
     "import_dsg_csv",
     "import_geneval",
     "import_tifa",
