@@ -21,8 +21,6 @@ class Resizer:
     """Target size: a multiple of patch * merge within [min_pixels, max_pixels], as Qwen2-VL processors compute it."""
 
     def __init__(self, factor: int, min_pixels: int, max_pixels: int, resample: int) -> None:
-        if not 0 < min_pixels <= max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
         self.factor, self.min_pixels, self.max_pixels, self.resample = factor, min_pixels, max_pixels, resample
 
     @classmethod
@@ -31,15 +29,17 @@ class Resizer:
         """The checkpoint's own pixel range and resampling, unless `min_pixels` / `max_pixels` override them."""
         from transformers import Qwen2VLImageProcessorPil
 
+        from server.engines.hf_verifier import pixel_range
+
         try:
             proc: Any = Qwen2VLImageProcessorPil.from_pretrained(ref, **pretrained_kwargs(ref))
         except (OSError, ValueError) as exc:
             raise EngineError(load_error(role, ref, exc)) from exc
-        return cls(proc.patch_size * proc.merge_size, min_pixels or proc.size["shortest_edge"],
-                   max_pixels or proc.size["longest_edge"], int(proc.resample))
+        size = pixel_range(proc.size, min_pixels, max_pixels)
+        return cls(proc.patch_size * proc.merge_size, size["shortest_edge"], size["longest_edge"], int(proc.resample))
 
     def __call__(self, image: Image) -> Image:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         rgb = image.convert("RGB")
         h, w = smart_resize(rgb.height, rgb.width, factor=self.factor, min_pixels=self.min_pixels,
