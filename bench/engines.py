@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from server.engines.base import VerifyItem  # noqa: E402
-from server.engines.prompts import VERIFIER_SYSTEM  # noqa: E402
+from server.engines.prompts import VERIFIER_SYSTEM_PROMPT  # noqa: E402
 
 
 def make_items(n: int, k: int, px: int) -> list[VerifyItem]:
@@ -134,7 +134,7 @@ def main() -> None:
             from server.engines.vllm_common import VLLMOptions
             from server.engines.vllm_verifier import VLLMVerifier
 
-            v = VLLMVerifier.load(model, system_prompt=VERIFIER_SYSTEM,
+            v = VLLMVerifier.load(model, system_prompt=VERIFIER_SYSTEM_PROMPT,
                                   options=VLLMOptions(dtype=args.dtype, gpu_memory_utilization=mem))
             t, outputs["vllm"] = timed(v.verify, items, args.repeat)
             result["vllm_images_per_s"] = round(args.images / t, 2)
@@ -144,7 +144,8 @@ def main() -> None:
 
             proc, url = start_server(model, args.dtype, mem, Path(tmp) / "vllm-server.log")
             try:
-                r = OpenAIVerifier.connect(url, model, VERIFIER_SYSTEM, RemoteOptions(concurrency=args.concurrency))
+                r = OpenAIVerifier.connect(url, model, VERIFIER_SYSTEM_PROMPT,
+                                           RemoteOptions(concurrency=args.concurrency))
                 t, outputs["remote"] = timed(r.verify, items, args.repeat)
                 result["remote_images_per_s"] = round(args.images / t, 2)
                 r.close()

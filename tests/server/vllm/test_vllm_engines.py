@@ -160,10 +160,10 @@ def test_vllm_decomposer_pipelines(vllm_decomposer: Any, pipeline: str, monkeypa
 def test_remote_verifier_is_exact_with_logprob_token_ids(vllm_api_server: str, kit: types.SimpleNamespace,
                                                          tiny_models: dict[str, Path],
                                                          transformers_p: list[list[float]]) -> None:
-    from server.engines.prompts import VERIFIER_SYSTEM
+    from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
     from server.engines.remote_verifier import OpenAIVerifier
 
-    v = OpenAIVerifier.connect(vllm_api_server, str(tiny_models["verifier"]), VERIFIER_SYSTEM)
+    v = OpenAIVerifier.connect(vllm_api_server, str(tiny_models["verifier"]), VERIFIER_SYSTEM_PROMPT)
     try:
         out = v.verify_each(_items(_images(kit)))
     finally:
@@ -177,10 +177,10 @@ def test_remote_verifier_is_exact_with_logprob_token_ids(vllm_api_server: str, k
 def test_remote_verifier_without_exact_ids_reads_the_top_k(vllm_api_server: str, kit: types.SimpleNamespace,
                                                            tiny_models: dict[str, Path],
                                                            transformers_p: list[list[float]]) -> None:
-    from server.engines.prompts import VERIFIER_SYSTEM
+    from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
     from server.engines.remote_verifier import OpenAIVerifier
 
-    v = OpenAIVerifier.connect(vllm_api_server, str(tiny_models["verifier"]), VERIFIER_SYSTEM, exact=False)
+    v = OpenAIVerifier.connect(vllm_api_server, str(tiny_models["verifier"]), VERIFIER_SYSTEM_PROMPT, exact=False)
     try:
         out = v.verify_each(_items(_images(kit)))
     finally:
