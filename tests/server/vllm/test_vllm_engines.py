@@ -186,8 +186,13 @@ def test_remote_verifier_without_exact_ids_reads_the_top_k(vllm_api_server: str,
     finally:
         v.close()
     assert v.ids is None and len(out) == len(transformers_p)
-    for o in out:  # the top-20 leaves out part of the yes/no mass: an approximation, reported as such
-        assert isinstance(o, ItemScores) and set(o.source) <= {"top_k", "text"}
+    for o in out:
+        # a random model may rank neither answer in its top-20 and emit another token: that item is an
+        # error saying so, never a made-up p; otherwise p is the top-k approximation, reported as such
+        if isinstance(o, EngineError):
+            assert "no yes/no answer: neither word is among the top-" in str(o)
+            continue
+        assert set(o.source) <= {"top_k", "text"}
         assert all(p in (0.0, 1.0) if source == "text" else 0.0 <= p <= 1.0
                    for p, source in zip(o.p, o.source, strict=True))
 
