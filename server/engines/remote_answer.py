@@ -11,6 +11,7 @@ else is an EngineError: no answer is ever made up.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,18 @@ def read_answer(response: dict[str, Any], ids: YesNoIds | None) -> tuple[float, 
         return (1.0 if word == "yes" else 0.0), "text"
     raise EngineError(f"no yes/no answer: neither word is among the top-{len(top)} tokens and the model "
                       f"answered {text[:40]!r}")
+
+
+def read_each(responses: Sequence[dict[str, Any] | EngineError],
+              ids: YesNoIds | None) -> list[tuple[float, PSource] | EngineError]:
+    """`read_answer` of each response; a failed request or an unreadable answer is that one's error."""
+    out: list[tuple[float, PSource] | EngineError] = []
+    for r in responses:
+        try:
+            out.append(r if isinstance(r, EngineError) else read_answer(r, ids))
+        except EngineError as exc:
+            out.append(exc)
+    return out
 
 
 def _top(entry: dict[str, Any]) -> dict[str, float]:

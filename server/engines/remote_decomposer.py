@@ -21,7 +21,7 @@ from server.engines.decomposition import (
 from server.engines.decomposition_parse import Generation
 from server.engines.decomposition_schema import Limits
 from server.engines.remote import ChatClient, RemoteOptions
-from server.engines.remote_answer import YesNoIds, answer_body, read_answer
+from server.engines.remote_answer import YesNoIds, answer_body, read_each
 from server.engines.remote_tokens import remote_yes_no_ids
 
 
@@ -67,16 +67,8 @@ class OpenAIBackend:
         return out
 
     def p_yes(self, conversations: Sequence[Messages]) -> list[float | EngineError]:
-        out: list[float | EngineError] = []
-        for r in self.client.chat_each([answer_body(m, self.ids) for m in conversations]):
-            if isinstance(r, EngineError):
-                out.append(r)
-                continue
-            try:
-                out.append(read_answer(r, self.ids)[0])
-            except EngineError as exc:
-                out.append(exc)
-        return out
+        answers = read_each(self.client.chat_each([answer_body(m, self.ids) for m in conversations]), self.ids)
+        return [a if isinstance(a, EngineError) else a[0] for a in answers]
 
 
 class OpenAIDecomposer(PipelineDecomposer):

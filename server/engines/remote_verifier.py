@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from server.engines.base import EngineError, ItemScores, PSource, VerifyItem, scores_or_raise
 from server.engines.conversation import verifier_messages
 from server.engines.remote import ChatClient, RemoteOptions, RequestError
-from server.engines.remote_answer import YesNoIds, answer_body, read_answer
+from server.engines.remote_answer import YesNoIds, answer_body, read_each
 from server.engines.remote_tokens import remote_yes_no_ids
 from server.engines.resize import Resizer
 
@@ -76,24 +76,19 @@ class OpenAIVerifier:
         for it in items:
             if not it.images or not it.questions:
                 raise ValueError("a verification item needs at least one image and one question")
-        keys: list[tuple[int, int]] = []
         conversations: list[list[dict[str, Any]]] = []
-        for i, it in enumerate(items):
+        for it in items:
             urls = [data_url(self.resize(im) if self.resize else im) for im in it.images]
-            for k, q in enumerate(it.questions):
-                keys.append((i, k))
-                conversations.append(remote_messages(self.system_prompt, urls, q))
-        answers = self._answers(conversations)
+            conversations += [remote_messages(self.system_prompt, urls, q) for q in it.questions]
+        answers = iter(self._answers(conversations))  # in item order, question by question
         out: list[ItemScores | EngineError] = []
-        for i, it in enumerate(items):
-            mine = [answers[n] for n, (j, _) in enumerate(keys) if j == i]
+        for it in items:
+            mine = [next(answers) for _ in it.questions]
             errors = [f"question {k} ({it.questions[k][:60]!r}): {a}" for k, a in enumerate(mine)
                       if isinstance(a, EngineError)]
-            if errors:
-                out.append(EngineError("; ".join(errors)))
-            else:
-                ok = [a for a in mine if not isinstance(a, EngineError)]
-                out.append(ItemScores(tuple(p for p, _ in ok), tuple(s for _, s in ok)))
+            ok = [a for a in mine if not isinstance(a, EngineError)]
+            out.append(EngineError("; ".join(errors)) if errors else
+                       ItemScores(tuple(p for p, _ in ok), tuple(s for _, s in ok)))
         return out
 
     def _answers(self, conversations: list[list[dict[str, Any]]]) -> list[tuple[float, PSource] | EngineError]:
@@ -104,16 +99,7 @@ class OpenAIVerifier:
                         self.client.base_url)
             self.ids = None
             return self._answers(conversations)
-        out: list[tuple[float, PSource] | EngineError] = []
-        for r in responses:
-            if isinstance(r, EngineError):
-                out.append(r)
-                continue
-            try:
-                out.append(read_answer(r, ids))
-            except EngineError as exc:
-                out.append(exc)
-        return out
+        return read_each(responses, ids)
 
 
 def _refused_exact(r: dict[str, Any] | RequestError) -> bool:
