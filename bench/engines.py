@@ -68,8 +68,8 @@ def start_server(model: str, dtype: str, mem: float, log: Path) -> tuple[subproc
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-             "--port", str(port), "--dtype", dtype, "--gpu-memory-utilization", str(mem), "--enable-prefix-caching",
-             "--max-model-len", "8192"] + (["--enforce-eager"] if cpu() else []),
+             "--port", str(port), "--dtype", dtype, "--gpu-memory-utilization", str(mem), "--enable-prefix-caching"]
+            + (["--enforce-eager"] if cpu() else []),
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
