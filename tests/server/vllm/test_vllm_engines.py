@@ -21,6 +21,9 @@ from server.engines.base import EngineError, ItemScores, VerifyItem
 from server.engines.decomposition_schema import Limits
 from server.images import load_image
 
+# A test's time includes loading its module's vLLM engine (seconds on a quiet machine, minutes on a busy one).
+pytestmark = pytest.mark.timeout(1800)
+
 # Engines agree to float32 noise on the same checkpoint: 1e-3 leaves room for summation order only.
 AGREE = 1e-3
 LOAD_S = 900.0  # bound on loading a tiny model into vLLM on a busy 2-core machine
