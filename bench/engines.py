@@ -11,9 +11,11 @@ Needs vLLM (`scripts/vllm-cpu-env.sh VENV` on a CPU-only machine); `--engines` p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -138,6 +140,7 @@ def main() -> None:
                                   options=VLLMOptions(dtype=args.dtype, gpu_memory_utilization=mem))
             t, outputs["vllm"] = timed(v.verify, items, args.repeat)
             result["vllm_images_per_s"] = round(args.images / t, 2)
+            v.close()
         if "remote" in engines:
             from server.engines.remote import RemoteOptions
             from server.engines.remote_verifier import OpenAIVerifier
@@ -152,6 +155,8 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
+                with contextlib.suppress(ProcessLookupError):  # engine processes of a server killed mid-shutdown
+                    os.killpg(proc.pid, signal.SIGKILL)
         for name, out in outputs.items():
             if ref is not None:
                 result[f"{name}_max_abs_diff"] = max(abs(a - b) for x, y in zip(out, ref, strict=True)

@@ -44,6 +44,11 @@ def load_llm(ref: str, role: str, options: VLLMOptions, **engine_args: Any) -> A
         raise EngineError(load_error(role, ref, exc)) from exc
 
 
+def shutdown(llm: Any) -> None:
+    """Stop the engine processes of an `LLM` now (otherwise they stop when it is garbage-collected)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def answer_sampling(yes_ids: list[int], no_ids: list[int]) -> Any:
     """One greedy token, with the full-vocabulary log-probability of exactly the yes and no ids."""
     from vllm import SamplingParams

@@ -24,7 +24,7 @@ from server.engines.decomposition import (
 from server.engines.decomposition_parse import Generation
 from server.engines.decomposition_schema import Limits
 from server.engines.loading import load_error, pretrained_kwargs
-from server.engines.vllm_common import VLLMOptions, answer_sampling, load_llm, p_from_output
+from server.engines.vllm_common import VLLMOptions, answer_sampling, load_llm, p_from_output, shutdown
 
 
 class VLLMBackend:
@@ -49,6 +49,10 @@ class VLLMBackend:
         self.llm = load_llm(ref, "decomposer", options,
                             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         self._answers: YesNo | None = None  # built on first use: only the dsg validity stage needs it
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes."""
+        shutdown(self.llm)
 
     def _sampling(self, constraint: Constraint, attempt: int) -> Any:
         from vllm import SamplingParams

@@ -17,7 +17,7 @@ from server.engines.base import EngineError, ItemScores, VerifyItem, scores_or_r
 from server.engines.conversation import IMAGE_PART, verifier_messages
 from server.engines.loading import load_error, pretrained_kwargs
 from server.engines.resize import Resizer
-from server.engines.vllm_common import VLLMOptions, answer_sampling, load_llm, p_from_output
+from server.engines.vllm_common import VLLMOptions, answer_sampling, load_llm, p_from_output, shutdown
 
 
 class VLLMVerifier:
@@ -47,6 +47,10 @@ class VLLMVerifier:
             raise EngineError(load_error("verifier", ref, exc)) from exc
         llm = load_llm(ref, "verifier", options, limit_mm_per_prompt={"image": max_images})
         return cls(llm, tokenizer, resize, model_id=ref, system_prompt=system_prompt, max_images=max_images)
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes."""
+        shutdown(self.llm)
 
     def _prompt(self, n_images: int, question: str) -> str:
         messages = verifier_messages(self.system_prompt, question, [IMAGE_PART] * n_images)

@@ -7,6 +7,9 @@ loopback for the remote engines, and one in-process vLLM decomposer for the pipe
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import types
@@ -32,6 +35,12 @@ QUESTIONS = ["Is there a cat?", "Is the cat red?", "Does the image look sharp?"]
 PROMPTS = ["a red car next to a blue house", "two cats on a sofa"]
 # Sizes the processors keep and sizes they must resize (up, down, to a multiple of 28).
 SIZES = [(56, 56), (112, 84), (40, 30), (200, 150)]
+
+
+def kill_group(pid: int) -> None:
+    """vLLM's engine processes outlive a server killed before it shut them down: end its whole session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _images(kit: types.SimpleNamespace) -> list[bytes]:
@@ -65,6 +74,7 @@ def vllm_serve(kit: types.SimpleNamespace, tiny_models: dict[str, Path],
         assert proc.alive(), f"the vLLM server died during the tests:\n{proc.log_tail()}"
     finally:
         proc.stop()
+        kill_group(proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +112,7 @@ def vllm_api_server(kit: types.SimpleNamespace, tiny_models: dict[str, Path],
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+        kill_group(proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +151,14 @@ def test_vllm_decomposer_and_verifier_score_a_prompt(vllm_serve: str, kit: types
 
 # ---- vLLM decomposer in this process: both pipelines ------------------------------------------------
 @pytest.fixture(scope="module")
-def vllm_decomposer(tiny_models: dict[str, Path]) -> Any:
+def vllm_decomposer(tiny_models: dict[str, Path]) -> Iterator[Any]:
     from server.engines.vllm_common import VLLMOptions
     from server.engines.vllm_decomposer import VLLMDecomposer
 
-    return VLLMDecomposer(str(tiny_models["decomposer"]), max_retries=3, limits=SMALL, max_new_tokens=400,
-                          options=VLLMOptions(dtype="float32", gpu_memory_utilization=0.1))
+    d = VLLMDecomposer(str(tiny_models["decomposer"]), max_retries=3, limits=SMALL, max_new_tokens=400,
+                       options=VLLMOptions(dtype="float32", gpu_memory_utilization=0.1))
+    yield d
+    d.backend.close()
 
 
 @pytest.mark.parametrize("pipeline", ["fast", "dsg"])
