@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from server.engines.base import Decomposer, Verifier
+    from server.engines.remote import RemoteOptions
+    from server.engines.vllm_common import VLLMOptions
 
 log = logging.getLogger("dvreward")
 
@@ -42,9 +44,25 @@ def build_broker(settings: Settings) -> Broker:
 
 
 def load_verifier(settings: Settings) -> Verifier:
+    log.info("loading verifier %s (%s engine)", settings.verifier, settings.verifier_engine)
+    if settings.verifier_engine == "vllm":
+        from server.engines.vllm_verifier import VLLMVerifier
+
+        return VLLMVerifier.load(settings.verifier, system_prompt=settings.verifier_system_prompt,
+                                 options=vllm_options(settings), min_pixels=settings.min_pixels,
+                                 max_pixels=settings.max_pixels)
+    if settings.verifier_engine == "openai":
+        from server.engines.remote_verifier import OpenAIVerifier
+
+        assert settings.verifier_url is not None  # checked by Settings
+        return OpenAIVerifier.connect(
+            settings.verifier_url, settings.verifier, settings.verifier_system_prompt,
+            remote_options(settings, settings.verifier_api_key), tokenizer=settings.verifier_tokenizer,
+            exact=settings.verifier_exact_logprobs, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
+        )
     from server.engines.hf_verifier import HFVerifier
 
-    log.info("loading verifier %s on %s (%s)", settings.verifier, settings.device, settings.dtype)
+    log.info("verifier on %s (%s)", settings.device, settings.dtype)
     return HFVerifier.load(
         settings.verifier, device=settings.device, dtype=settings.dtype, min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels, mode=settings.verifier_mode, max_batch_tokens=settings.max_batch_tokens,
@@ -56,13 +74,41 @@ def load_decomposer(settings: Settings) -> Decomposer | None:
     if not settings.decomposer:
         return None
     from server.engines.decomposition_schema import Limits
+
+    limits = Limits(max_semantic=settings.decomposer_max_semantic, max_quality=settings.decomposer_max_quality)
+    log.info("loading decomposer %s (%s pipeline, %s engine)", settings.decomposer, settings.pipeline,
+             settings.decomposer_engine)
+    if settings.decomposer_engine == "vllm":
+        from server.engines.vllm_decomposer import VLLMDecomposer
+
+        return VLLMDecomposer(settings.decomposer, settings.pipeline, options=vllm_options(settings),
+                              max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
+    if settings.decomposer_engine == "openai":
+        from server.engines.remote_decomposer import OpenAIDecomposer
+
+        assert settings.decomposer_url is not None  # checked by Settings
+        return OpenAIDecomposer(settings.decomposer_url, settings.decomposer, settings.pipeline,
+                                options=remote_options(settings, settings.decomposer_api_key),
+                                max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
     from server.engines.hf_decomposer import HFDecomposer
 
-    log.info("loading decomposer %s (%s pipeline)", settings.decomposer, settings.pipeline)
     return HFDecomposer(settings.decomposer, settings.pipeline, device=settings.device, dtype=settings.dtype,
-                        max_new_tokens=settings.decomposer_max_new_tokens,
-                        limits=Limits(max_semantic=settings.decomposer_max_semantic,
-                                      max_quality=settings.decomposer_max_quality))
+                        max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
+
+
+def vllm_options(settings: Settings) -> VLLMOptions:
+    from server.engines.vllm_common import VLLMOptions
+
+    return VLLMOptions(dtype=settings.dtype, tensor_parallel_size=settings.vllm_tensor_parallel_size,
+                       gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                       max_model_len=settings.vllm_max_model_len)
+
+
+def remote_options(settings: Settings, api_key: str | None) -> RemoteOptions:
+    from server.engines.remote import RemoteOptions
+
+    return RemoteOptions(api_key=api_key, concurrency=settings.remote_concurrency,
+                         timeout_s=settings.remote_timeout_s, retries=settings.remote_retries)
 
 
 def build_service(settings: Settings, broker: Broker) -> ScoringService:

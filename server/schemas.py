@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.core.questions import Decomposition, Metadata, Question, Text
 from server.core.reward import Aggregation, Gating
+from server.engines.base import PSource
 
 Answer = Literal["prob", "binary"]
 
@@ -58,6 +59,10 @@ class ImageResult(_Model):
     sc: float | None = None
     pq: float | None = None
     p: dict[str, float] | None = Field(None, description="question id -> P(yes)/(P(yes)+P(no))")
+    p_source: dict[str, PSource] | None = Field(
+        None, description="question id -> how p was read: logits (exact), top_k (top-20 log-probabilities) or "
+        "text (neither answer in the top-20: the generated word, 1 or 0)"
+    )
     failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p < 0.5)")
     error: ErrorInfo | None = None
 
@@ -127,6 +132,7 @@ class VerifyRequest(_Model):
 
 class VerifyItemResult(_Model):
     p: list[float] | None
+    p_source: list[PSource] | None = Field(None, description="per question: logits, top_k or text (see ImageResult)")
     error: ErrorInfo | None = None
 
 

@@ -122,7 +122,8 @@ class ScoringService:
             [(b, it.questions) for b, it in zip(blobs, req.items, strict=True)], self.deadline()
         )
         out = [
-            VerifyItemResult(p=r.data["p"], error=None) if r.error_code is None and r.data
+            VerifyItemResult(p=r.data["p"], p_source=r.data.get("p_source"), error=None)
+            if r.error_code is None and r.data
             else VerifyItemResult(p=None, error=_error_info(r))
             for r in results
         ]
@@ -237,11 +238,18 @@ _PER_GROUP = (ErrorCode.decomposition_failed, ErrorCode.delivery_limit)
 def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRequest) -> ImageResult:
     if r.error_code is not None or not r.data:
         return ImageResult(index=index, reward=None, error=_error_info(r))
-    p = dict(zip([q.id for q in questions], r.data["p"], strict=True))
+    ids = [q.id for q in questions]
+    p = dict(zip(ids, r.data["p"], strict=True))
     scores = {q: float(answered_yes(v)) for q, v in p.items()} if req.answer == "binary" else p
     b = aggregate(questions, scores, req.aggregation, req.gating, req.tag_weights)
-    return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p,
+    return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p, p_source=_sources(ids, r),
                        failed=[q.id for q in questions if not answered_yes(p[q.id])])
+
+
+def _sources(ids: list[str], r: Result) -> dict[str, str] | None:
+    """How each p was read, as the worker reported it (None from a worker that predates p_source)."""
+    sources = r.data.get("p_source") if r.data else None
+    return dict(zip(ids, sources, strict=True)) if sources is not None else None
 
 
 def _reported(results: list[Result], key: str, default: str) -> str:

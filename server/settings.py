@@ -80,6 +80,42 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(32768, description="token budget of one verifier forward pass")
     batched_vision: bool = Field(True, description="vision window attention in one call (same result, faster)")
 
+    # engines: which backend runs each role, and their options
+    verifier_engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="verifier backend: transformers, vllm (in the worker) or openai (a remote server)"
+    )
+    decomposer_engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="decomposer backend: transformers, vllm (in the worker) or openai (a remote server)"
+    )
+    verifier_url: str | None = Field(
+        None, description="openai engine: base URL of the verifier's server, ending in /v1; --verifier names the model"
+    )
+    decomposer_url: str | None = Field(
+        None, description="openai engine: base URL of the decomposer's server, ending in /v1; --decomposer names "
+        "the model"
+    )
+    verifier_api_key: str | None = Field(None, description="openai engine: Bearer key of the verifier's server")
+    decomposer_api_key: str | None = Field(None, description="openai engine: Bearer key of the decomposer's server")
+    verifier_tokenizer: str | None = Field(
+        None, description="openai engine: local dir or hub id of the served verifier's tokenizer, for exact p "
+        "(unset: the --verifier name, if it loads; else p from the top-20)"
+    )
+    verifier_exact_logprobs: bool = Field(
+        True, description="openai engine: ask for logprob_token_ids (vLLM servers) so p is exact, not top-20"
+    )
+    remote_concurrency: int = Field(16, ge=1, description="openai engine: most requests in flight per role")
+    remote_timeout_s: float = Field(60.0, gt=0, description="openai engine: timeout of one request")
+    remote_retries: int = Field(
+        3, ge=0, description="openai engine: retries (backoff with jitter) on 429, 5xx and connection errors"
+    )
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs one model is split over")
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm engine: fraction of GPU memory per model (on a CPU: of RAM)"
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=1, description="vllm engine: longest sequence (unset: the model's own limit)"
+    )
+
     # queue
     redis_url: str | None = Field(None, description="Redis URL; unset runs the embedded in-process queue")
     queue_prefix: str = Field("dvr", description="prefix of every Redis key")
@@ -136,6 +172,13 @@ class Settings(BaseSettings):
             self.verifier_system_prompt = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read the verifier system prompt file {str(path)!r}: {exc}") from exc
+        return self
+
+    @model_validator(mode="after")
+    def _remote_urls(self) -> Settings:
+        for role in ("verifier", "decomposer"):
+            if getattr(self, f"{role}_engine") == "openai" and not getattr(self, f"{role}_url"):
+                raise ValueError(f"{role}_engine openai needs {role}_url (the server's base URL, ending in /v1)")
         return self
 
     @model_validator(mode="after")

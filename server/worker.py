@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from server.engines.base import Decomposer, EngineError, Verifier, VerifyItem
+from server.engines.base import Decomposer, EngineError, ItemScores, Verifier, VerifyItem
 from server.errors import ErrorCode, ServiceError
 from server.images import load_image
 from server.queue.base import Broker, Result, Task, TaskKind, collect_batch
@@ -177,8 +177,9 @@ class Worker:
             except (ValueError, ServiceError) as exc:
                 results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
         for i, outcome in zip(owners, self._scores(items), strict=True):
-            results[i] = (Result(tasks[i].task_id, {"p": outcome, **self._provenance})
-                          if isinstance(outcome, list) else
+            results[i] = (Result(tasks[i].task_id, {"p": list(outcome.p), "p_source": list(outcome.source),
+                                                    **self._provenance})
+                          if isinstance(outcome, ItemScores) else
                           Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(outcome)))
         return [results[i] for i in range(len(tasks))]
 
@@ -189,13 +190,13 @@ class Worker:
         return {"model": self.verifier_id, "template_version": self.info.template_version,
                 "system_prompt": self.verifier.system_prompt}
 
-    def _scores(self, items: list[VerifyItem]) -> list[list[float] | Exception]:
+    def _scores(self, items: list[VerifyItem]) -> list[ItemScores | Exception]:
         """The batch in one call; if it fails, item by item, so one bad item cannot fail other requests."""
         assert self.verifier is not None
         if not items:
             return []
         try:
-            return list(self.verifier.verify(items))
+            return list(self.verifier.verify_each(items))
         except Exception as exc:  # noqa: BLE001 - retried alone below, or reported to the request
             if len(items) == 1:
                 log.warning("verification failed: %s", exc)

@@ -33,7 +33,7 @@ def _check_command(argv: list[str]) -> None:
     sub[argv[1]].parse_args(argv[2:])  # values must parse too
 
 
-@pytest.mark.parametrize("service", ["api", "worker"])
+@pytest.mark.parametrize("service", ["api", "worker", "worker-vllm", "worker-remote"])
 def test_compose_commands_and_settings_exist(service: str) -> None:
     spec = COMPOSE["services"][service]
     _check_command(spec["command"])
@@ -44,7 +44,7 @@ def test_compose_commands_and_settings_exist(service: str) -> None:
 
 
 def test_compose_environment_values_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for service in ("api", "worker"):
+    for service in ("api", "worker", "worker-vllm", "worker-remote"):
         for name, value in COMPOSE["services"][service]["environment"].items():
             if name.startswith("DVREWARD_"):
                 monkeypatch.setenv(name, re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", str(value)))

@@ -18,5 +18,7 @@ class Metrics:
                               registry=self.registry)
         self.warnings = Counter("dvreward_warnings_total", "warnings in /v1/score responses", ["code"],
                                 registry=self.registry)
+        self.p_source = Counter("dvreward_p_source_total", "verifier answers by how p was read (responses with "
+                                "details)", ["source"], registry=self.registry)
         self.cache = Counter("dvreward_decomposition_cache_total", "decomposition cache lookups", ["result"],
                              registry=self.registry)

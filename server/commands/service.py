@@ -26,11 +26,22 @@ if TYPE_CHECKING:
 WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decomposer_max_new_tokens",
                    "batched_vision", "verifier_system_prompt", "verifier_system_prompt_file", "decomposer_max_semantic",
                    "decomposer_max_quality", "batch_timeout_s"}
+WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "decomposer_url", "verifier_api_key",
+                    "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
+                    "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
+                    "vllm_max_model_len"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
                "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item"}
 
 
 EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
+
+
+def loaded_models(s: Settings) -> dict[str, str | None]:
+    """The checkpoints this process loads; a model on a remote server (openai engine) is the server's to check."""
+    return {role: ref for role, ref, engine in (("verifier", s.verifier, s.verifier_engine),
+                                                 ("decomposer", s.decomposer, s.decomposer_engine))
+            if engine != "openai"}
 
 
 def flag(name: str) -> str:
@@ -109,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     _logging()
     s = settings_from(args)
-    check(models={"verifier": s.verifier, "decomposer": s.decomposer}, listen=(s.host, s.port))
+    check(models=loaded_models(s), listen=(s.host, s.port))
     app = build_app(s, _load_engines(s))
     queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
@@ -146,7 +157,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     if args.devices:
         return _supervise(args)
-    check(models={"verifier": s.verifier, "decomposer": s.decomposer})
+    check(models=loaded_models(s))
     worker = build_worker(s, build_broker(s), *_load_engines(s))
 
     async def main() -> None:
@@ -185,7 +196,7 @@ def _supervise(args: argparse.Namespace) -> int:
         raise StartupError([str(exc)]) from None
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     s = settings_from(argparse.Namespace(**given, device=devices[0]))  # default models depend on the device
-    check(models={"verifier": s.verifier, "decomposer": s.decomposer})  # once, not in a restart loop
+    check(models=loaded_models(s))  # once, not in a restart loop
     env = dict(os.environ)
     for name, value in given.items():
         env[f"DVREWARD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -31,13 +31,41 @@ class VerifyItem:
     questions: tuple[str, ...]
 
 
+# How a p was read: from the full next-token distribution (exact), from an OpenAI-style top-k of
+# log-probabilities, or, when neither answer is in the top-k, from the generated text (1.0 or 0.0).
+PSource = Literal["logits", "top_k", "text"]
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    """p for each question of one item, in order, and where each p came from."""
+
+    p: tuple[float, ...]
+    source: tuple[PSource, ...]
+
+
 class Verifier(Protocol):
     model_id: str
     system_prompt: str  # the system message of every conversation it scores, reported with results
 
     def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
-        """p = P(yes) / (P(yes) + P(no)) for every question of every item, in order."""
+        """p = P(yes) / (P(yes) + P(no)) for every question of every item, in order; EngineError if any fails."""
         ...
+
+    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
+        """Per item, its scores or the EngineError that says why it has none.
+
+        An engine may still raise for the whole batch (the caller then retries item by item).
+        """
+        ...
+
+
+def scores_or_raise(results: Sequence[ItemScores | EngineError]) -> list[list[float]]:
+    """`verify` from `verify_each`: every p, or the first item's error."""
+    for n, r in enumerate(results):
+        if isinstance(r, EngineError):
+            raise EngineError(f"item {n}: {r}")
+    return [list(r.p) for r in results if isinstance(r, ItemScores)]
 
 
 class Decomposer(Protocol):

@@ -29,15 +29,21 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 @dataclass(frozen=True)
 class Generation:
-    """One decoded output; ``finished`` is False when max_new_tokens cut it short."""
+    """One decoded output; ``finished`` is False when max_new_tokens cut it short.
+
+    ``error`` says why there is no output at all (a remote request that failed).
+    """
 
     text: str
     finished: bool
     n_tokens: int
+    error: str | None = None
 
 
 def require_finished(gen: Generation, what: str, max_new_tokens: int) -> str:
     """A cut-off output must fail loudly: a prefix of valid JSON is not a smaller valid answer."""
+    if gen.error is not None:
+        raise ValueError(f"{what}: no output: {gen.error}")
     if not gen.finished:
         raise ValueError(
             f"{what} output truncated: the model did not finish within max_new_tokens={max_new_tokens} "

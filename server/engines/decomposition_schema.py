@@ -99,7 +99,7 @@ def reason_schema(limits: Limits = Limits()) -> dict[str, Any]:
     return _obj({"reason": _text(limits)})
 
 
-def tag_grammar() -> str:
-    """DSG stage 5 as EBNF: the answer is exactly one semantic tag name, nothing else."""
-    return "root ::= " + " | ".join(json.dumps(t) for t in SEMANTIC_TAGS)
+def choice_grammar(options: Sequence[str]) -> str:
+    """EBNF for "exactly one of these strings, nothing else" (DSG stage 5: one semantic tag name)."""
+    return "root ::= " + " | ".join(json.dumps(o) for o in options)
 

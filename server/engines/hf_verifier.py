@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.engines.answers import YesNo
-from server.engines.base import EngineError, VerifyItem
+from server.engines.base import EngineError, ItemScores, VerifyItem
 from server.engines.conversation import IMAGE_PART, verifier_messages
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
@@ -262,6 +262,10 @@ class HFVerifier:
             by_slot = {k: p for prep in g for k, p in zip(prep.slots, next(flat), strict=True)}
             out.append([by_slot[k] for k in range(len(item.questions))])  # a missing p is a KeyError, never 0
         return out
+
+    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
+        """Exact p from the full logits for every item; a failure raises for the whole batch."""
+        return [ItemScores(tuple(p), ("logits",) * len(p)) for p in self.verify(items)]
 
     def _verify_packed(self, preps: list[_Prepared]) -> list[list[float]]:
         out: list[list[float]] = [[] for _ in preps]

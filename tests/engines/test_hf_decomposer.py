@@ -16,6 +16,16 @@ import pytest
 from server.cli import main
 from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition, DecompositionError, Kind
 from server.engines.base import Decomposer, EngineError
+from server.engines.decomposition import (
+    Choice,
+    JsonSchema,
+    dsg_dependencies_messages,
+    dsg_quality_messages,
+    dsg_tag_messages,
+    dsg_tuples_messages,
+    fast_messages,
+    render_chat,
+)
 from server.engines.decomposition_parse import (
     DSGTuple,
     Generation,
@@ -30,15 +40,8 @@ from server.engines.decomposition_parse import (
     parse_tuples,
     require_finished,
 )
-from server.engines.decomposition_schema import Limits, dependencies_schema, fast_schema, tag_grammar
-from server.engines.hf_decomposer import (
-    HFDecomposer,
-    dsg_dependencies_messages,
-    dsg_quality_messages,
-    dsg_tag_messages,
-    dsg_tuples_messages,
-    fast_messages,
-)
+from server.engines.decomposition_schema import Limits, dependencies_schema, fast_schema
+from server.engines.hf_decomposer import HFDecomposer
 from server.engines.prompts import TEMPLATE_VERSION, template_version
 
 SMALL = Limits(max_semantic=3, max_quality=2, max_text_chars=24, max_args=2, max_arg_chars=12)
@@ -102,7 +105,7 @@ def test_lists_at_their_cap_are_reported(engine: HFDecomposer, monkeypatch: pyte
 
 
 def test_truncated_output_is_reported_not_parsed(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "max_new_tokens", 5)
+    monkeypatch.setattr(engine.backend, "max_new_tokens", 5)
     monkeypatch.setattr(engine, "max_retries", 1)
     with pytest.raises(EngineError) as err:
         engine.decompose(["a red car"])
@@ -114,7 +117,7 @@ def test_truncated_output_is_reported_not_parsed(engine: HFDecomposer, monkeypat
 
 def test_decompose_each_reports_per_prompt(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Failures come back per prompt, each naming its own prompt, instead of one error for the batch."""
-    monkeypatch.setattr(engine, "max_new_tokens", 5)
+    monkeypatch.setattr(engine.backend, "max_new_tokens", 5)
     monkeypatch.setattr(engine, "max_retries", 0)
     out = engine.decompose_each(["a red car", "two cats"])
     assert [type(o) for o in out] == [EngineError, EngineError]
@@ -126,7 +129,7 @@ def test_schema_forbids_bad_structure(engine: HFDecomposer) -> None:
     """What the constraint guarantees, checked directly on the compiled grammar."""
     import xgrammar as xgr
 
-    grammar = engine._json_grammar(fast_schema(SMALL))
+    grammar = engine.backend._grammar(JsonSchema(fast_schema(SMALL)))
 
     def accepts(text: str) -> bool:
         m = xgr.GrammarMatcher(grammar)
@@ -152,20 +155,21 @@ def test_schema_forbids_bad_structure(engine: HFDecomposer) -> None:
 
 def test_batched_decoding_equals_one_prompt_at_a_time(engine: HFDecomposer) -> None:
     """Left padding, positions and the KV cache must not change a greedy output."""
-    grammar = engine._json_grammar(fast_schema(SMALL))
-    short, long = engine._chat(fast_messages("a cat")), engine._chat(fast_messages("a cat " * 40))
-    alone = engine._generate([short], [grammar], attempt=0)[0]
-    batched = engine._generate([long, short], [grammar, grammar], attempt=0)[1]
+    grammar = engine.backend._grammar(JsonSchema(fast_schema(SMALL)))
+    tok = engine.backend.tokenizer
+    short, long = render_chat(tok, fast_messages("a cat")), render_chat(tok, fast_messages("a cat " * 40))
+    alone = engine.backend._generate([short], [grammar], attempt=0)[0]
+    batched = engine.backend._generate([long, short], [grammar, grammar], attempt=0)[1]
     assert alone == batched
     assert alone.finished and alone.text.startswith('{"semantic": [{"id": "s1"')
 
 
 def test_sampled_retry_is_seeded(engine: HFDecomposer) -> None:
-    grammar = engine._json_grammar(fast_schema(SMALL))
-    text = [engine._chat(fast_messages("a cat"))]
-    first, again = (engine._generate(text, [grammar], attempt=1)[0] for _ in range(2))
+    grammar = engine.backend._grammar(JsonSchema(fast_schema(SMALL)))
+    text = [render_chat(engine.backend.tokenizer, fast_messages("a cat"))]
+    first, again = (engine.backend._generate(text, [grammar], attempt=1)[0] for _ in range(2))
     assert first == again
-    assert engine._generate(text, [grammar], attempt=2)[0] != first
+    assert engine.backend._generate(text, [grammar], attempt=2)[0] != first
 
 
 # --- model-backed: dsg -----------------------------------------------------------------------
@@ -187,7 +191,7 @@ def test_dsg_pipeline_on_tiny_model_is_valid_or_fails_clearly(engine: HFDecompos
 def test_dsg_rejection_gives_the_models_reason(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
     # stage 4 on questions judged not required (p(yes) = .2 for t2): the prompt is rejected, and the error
     # quotes the reason the model wrote for t2 (and only t2)
-    monkeypatch.setattr(engine, "_p_yes", lambda texts: [0.9, 0.2][: len(texts)])
+    monkeypatch.setattr(engine.backend, "p_yes", lambda conversations: [0.9, 0.2][: len(conversations)])
     errors: dict[int, str] = {}
     verdicts = engine._validity(["a red car"], {0: {"t1": "Is there a car?", "t2": "Is the car red?"}}, 0, errors)
     assert verdicts == {}
@@ -213,8 +217,8 @@ def test_dsg_examples_are_valid_in_the_pipelines_own_format() -> None:
 
 
 def test_dsg_validity_stage_reads_yes_against_no(engine: HFDecomposer) -> None:
-    texts = [engine._chat([{"role": "user", "content": f"Is there a {w}? Answer yes or no."}]) for w in ("cat", "dog")]
-    p = engine._p_yes(texts)
+    p = engine.backend.p_yes([[{"role": "user", "content": f"Is there a {w}? Answer yes or no."}]
+                              for w in ("cat", "dog")])
     assert all(0.0 < x < 1.0 for x in p) and p[0] != p[1]
     assert is_required(0.51) and not is_required(0.5)
 
@@ -222,7 +226,7 @@ def test_dsg_validity_stage_reads_yes_against_no(engine: HFDecomposer) -> None:
 def test_tag_grammar_only_allows_tag_names(engine: HFDecomposer) -> None:
     import xgrammar as xgr
 
-    grammar = engine._compiler.compile_grammar(tag_grammar())
+    grammar = engine.backend._grammar(Choice(SEMANTIC_TAGS))
     for tag in SEMANTIC_TAGS:
         m = xgr.GrammarMatcher(grammar)
         assert m.accept_string(tag) and m.is_completed()
@@ -420,7 +424,7 @@ def test_parse_dsg_questions_and_tags_reject() -> None:
 def test_dependency_schema_allows_only_earlier_parents(engine: HFDecomposer) -> None:
     import xgrammar as xgr
 
-    grammar = engine._json_grammar(dependencies_schema(IDS, SMALL))
+    grammar = engine.backend._grammar(JsonSchema(dependencies_schema(IDS, SMALL)))
 
     def accepts(text: str) -> bool:
         m = xgr.GrammarMatcher(grammar)

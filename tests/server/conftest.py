@@ -334,4 +334,5 @@ def kit() -> types.SimpleNamespace:
         png_bytes=png_bytes, png_b64=png_b64, b64=b64, explicit_questions=explicit_questions, wait_for=wait_for,
         free_port=free_port, service_env=service_env, serve_in_thread=serve_in_thread, local_p=local_p,
         local_rewards=local_rewards, RedisProcess=RedisProcess, HOST=HOST, STARTUP_S=STARTUP_S,
+        ServiceProcess=ServiceProcess,
     )

@@ -68,6 +68,7 @@ def test_score_with_explicit_questions(client: httpx.Client, kit: types.SimpleNa
         assert [im["p"][q] for q in ("cat", "red", "sharp")] == pytest.approx(expected_p[i], abs=TOL)
         assert im["reward"] == pytest.approx(expected_r[i], abs=TOL) and im["reward"] == rewards[i]
         assert im["failed"] == [q for q in ("cat", "red", "sharp") if im["p"][q] < 0.5]
+        assert im["p_source"] == {"cat": "logits", "red": "logits", "sharp": "logits"}  # exact, full logits
 
 
 def test_score_without_details_omits_per_image_evidence(client: httpx.Client, kit: types.SimpleNamespace) -> None:
@@ -130,6 +131,7 @@ def test_verify_endpoint(client: httpx.Client, kit: types.SimpleNamespace, tiny_
     assert [len(p) for p in ps] == [2, 1]
     assert all(0 < x < 1 for p in ps for x in p)
     assert all(res["error"] is None for res in body["results"])
+    assert [res["p_source"] for res in body["results"]] == [["logits", "logits"], ["logits"]]
     expected = tiny_verifier.verify([
         VerifyItem((load_image(a, 10**8),), tuple(qs_a)),
         VerifyItem((load_image(src, 10**8), load_image(dst, 10**8)), tuple(qs_b)),

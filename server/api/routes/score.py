@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Header, Response
 from server.api import limits
 from server.api.deps import Authorized, MetricsDep, Principal, RequestId, ServiceDep, SettingsDep
 from server.api.idempotency import once
+from server.api.metrics import Metrics
 from server.schemas import (
     DecomposeRequest,
     DecomposeResponse,
@@ -46,6 +48,8 @@ async def score(req: ScoreRequest, response: Response, request_id: RequestId, se
     for g in body["groups"] if not replayed else ():  # a replay scored nothing: count work once
         for r in g["rewards"]:
             metrics.images.labels("ok" if r is not None else "failed").inc()
+        for im in g.get("images") or ():
+            _count_sources(metrics, (im.get("p_source") or {}).values())
         if g.get("decomposition_cached") is not None:
             metrics.cache.labels("hit" if g["decomposition_cached"] else "miss").inc()
     for w in body["warnings"] if not replayed else ():
@@ -75,5 +79,12 @@ async def verify(req: VerifyRequest, response: Response, request_id: RequestId, 
                                 lambda: service.verify(req, blobs, request_id))
     for r in body["results"] if not replayed else ():
         metrics.images.labels("ok" if r["p"] is not None else "failed").inc()
+        _count_sources(metrics, r.get("p_source") or ())
     _timing_headers(response, request_id, body, replayed)
     return body
+
+
+def _count_sources(metrics: Metrics, sources: Iterable[str]) -> None:
+    """`dvreward_p_source_total`: a rise in top_k or text means p is no longer exact."""
+    for source in sources:
+        metrics.p_source.labels(source).inc()

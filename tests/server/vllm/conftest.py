@@ -1,0 +1,26 @@
+"""The real-vLLM tests: skipped with a reason where vLLM is not installed, a failure where it must be.
+
+CI runs them in the venv that scripts/vllm-cpu-env.sh builds, with DVREWARD_REQUIRE_VLLM=1, so a
+broken vLLM install fails the run instead of silently skipping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+# On a CPU vLLM reserves this many GiB of KV cache per model (its default assumes a large server).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vllm_installed() -> None:
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    reason = ("vLLM is not installed in this environment. Build one with `scripts/vllm-cpu-env.sh VENV_DIR` "
+              "and run `PYTHONPATH=$PWD VENV_DIR/bin/python -m pytest tests/server/vllm` (.ci/run does).")
+    if os.environ.get("DVREWARD_REQUIRE_VLLM") == "1":
+        pytest.fail("DVREWARD_REQUIRE_VLLM=1 but " + reason)
+    pytest.skip(reason)
