@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.engines.base import VerifyItem
+from server.engines.base import ItemScores, VerifyItem
 
 Q = [{"id": "a", "text": "Is there a cat?", "tag": "Existence"},
      {"id": "b", "text": "Is the cat red?", "tag": "Attribute"}]
@@ -34,8 +34,9 @@ class DropsOneP:
     def __getattr__(self, name: str) -> Any:  # model_id, system_prompt, ...: the real engine's
         return getattr(self.inner, name)
 
-    def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
-        return [ps[:-1] for ps in self.inner.verify(items)]
+    def verify_each(self, items: Sequence[VerifyItem]) -> list[Any]:
+        return [ItemScores(r.p[:-1], r.source[:-1]) if isinstance(r, ItemScores) else r
+                for r in self.inner.verify_each(items)]
 
 
 @pytest.fixture

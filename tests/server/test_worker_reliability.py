@@ -133,7 +133,7 @@ class Hangs:
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def verify(self, items: Any) -> list[list[float]]:
+    def verify_each(self, items: Any) -> list[Any]:
         self.release.wait()
         raise RuntimeError("released at teardown")
 
