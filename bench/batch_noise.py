@@ -1,8 +1,8 @@
 """How much p moves with batch composition, per dtype and layout, on the same model and inputs.
 
 Each item is scored alone and inside one batch of all items; max |Δp| is reported for the packed
-and the per-pair layout in float32 and bfloat16. Per-pair moving as much as packed shows that the
-noise comes from batching (padding, kernel choice), not from packing. Prints one JSON object.
+and the per-pair layout in float32 and bfloat16, and how far bfloat16's p lie from float32's.
+Prints one JSON object.
   python bench/batch_noise.py --config tiny --images 8 --questions 8 --px 448
 Needs only torch, transformers, tokenizers and pillow (no web stack).
 """
@@ -25,11 +25,8 @@ from server.engines.hf_verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import VERIFIER_ARCHS, write_tiny_verifier  # noqa: E402
 
 
-def max_shift(v: HFVerifier, items: list) -> float:
-    """Largest |p alone - p in the full batch| over every question of every item."""
-    together = v.verify(items)
-    alone = [v.verify([it])[0] for it in items]
-    return max(abs(a - b) for x, y in zip(alone, together, strict=True) for a, b in zip(x, y, strict=True))
+def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(u - w) for x, y in zip(a, b, strict=True) for u, w in zip(x, y, strict=True))
 
 
 def main() -> None:
@@ -46,11 +43,15 @@ def main() -> None:
                               "images": args.images, "questions": args.questions, "px": args.px}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_tiny_verifier(Path(tmp) / "v", size=args.config, arch=args.arch))
+        batch: dict[str, list[list[float]]] = {}
         for dtype in ("float32", "bfloat16"):
             v = HFVerifier.load(path, device=args.device, dtype=dtype)
             for mode in ("packed", "per_pair"):
                 v.mode = mode
-                out[f"{dtype}_{mode}_max_abs_shift"] = max_shift(v, items)
+                batch[f"{dtype}_{mode}"] = v.verify(items)
+                alone = [v.verify([it])[0] for it in items]
+                out[f"{dtype}_{mode}_max_abs_shift"] = max_diff(alone, batch[f"{dtype}_{mode}"])
+        out["bfloat16_vs_float32_max_abs_diff"] = max_diff(batch["bfloat16_packed"], batch["float32_packed"])
     out.update(torch=torch.__version__, machine=platform.node())
     print(json.dumps(out))
 

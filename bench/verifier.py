@@ -75,6 +75,22 @@ def timed(v: HFVerifier, items: list[VerifyItem], repeat: int) -> tuple[float, l
     return statistics.median(ts), out
 
 
+def packed_memory(v: HFVerifier, items: list[VerifyItem]) -> dict[str, float | int | None]:
+    """The packed layout's batches, its largest attention mask (B*L*L booleans, bounded by the token budget
+    times L) and, on CUDA, the peak memory allocated while scoring (the largest batch sets it)."""
+    lengths = [len(p.prefix) + sum(len(b) for b in p.blocks) for it in items for p in v._prepare(it)]
+    batches = list(v._batches(lengths))
+    mask = max(len(b) * max(lengths[i] for i in b) ** 2 for b in batches)
+    peak = None
+    if v.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        v.verify(items)
+        peak = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"batches": len(batches), "longest_item_tokens": max(lengths), "mask_mb_max": round(mask / 2**20, 2),
+            "peak_cuda_mb": peak}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -96,6 +112,7 @@ def main() -> None:
     pairs = args.images * args.questions
     v.mode = "packed"
     t_packed, p_packed = timed(v, items, args.repeat)
+    memory = packed_memory(v, items)
     v.mode = "per_pair"
     t_pair, p_pair = timed(v, items, args.repeat)
     diff = max(abs(a - b) for x, y in zip(p_packed, p_pair, strict=True) for a, b in zip(x, y, strict=True))
@@ -106,7 +123,7 @@ def main() -> None:
         "per_pair_s": round(t_pair, 4), "packed_s": round(t_packed, 4),
         "per_pair_pairs_per_s": round(pairs / t_pair, 2), "packed_pairs_per_s": round(pairs / t_packed, 2),
         "packed_images_per_s": round(args.images / t_packed, 2), "speedup": round(t_pair / t_packed, 2),
-        "max_abs_diff": diff, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "max_abs_diff": diff, "packed_memory": memory, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.node(),
         "gpu": torch.cuda.get_device_name() if v.device.type == "cuda" else None,
     }))

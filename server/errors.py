@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
+
+# "<_io.BytesIO object at 0x7f...>" in a library's message says nothing to a user and leaks a heap address.
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def scrub(message: str) -> str:
+    """A message fit for a client: object reprs with addresses become their type name."""
+    return _OBJECT_REPR.sub(lambda m: f"<{m.group(1)}>", message)
 
 
 class ErrorCode(StrEnum):
     bad_request = "bad_request"
     bad_image = "bad_image"
     too_large = "too_large"
+    unsupported_media_type = "unsupported_media_type"
+    body_timeout = "body_timeout"
     unauthorized = "unauthorized"
     not_found = "not_found"
     rate_limited = "rate_limited"
@@ -18,6 +29,7 @@ class ErrorCode(StrEnum):
     verification_failed = "verification_failed"
     delivery_limit = "delivery_limit"
     expired = "expired"
+    aggregation_failed = "aggregation_failed"
     internal = "internal"
 
 
@@ -25,6 +37,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.bad_request: 422,
     ErrorCode.bad_image: 422,
     ErrorCode.too_large: 413,
+    ErrorCode.unsupported_media_type: 415,
+    ErrorCode.body_timeout: 408,
     ErrorCode.unauthorized: 401,
     ErrorCode.not_found: 404,
     ErrorCode.rate_limited: 429,
@@ -34,6 +48,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.verification_failed: 502,
     ErrorCode.delivery_limit: 502,
     ErrorCode.expired: 504,
+    ErrorCode.aggregation_failed: 500,
     ErrorCode.internal: 500,
 }
 
@@ -42,6 +57,7 @@ class ServiceError(Exception):
     """An error with a code the API maps to a status and a message the user can act on."""
 
     def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        message = scrub(message)
         super().__init__(message)
         self.code = code
         self.message = message

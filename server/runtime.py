@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
+from server.engines.loading import public_id, public_name
 from server.engines.prompts import template_version
 from server.queue.base import Broker
 from server.service import ScoringService, ServiceConfig
@@ -32,12 +33,13 @@ def build_broker(settings: Settings) -> Broker:
         from server.queue.memory import MemoryBroker
 
         return MemoryBroker(max_queue=settings.max_queue, result_ttl=settings.result_ttl_s)
-    from server.queue.redis_broker import RedisBroker
+    from server.queue.redis_broker import TRIM_GRACE_S, RedisBroker
 
     return RedisBroker(
         settings.redis_url, prefix=settings.queue_prefix, max_queue=settings.max_queue,
         result_ttl=settings.result_ttl_s, visibility_timeout=settings.visibility_timeout_s,
-        max_deliveries=settings.max_deliveries,
+        max_deliveries=settings.max_deliveries, timeout=settings.redis_timeout_s,
+        max_task_age=settings.request_timeout_s + TRIM_GRACE_S,
     )
 
 
@@ -111,7 +113,8 @@ def remote_options(settings: Settings, api_key: str | None) -> RemoteOptions:
 
 def build_service(settings: Settings, broker: Broker) -> ScoringService:
     return ScoringService(broker, ServiceConfig(
-        verifier=settings.verifier, decomposer=settings.decomposer or None, pipeline=settings.pipeline,
+        verifier=public_name(settings.verifier, settings.public_verifier),
+        decomposer=settings.decomposer or None, pipeline=settings.pipeline,
         template_version=template_version(settings.verifier_system_prompt),
         verifier_system_prompt=settings.verifier_system_prompt, queue_prefix=settings.queue_prefix,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
@@ -120,11 +123,17 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
 
 def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
                  decomposer: Decomposer | None) -> Worker:
+    """Results name the models publicly (name and checkpoint digest); their paths only go to the log."""
+    ids = (public_id(settings.verifier, settings.public_verifier) if verifier else None,
+           public_id(settings.decomposer, settings.public_decomposer) if decomposer and settings.decomposer else None)
+    log.info("worker models: verifier %s = %s, decomposer %s = %s", settings.verifier, ids[0], settings.decomposer,
+             ids[1])
     return Worker(
         broker, verifier, decomposer, template_version=template_version(settings.verifier_system_prompt),
         batch_size=settings.batch_size,
         batch_wait=settings.batch_wait_ms / 1000, heartbeat_s=settings.heartbeat_s,
-        max_image_pixels=settings.max_image_pixels,
+        batch_timeout_s=settings.batch_timeout_s,
+        max_image_pixels=settings.max_image_pixels, public_ids=ids,
     )
 
 

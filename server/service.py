@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
-from server.core.reward import aggregate
+from server.core.reward import aggregate, check_weights
 from server.core.scoring import answered_yes
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import Broker, Result, Task, TaskKind
@@ -39,8 +39,8 @@ from trainer_client.results import lone_image_warnings
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    verifier: str
-    decomposer: str | None
+    verifier: str  # the verifier's public name, reported until a worker reports its own
+    decomposer: str | None  # the decomposer reference: part of the cache key, never reported
     pipeline: str
     template_version: str
     verifier_system_prompt: str
@@ -139,6 +139,7 @@ class ScoringService:
         t0 = time.perf_counter()
         deadline = self.deadline()
         decs = await self._decompositions(req, deadline)
+        _check_weights(req, decs)
         t_dec = _ms(t0)
         t1 = time.perf_counter()
         # a group whose decomposition failed sends nothing: its images carry that error instead
@@ -182,8 +183,10 @@ class ScoringService:
             assert r is not None, "every image of a decomposed group has a verification result"
             try:
                 images.append(_image_result(i, questions, r, req))
-            except ValueError as exc:  # tag weights that leave a half of the questions with no weight
-                raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: {exc}") from exc
+            except ValueError as exc:  # the request was checked before scoring: this is the server's fault
+                raise ServiceError(ErrorCode.aggregation_failed,
+                                   f"groups[{g}].images[{i}]: the verification result cannot be aggregated ({exc})"
+                                   ) from exc
         return GroupResult(prompt=group.prompt, questions=questions, rewards=[im.reward for im in images],
                            advantages=[], images=images, decomposition_cached=cached, metadata=group.metadata)
 
@@ -208,6 +211,16 @@ class ScoringService:
             for g in pending[p]:
                 out[g] = res
         return [out[g] for g in range(len(req.groups))]
+
+
+def _check_weights(req: ScoreRequest, decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> None:
+    """Client errors that depend on the questions are found before any image is verified."""
+    for g, dec in enumerate(decs):
+        if isinstance(dec, tuple):
+            try:
+                check_weights(dec[0].questions, req.aggregation, req.tag_weights)
+            except ValueError as exc:
+                raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: {exc}") from exc
 
 
 def score_warnings(groups: list[GroupResult], keys: list[str | None],

@@ -143,6 +143,24 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2000, description="longest prompt")
     max_groups: int = Field(128, description="most groups in one request")
 
+    # bounds against slow clients, frozen dependencies, stuck engines and oversized items
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request whose headers or body do not fully arrive within this gets 408"
+    )
+    redis_timeout_s: float = Field(
+        3.0, gt=0, description="a Redis command unanswered this long means Redis is down (503)"
+    )
+    batch_timeout_s: float = Field(
+        600.0, gt=0, description="a batch the engine has not finished in this long marks the worker hung: it exits"
+    )
+    max_images_per_item: int = Field(2, ge=1, description="most images shown together in one /v1/verify item")
+    public_verifier: str | None = Field(
+        None, description="model name reported for the verifier (unset: its hub id, or a local dir's name)"
+    )
+    public_decomposer: str | None = Field(
+        None, description="model name reported for the decomposer (unset: its hub id, or a local dir's name)"
+    )
+
     @model_validator(mode="after")
     def _system_prompt_file(self) -> Settings:
         path = self.verifier_system_prompt_file

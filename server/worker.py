@@ -25,6 +25,11 @@ from server.schemas import WorkerInfo
 log = logging.getLogger("dvreward.worker")
 
 
+class WorkerHung(RuntimeError):
+    """A batch ran past the batch timeout: the engine is stuck in a thread nothing can stop. The worker
+    stops renewing its claims (other workers get the tasks), leaves the registry and must exit."""
+
+
 class Worker:
     def __init__(
         self,
@@ -36,9 +41,12 @@ class Worker:
         batch_size: int = 32,
         batch_wait: float = 0.01,
         heartbeat_s: float = 2.0,
+        batch_timeout_s: float = 600.0,
         max_image_pixels: int = 4096 * 4096,
         worker_id: str | None = None,
+        public_ids: tuple[str | None, str | None] = (None, None),
     ) -> None:
+        """`public_ids` (verifier, decomposer) are the names results report; by default the engines' ids."""
         if verifier is None and decomposer is None:
             raise ValueError("a worker needs a verifier, a decomposer, or both")
         self.broker = broker
@@ -47,12 +55,15 @@ class Worker:
         self.batch_size = batch_size
         self.batch_wait = batch_wait
         self.heartbeat_s = heartbeat_s
+        self.batch_timeout_s = batch_timeout_s
         self.max_image_pixels = max_image_pixels
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.verifier_id = public_ids[0] or (verifier.model_id if verifier else "")
+        self.decomposer_id = public_ids[1] or (decomposer.model_id if decomposer else None)
         self.info = WorkerInfo(
             worker_id=self.worker_id,
-            verifier=verifier.model_id if verifier else "",
-            decomposer=decomposer.model_id if decomposer else None,
+            verifier=self.verifier_id,
+            decomposer=self.decomposer_id if decomposer else None,
             pipeline=decomposer.pipeline if decomposer else None,
             template_version=template_version,
             capacity=batch_size,
@@ -126,7 +137,12 @@ class Worker:
 
         renewer = asyncio.create_task(renew())
         try:
-            return await work
+            return await asyncio.wait_for(work, timeout=self.batch_timeout_s)
+        except TimeoutError as exc:
+            log.critical("a batch of %d tasks ran past the batch timeout of %g s: the engine is hung; leaving "
+                         "the registry and exiting so that a supervisor restarts this worker",
+                         len(tasks), self.batch_timeout_s)
+            raise WorkerHung(f"a batch of {len(tasks)} tasks ran past {self.batch_timeout_s:g} s") from exc
         finally:
             renewer.cancel()
 
@@ -171,7 +187,7 @@ class Worker:
     def _provenance(self) -> dict[str, str]:
         """What produced a verification result, reported with it (the API may run other settings)."""
         assert self.verifier is not None
-        return {"model": self.verifier.model_id, "template_version": self.info.template_version,
+        return {"model": self.verifier_id, "template_version": self.info.template_version,
                 "system_prompt": self.verifier.system_prompt}
 
     def _scores(self, items: list[VerifyItem]) -> list[ItemScores | Exception]:
@@ -202,7 +218,8 @@ class Worker:
                 log.warning("decomposition of task %s failed: %s", t.task_id, o)
                 out.append(Result.failure(t.task_id, ErrorCode.decomposition_failed, _reason(o)))
             else:
-                out.append(Result(t.task_id, o.model_dump(mode="json")))
+                named = o.model_copy(update={"model": self.decomposer_id})
+                out.append(Result(t.task_id, named.model_dump(mode="json")))
         return out
 
 

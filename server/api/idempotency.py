@@ -18,10 +18,13 @@ from server.queue.base import Broker
 
 
 async def once(
-    broker: Broker, route: str, key: str | None, body: BaseModel, ttl: float, deadline: float,
+    broker: Broker, principal: str, route: str, key: str | None, body: BaseModel, ttl: float, deadline: float,
     run: Callable[[], Awaitable[BaseModel]],
 ) -> tuple[dict, bool]:
-    """(response JSON, replayed). Without a key, just runs."""
+    """(response JSON, replayed). Without a key, just runs.
+
+    Records are scoped by principal (API key): one client's key never meets another client's record.
+    """
     if key is None:
         return (await run()).model_dump(mode="json"), False
     if not 1 <= len(key) <= 200:
@@ -32,7 +35,7 @@ async def once(
         resp = (await run()).model_dump(mode="json")
         return json.dumps({"body": digest, "response": resp}).encode()
 
-    skey = "idem:" + hashlib.sha256(f"{route}\n{key}".encode()).hexdigest()
+    skey = "idem:" + hashlib.sha256(f"{principal}\n{route}\n{key}".encode()).hexdigest()
     raw, replayed = await broker.singleflight(skey, compute, ttl, deadline)
     stored = json.loads(raw)
     if stored["body"] != digest:

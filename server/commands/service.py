@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import types
@@ -20,16 +21,20 @@ if TYPE_CHECKING:
     from server.engines.base import Decomposer, Verifier
 
 # Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
-# the default models are chosen by device, and the API names the models in results and cache keys.
-WORKER_SETTINGS = {"verifier_mode", "max_batch_tokens", "batch_size", "batch_wait_ms", "heartbeat_s", "min_pixels",
-                   "max_pixels", "dtype", "decomposer_max_new_tokens", "batched_vision", "verifier_system_prompt",
-                   "verifier_system_prompt_file", "decomposer_max_semantic", "decomposer_max_quality"}
+# the default models are chosen by device, and the API names the models in results and cache keys. The
+# verifier's layout, pixel range and token budget are on both: the API refuses items they cannot hold.
+WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decomposer_max_new_tokens",
+                   "batched_vision", "verifier_system_prompt", "verifier_system_prompt_file", "decomposer_max_semantic",
+                   "decomposer_max_quality", "batch_timeout_s"}
 WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "decomposer_url", "verifier_api_key",
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
                     "vllm_max_model_len"}
 API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
-               "max_prompt_chars", "max_groups", "request_timeout_s"}
+               "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item"}
+
+
+EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
 
 
 def loaded_models(s: Settings) -> dict[str, str | None]:
@@ -110,6 +115,7 @@ def _logging() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.api.protocol import with_header_deadline
     from server.runtime import build_app
 
     _logging()
@@ -118,13 +124,14 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_app(s, _load_engines(s))
     queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
-    uvicorn.run(app, host=s.host, port=s.port, log_level="info")
+    uvicorn.run(app, host=s.host, port=s.port, log_level="info", http=with_header_deadline(s.body_timeout_s))
     return 0
 
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.api.protocol import with_header_deadline
     from server.runtime import build_app
 
     _logging()
@@ -134,12 +141,14 @@ def _api(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     check(listen=(s.host, s.port))
-    uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info")
+    uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info",
+                http=with_header_deadline(s.body_timeout_s))
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
     from server.runtime import build_broker, build_worker
+    from server.worker import WorkerHung
 
     _logging()
     s = settings_from(args)
@@ -159,6 +168,9 @@ def _worker(args: argparse.Namespace) -> int:
         logging.getLogger("dvreward").info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
         try:
             await worker.run(stop)
+        except* WorkerHung:
+            # The hung engine thread can be neither stopped nor joined (interpreter exit would wait for it).
+            os._exit(EXIT_HUNG)
         finally:
             await worker.broker.close()
 
@@ -168,8 +180,6 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _supervise(args: argparse.Namespace) -> int:
     """One worker process per device, each given the flags of this command (as environment)."""
-    import os
-
     from server.supervisor import parse_devices, supervise
 
     if args.device is not None:

@@ -50,13 +50,15 @@ def gate(questions: Sequence[Question], p: Mapping[str, float], gating: Gating) 
 
 
 def _weighted_mean(qs: Sequence[Question], p: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """Weights are scaled by their largest first, so no sum can overflow (1e308 + 1e308 is inf)."""
     if not qs:
         return 1.0
     ws = [weights.get(q.tag, 1.0) for q in qs]
-    total = sum(ws)
-    if total <= 0:
+    top = max(ws)
+    if top <= 0:
         raise ValueError("tag weights of a question set sum to zero")
-    return sum(w * p[q.id] for w, q in zip(ws, qs, strict=True)) / total
+    ws = [w / top for w in ws]
+    return sum(w * p[q.id] for w, q in zip(ws, qs, strict=True)) / sum(ws)
 
 
 def aggregate(
@@ -77,8 +79,8 @@ def aggregate(
             raise ValueError(f"p for question {qid!r} is {v}, not a probability")
     weights = dict(tag_weights or {})
     for tag, w in weights.items():
-        if w < 0 or math.isnan(w):
-            raise ValueError(f"tag weight for {tag!r} must be >= 0, got {w}")
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"tag weight for {tag!r} must be a finite number >= 0, got {w}")
     gp = gate(questions, p, gating)
     sem = [q for q in questions if q.kind is Kind.semantic]
     qual = [q for q in questions if q.kind is Kind.quality]
@@ -91,3 +93,10 @@ def aggregate(
     else:
         reward = _weighted_mean(list(questions), gp, weights)
     return RewardBreakdown(reward=reward, sc=sc, pq=pq, gated_p=gp)
+
+
+def check_weights(
+    questions: Sequence[Question], aggregation: Aggregation, tag_weights: Mapping[str, float] | None
+) -> None:
+    """Raise ValueError for weights that leave a half of these questions weightless: known before any scoring."""
+    aggregate(questions, {q.id: 1.0 for q in questions}, aggregation, Gating.none, tag_weights)

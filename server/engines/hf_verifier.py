@@ -151,8 +151,15 @@ class HFVerifier:
 
     # ---- batching ------------------------------------------------------------------------
     def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
-        """Indices grouped longest first so that B * max_len stays within the token budget."""
+        """Indices grouped longest first so that B * max_len stays within the token budget.
+
+        An item longer than the budget is refused (the worker then fails it alone): its L x L attention
+        would exceed every memory bound the budget is meant to give.
+        """
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        if order and lengths[order[0]] > self.max_batch_tokens:
+            raise EngineError(f"an item of {lengths[order[0]]} tokens exceeds the token budget of one forward pass "
+                              f"({self.max_batch_tokens}, DVREWARD_MAX_BATCH_TOKENS)")
         batch: list[int] = []
         for i in order:
             if batch and (len(batch) + 1) * lengths[batch[0]] > self.max_batch_tokens:
@@ -189,18 +196,27 @@ class HFVerifier:
                 block[b, at:at + m] = k
                 at += m
                 last.append((b, at - 1))
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        qb, kb = block[:, :, None], block[:, None, :]
-        if self.attn_mask_mode == "block":
-            allowed = causal & ((kb == -1) | (kb == qb)) & (kb != -2)
-        else:  # plain causal over the packed sequence: only for showing the block mask matters
-            allowed = causal & (kb != -2)
-        allowed |= torch.eye(L, dtype=torch.bool)  # padded rows attend to themselves, never NaN
-        hidden = self._run(ids, pos, allowed[:, None], preps)
+        hidden = self._run(ids, pos, self._packed_mask(block)[:, None], preps)
         bi = torch.tensor([b for b, _ in last], device=hidden.device)
         ti = torch.tensor([t for _, t in last], device=hidden.device)
         flat = iter(self._p_from_hidden(hidden[bi, ti]))
         return [[next(flat) for _ in p.blocks] for p in preps]
+
+    def _packed_mask(self, block: Any) -> Any:
+        """(B, L, L) booleans, built in place: one B*L*L allocation (B*L <= the token budget), no temporaries."""
+        import torch
+
+        L = block.shape[1]
+        qb, kb = block[:, :, None], block[:, None, :]
+        if self.attn_mask_mode == "block":
+            allowed = kb == qb
+            allowed |= kb == -1
+        else:  # plain causal over the packed sequence: only for showing the block mask matters
+            allowed = (kb != -2).expand(-1, L, -1).clone()
+        allowed &= kb != -2
+        allowed &= torch.ones(L, L, dtype=torch.bool).tril_()
+        allowed |= torch.eye(L, dtype=torch.bool)  # padded rows attend to themselves, never NaN
+        return allowed
 
     def _forward_per_pair(self, preps: list[_Prepared]) -> list[float]:
         """One ordinary causal sequence per (prefix, block); positions computed by the model."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from server.errors import ErrorCode, ServiceError
+from server.errors import ErrorCode, ServiceError, scrub
 from server.schemas import WorkerInfo
 
 
@@ -68,7 +68,7 @@ class Result:
 
     @classmethod
     def failure(cls, task_id: str, code: ErrorCode, message: str) -> Result:
-        return cls(task_id, None, code, message)
+        return cls(task_id, None, code, scrub(message))
 
 
 Compute = Callable[[], Awaitable[bytes]]
@@ -78,7 +78,8 @@ class Broker(Protocol):
     """API side: submit, gather, single-flight. Worker side: claim, complete, heartbeat."""
 
     async def submit(self, tasks: Sequence[Task]) -> None:
-        """Enqueue, or raise ServiceError(rate_limited) when the queue is full."""
+        """Enqueue all or nothing, in one atomic step: ServiceError(rate_limited) when the queue is full,
+        ServiceError(too_large) when the tasks could never fit. See `admit`."""
         ...
 
     async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
@@ -112,9 +113,24 @@ class Broker(Protocol):
         """Raise ServiceError(unavailable) when the backend cannot be reached."""
         ...
 
-    async def queue_depth(self, kind: TaskKind) -> int: ...
+    async def queue_depth(self, kind: TaskKind) -> int:
+        """Tasks counted against the queue bound: queued, or claimed and not yet completed."""
+        ...
 
     async def close(self) -> None: ...
+
+
+def too_many(kind: TaskKind, n: int, max_queue: int) -> None:
+    """More tasks than the whole queue holds can never be admitted: 413 (split the request), not 429."""
+    if n > max_queue:
+        raise ServiceError(ErrorCode.too_large, f"the request needs {n} {kind.value} tasks and the queue holds at "
+                           f"most {max_queue} (DVREWARD_MAX_QUEUE): send it in smaller requests")
+
+
+def queue_full(kind: TaskKind, depth: int, max_queue: int) -> ServiceError:
+    return ServiceError(ErrorCode.rate_limited,
+                        f"the {kind.value} queue holds {depth} tasks and takes at most {max_queue}; retry later",
+                        retry_after=1.0)
 
 
 def singleflight_message(value: bytes | None, error: ServiceError | None) -> bytes:

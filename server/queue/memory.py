@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from server.errors import ErrorCode, ServiceError
-from server.queue.base import Compute, Result, Task, TaskKind, wait_until
+from server.queue.base import Compute, Result, Task, TaskKind, queue_full, too_many, wait_until
 from server.schemas import WorkerInfo
 
 
@@ -18,6 +18,7 @@ class MemoryBroker:
         self._inserts = 0
         self.result_ttl = result_ttl
         self._queues: dict[TaskKind, asyncio.Queue[Task]] = {k: asyncio.Queue() for k in TaskKind}
+        self._claimed: dict[TaskKind, set[str]] = {k: set() for k in TaskKind}  # counted until completed
         self._replies: dict[str, asyncio.Queue[Result]] = {}
         self._done: dict[str, float] = {}  # task id -> expiry, for idempotent completion
         self._values: dict[str, tuple[bytes, float]] = {}  # single-flight cache: value, expiry
@@ -26,15 +27,13 @@ class MemoryBroker:
 
     # ---- API side -----------------------------------------------------------------------
     async def submit(self, tasks: Sequence[Task]) -> None:
+        """Atomic by construction: nothing awaits between the check and the enqueue."""
         for kind in TaskKind:
             n = sum(1 for t in tasks if t.kind is kind)
-            depth = self._queues[kind].qsize()
+            too_many(kind, n, self.max_queue)
+            depth = self._depth(kind)
             if n and depth + n > self.max_queue:
-                raise ServiceError(
-                    ErrorCode.rate_limited,
-                    f"the {kind.value} queue holds {depth} tasks and takes at most {self.max_queue}; retry later",
-                    retry_after=1.0,
-                )
+                raise queue_full(kind, depth, self.max_queue)
         for t in tasks:
             self._replies.setdefault(t.reply_to, asyncio.Queue())
             self._queues[t.kind].put_nowait(t)
@@ -96,9 +95,11 @@ class MemoryBroker:
                 return out
         while len(out) < max_n and not q.empty():
             out.append(q.get_nowait())
+        self._claimed[kind].update(t.task_id for t in out)
         return out
 
     async def complete(self, task: Task, result: Result) -> None:
+        self._claimed[task.kind].discard(task.task_id)
         now = time.time()
         if self._done.get(task.task_id, 0) > now:
             return
@@ -126,7 +127,10 @@ class MemoryBroker:
         return None
 
     async def queue_depth(self, kind: TaskKind) -> int:
-        return self._queues[kind].qsize()
+        return self._depth(kind)
+
+    def _depth(self, kind: TaskKind) -> int:
+        return self._queues[kind].qsize() + len(self._claimed[kind])
 
     async def close(self) -> None:
         return None

@@ -2,7 +2,9 @@
 
 Results are delivered by an atomic script (mark done + push to the request's reply list) before
 XACK, so a crash between the two re-delivers a task that is then acknowledged without a second
-reply. Every key carries a TTL. Image bytes travel as raw stream fields, never pickled.
+reply. Every key carries a TTL (the streams too, and they are trimmed past the tasks' deadlines,
+so Redis memory is bounded by the queue limit while workers are down). Image bytes travel as raw
+stream fields, never pickled.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from server.queue.base import (
     Result,
     Task,
     TaskKind,
+    queue_full,
     remaining,
     singleflight_message,
     singleflight_value,
+    too_many,
 )
 from server.queue.keys import GROUP, Keys
 from server.schemas import WorkerInfo
@@ -36,10 +40,38 @@ from server.schemas import WorkerInfo
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# A blocking read (BLPOP) waits at most BLOCK_S per call, well inside the socket timeout: redis-py 8
-# defaults that to 5 s, which turned every wait of 5 s or more into a spurious "Redis unreachable" 503.
-BLOCK_S = 5.0
-SOCKET_TIMEOUT_S = 15.0
+# Every command has a socket timeout, so a frozen Redis (SIGSTOP, a stalled disk) is a 503 within
+# seconds instead of a hang. A blocking read (BLPOP) waits at most half of it per call: a wait longer
+# than the socket timeout must not read as an outage.
+TRIM_GRACE_S = 5.0  # clock skew between API replicas and Redis that trimming by deadline tolerates
+
+# KEYS: the streams. ARGV: max queue, max age ms, key ttl ms, task count, then per task: stream index,
+# field count, fields. Trims entries past every deadline, then admits all tasks or none (returns the
+# index and depth of a full stream), so concurrent submits can never overfill a queue.
+_ADMIT = """
+local maxq, max_age, ttl, ntasks = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local min_id = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - max_age
+local counts, plan, i = {}, {}, 5
+for n = 1, ntasks do
+  local s, nf = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  counts[s] = (counts[s] or 0) + 1
+  plan[n] = {s, i + 2, nf}
+  i = i + 2 + 2 * nf
+end
+for s, n in pairs(counts) do
+  if min_id > 0 then redis.call('XTRIM', KEYS[s], 'MINID', min_id) end
+  local depth = redis.call('XLEN', KEYS[s])
+  if depth + n > maxq then return {s, depth} end
+end
+for _, p in ipairs(plan) do
+  local fields = {}
+  for j = p[2], p[2] + 2 * p[3] - 1 do fields[#fields + 1] = ARGV[j] end
+  redis.call('XADD', KEYS[p[1]], '*', unpack(fields))
+end
+for s, _ in pairs(counts) do redis.call('PEXPIRE', KEYS[s], ttl) end
+return {0, 0}
+"""
 
 # KEYS: done, reply. ARGV: result, ttl. Delivers once per task id.
 _DELIVER = """
@@ -98,17 +130,22 @@ class RedisBroker:
         visibility_timeout: float = 60.0,
         max_deliveries: int = 3,
         consumer: str | None = None,
+        timeout: float = 3.0,
+        max_task_age: float = 120.0,
     ) -> None:
+        """`timeout` bounds every command; tasks older than `max_task_age` (past any deadline) are trimmed."""
         self.url = url
-        self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=2.0,
-                                             socket_timeout=SOCKET_TIMEOUT_S,
-                                             health_check_interval=10)
+        self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=timeout,
+                                             socket_timeout=timeout, health_check_interval=10)
+        self.block_s = timeout / 2
+        self.max_age_ms = int(max_task_age * 1000)
         self.keys = Keys(prefix)
         self.max_queue = max_queue
         self.result_ttl = result_ttl
         self.visibility_ms = int(visibility_timeout * 1000)
         self.max_deliveries = max_deliveries
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
+        self._admit = self.redis.register_script(_ADMIT)
         self._deliver = self.redis.register_script(_DELIVER)
         self._publish = self.redis.register_script(_PUBLISH)
         self._groups_ready: set[TaskKind] = set()
@@ -126,22 +163,19 @@ class RedisBroker:
     # ---- API side -----------------------------------------------------------------------
     @_unavailable
     async def submit(self, tasks: Sequence[Task]) -> None:
-        for kind in {t.kind for t in tasks}:
+        kinds = list(dict.fromkeys(t.kind for t in tasks))
+        for kind in kinds:
+            too_many(kind, sum(1 for t in tasks if t.kind is kind), self.max_queue)
             await self._ensure_group(kind)
-            n = sum(1 for t in tasks if t.kind is kind)
-            depth = await self.redis.xlen(self.keys.stream(kind))
-            if depth + n > self.max_queue:
-                raise ServiceError(
-                    ErrorCode.rate_limited,
-                    f"the {kind.value} queue holds {depth} tasks and takes at most {self.max_queue}; retry later",
-                    retry_after=1.0,
-                )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for t in tasks:
-                fields: dict[str, bytes] = {"task": t.header()}
-                fields.update({f"blob{i}": b for i, b in enumerate(t.blobs)})
-                pipe.xadd(self.keys.stream(t.kind), fields)  # type: ignore[arg-type]
-            await pipe.execute()
+        args: list[bytes | str | int] = [self.max_queue, self.max_age_ms, self.max_age_ms, len(tasks)]
+        for t in tasks:
+            fields: list[bytes | str] = ["task", t.header()]
+            for i, b in enumerate(t.blobs):
+                fields += [f"blob{i}", b]
+            args += [kinds.index(t.kind) + 1, len(fields) // 2, *fields]
+        full, depth = await self._admit(keys=[self.keys.stream(k) for k in kinds], args=args)
+        if full:
+            raise queue_full(kinds[int(full) - 1], int(depth), self.max_queue)
 
     @_unavailable
     async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
@@ -154,7 +188,7 @@ class RedisBroker:
                         ErrorCode.timeout,
                         f"{len(task_ids) - len(out)} of {len(task_ids)} tasks did not finish before the deadline",
                     )
-                item = await self.redis.blpop([reply_to], timeout=max(0.01, min(left, BLOCK_S)))
+                item = await self.redis.blpop([reply_to], timeout=max(0.01, min(left, self.block_s)))
                 if item is None:
                     continue
                 r = Result.from_json(item[1])
@@ -206,7 +240,7 @@ class RedisBroker:
             left = remaining(deadline)
             if left <= 0:
                 raise ServiceError(ErrorCode.timeout, "a concurrent identical computation did not finish in time")
-            item = await self.redis.blpop([me], timeout=max(0.01, min(left, BLOCK_S)))
+            item = await self.redis.blpop([me], timeout=max(0.01, min(left, self.block_s)))
             if item is not None:
                 await self.redis.delete(me)
                 return singleflight_value(item[1])
@@ -234,7 +268,7 @@ class RedisBroker:
         if len(entries) < max_n:
             got = await self.redis.xreadgroup(
                 GROUP, self.consumer, {stream: ">"}, count=max_n - len(entries),
-                block=max(1, int(max_wait * 1000)) if not entries else None,
+                block=max(1, int(min(max_wait, self.block_s) * 1000)) if not entries else None,
             )
             for _, items in got or []:
                 entries.extend(items)
@@ -305,9 +339,15 @@ class RedisBroker:
         """Reset the idle time of tasks still being worked on, so XAUTOCLAIM leaves them alone."""
         for kind in {t.kind for t in tasks}:
             ids = [t.receipt for t in tasks if t.kind is kind and t.receipt]
-            if ids:
+            if not ids:
+                continue
+            try:
                 await self.redis.xclaim(self.keys.stream(kind), GROUP, self.consumer, min_idle_time=0,
                                         message_ids=ids, justid=True)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # the stream expired or was trimmed with its tasks (past their deadlines): nothing to renew
 
     @_unavailable
     async def ping(self) -> None:

@@ -237,7 +237,28 @@ def test_tag_weights_all_zero_rejected():
         aggregate(qs, {"a": 1.0, "q": 1.0}, tag_weights={"Existence": 0.0})
 
 
-@pytest.mark.parametrize("w", [-1.0, float("nan")])
+def test_huge_tag_weights_do_not_overflow():
+    """1e308 + 1e308 is inf: the reward was 0.0 (finite / inf) with two tags, NaN (inf / inf) with eight."""
+    qs = [sem("a", tag="Existence"), sem("b", tag="Attribute"), qual("q")]
+    p = {"a": 0.24, "b": 0.28, "q": 0.5}
+    huge = aggregate(qs, p, tag_weights={"Existence": 1e308, "Attribute": 1e308})
+    # equal weights, however large: SC = (.24 + .28) / 2 = .26
+    assert huge.sc == pytest.approx(0.26, abs=1e-15)
+    assert huge.reward == pytest.approx(math.sqrt(0.26 * 0.5), abs=1e-15)
+    eight = [sem(f"e{i}") for i in range(8)] + [qual("q")]
+    pe = {**{f"e{i}": 0.1 * (i + 1) for i in range(8)}, "q": 0.5}
+    out = aggregate(eight, pe, tag_weights={"Existence": 1e308})
+    assert out.sc == pytest.approx(sum(0.1 * (i + 1) for i in range(8)) / 8, abs=1e-15)
+    assert math.isfinite(out.reward) and out.reward > 0
+
+
+def test_tag_weights_of_very_different_magnitudes():
+    qs = [sem("a", tag="Existence"), sem("b", tag="Attribute")]
+    out = aggregate(qs, {"a": 1.0, "b": 0.0}, aggregation="flat", tag_weights={"Existence": 1e300, "Attribute": 1e-300})
+    assert out.reward == pytest.approx(1.0, abs=1e-15), "a weight 1e600 times smaller counts for nothing"
+
+
+@pytest.mark.parametrize("w", [-1.0, float("nan"), float("inf")])
 def test_tag_weights_negative_or_nan_rejected(w):
     with pytest.raises(ValueError, match="'Existence'"):
         aggregate([sem("a")], {"a": 1.0}, tag_weights={"Existence": w})

@@ -112,3 +112,34 @@ def test_p_equals_a_plain_transformers_chat_call(verifier: HFVerifier, mode: str
             want = plain_chat_p(verifier.model, verifier.tokenizer, verifier.image_processor, verifier.system_prompt,
                                 list(item.images), q)
             assert p == pytest.approx(want, abs=1e-4), q
+
+
+# A chat template that writes the question before the images: the questions then share no prefix that
+# holds the image block, so each question must get a prefix of its own, still with the template's ids.
+TEXT_FIRST = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_questions_that_change_the_prefix_get_their_own(verifier: HFVerifier, plain_chat_p: Any) -> None:
+    item = VerifyItem((_image(5, 80, 64),), ("Is there a cat?", "Red?", "Are there 3 apples?"))
+    original = verifier.tokenizer.chat_template
+    verifier.tokenizer.chat_template = TEXT_FIRST
+    try:
+        preps = verifier._prepare(item)
+        assert [p.slots for p in preps] == [[0], [1], [2]]
+        for prep, q in zip(preps, item.questions, strict=True):
+            ids = plain_chat_p.template_ids(verifier.tokenizer, verifier.system_prompt, 1, q)
+            assert prep.prefix + prep.blocks[0] == _expanded(verifier, ids, prep.grid_thw)
+        got = verifier.verify([item, VerifyItem((_image(6, 64, 64),), ("Is it blue?",))])
+        for q, p in zip(item.questions, got[0], strict=True):
+            want = plain_chat_p(verifier.model, verifier.tokenizer, verifier.image_processor,
+                                verifier.system_prompt, list(item.images), q)
+            assert p == pytest.approx(want, abs=1e-4), q
+    finally:
+        verifier.tokenizer.chat_template = original

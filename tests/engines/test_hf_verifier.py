@@ -113,12 +113,27 @@ def test_micro_batching_and_order_do_not_change_scores(
     tiny_verifier: HFVerifier, items: list[VerifyItem]
 ) -> None:
     whole = _flat(tiny_verifier.verify(items))
-    tiny_verifier.max_batch_tokens = 64  # forces one item per forward pass
+    preps = [p for it in items for p in tiny_verifier._prepare(it)]
+    longest = max(len(p.prefix) + sum(len(b) for b in p.blocks) for p in preps)
+    tiny_verifier.max_batch_tokens = longest  # the budget of the longest item alone: (nearly) one per pass
     try:
         reversed_scores = tiny_verifier.verify(items[::-1])[::-1]
     finally:
         tiny_verifier.max_batch_tokens = 32768
     assert np.abs(_flat(reversed_scores) - whole).max() <= TOL
+
+
+def test_an_item_longer_than_the_token_budget_is_refused_not_run(
+    tiny_verifier: HFVerifier, items: list[VerifyItem]
+) -> None:
+    """One item is one sequence with an L x L mask: past the budget it is an error, never an unbounded pass."""
+    many = VerifyItem(tuple(items[0].images) * 8, items[0].questions)
+    tiny_verifier.max_batch_tokens = 200
+    try:
+        with pytest.raises(EngineError, match=r"exceeds the token budget of one forward pass \(200"):
+            tiny_verifier.verify([many])
+    finally:
+        tiny_verifier.max_batch_tokens = 32768
 
 
 def test_empty_item_is_rejected(tiny_verifier: HFVerifier) -> None:

@@ -36,6 +36,16 @@ def test_the_block_really_blocks() -> None:
     assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr
 
 
+def test_batch_noise_benchmark_runs_without_the_web_stack() -> None:
+    args = ["batch_noise.py", "--config", "tiny", "--images", "2", "--questions", "2", "--px", "56"]
+    code = BLOCK + f"import runpy; sys.argv = {args!r}; runpy.run_path('bench/batch_noise.py', run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["float32_packed_max_abs_shift"] <= 1e-4 and result["float32_per_pair_max_abs_shift"] <= 1e-4
+    assert 0 < result["bfloat16_vs_float32_max_abs_diff"] < 0.5  # bf16 rounds: some difference, not garbage
+
+
 WEB = ('fastapi', 'starlette', 'redis', 'pydantic_settings', 'uvicorn', 'prometheus_client')
 
 

@@ -101,7 +101,7 @@ def test_eval_through_a_running_service_matches_in_process(tmp_path, tiny_models
         if lo["error"] is not None:
             assert h["error"] is not None and h["reward"] is None
             continue
-        assert h["error"] is None and h["model"] == str(tiny_models["verifier"])
+        assert h["error"] is None and h["model"].startswith("verifier@sha256:")
         assert h["reward"] == pytest.approx(lo["reward"], abs=1e-4)
         for qh, ql in zip(h["questions"], lo["questions"], strict=True):
             assert qh["p"] == pytest.approx(ql["p"], abs=1e-4)

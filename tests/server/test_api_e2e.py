@@ -23,6 +23,15 @@ def client(embedded_server: str) -> Iterator[httpx.Client]:
         yield c
 
 
+def public(name: str, path: Path) -> str:
+    """A local checkpoint's public id: its directory's name and the digest of its config and weights index."""
+    from server.engines.loading import checkpoint_digest
+
+    digest = checkpoint_digest(path)
+    assert digest is not None and len(digest) == 64
+    return f"{name}@sha256:{digest[:12]}"
+
+
 def score_body(kit: types.SimpleNamespace, seeds: list[int], **group: Any) -> dict[str, Any]:
     group.setdefault("questions", kit.explicit_questions())
     return {"groups": [{"images": [kit.png_b64(s) for s in seeds], **group}]}
@@ -38,7 +47,8 @@ def test_score_with_explicit_questions(client: httpx.Client, kit: types.SimpleNa
     assert body["request_id"] == "e2e-explicit-1" == r.headers["X-Request-Id"]
     for name in ("X-Total-Time-Ms", "X-Verify-Time-Ms", "X-Decompose-Time-Ms"):
         assert float(r.headers[name]) >= 0, name
-    assert body["models"]["verifier"] == str(tiny_models["verifier"])
+    assert body["models"]["verifier"] == public("verifier", tiny_models["verifier"])
+    assert str(tiny_models["verifier"].parent) not in r.text, "no server path in a response"
     assert body["template_version"] and body["aggregation"] == "geometric"
 
     (group,) = body["groups"]
@@ -87,7 +97,7 @@ def test_score_with_decomposition_is_cached(client: httpx.Client, kit: types.Sim
     assert second.json()["request_id"] != first.json()["request_id"]
 
 
-def test_decompose_endpoint(client: httpx.Client) -> None:
+def test_decompose_endpoint(client: httpx.Client, tiny_models: dict[str, Path]) -> None:
     prompts = ["a cat on a sofa", "two dogs under a tree", "a cat on a sofa"]
     r = client.post("/v1/decompose", json={"prompts": prompts})
     assert r.status_code == 200, r.text
@@ -96,6 +106,8 @@ def test_decompose_endpoint(client: httpx.Client) -> None:
     decs = body["decompositions"]
     assert [d["prompt"] for d in decs] == prompts
     assert all(d["questions"] and d["pipeline"] == "fast" for d in decs)
+    assert all(d["model"] == public("decomposer", tiny_models["decomposer"]) for d in decs)
+    assert str(tiny_models["decomposer"].parent) not in r.text, "no server path in a response"
     assert decs[0] == decs[2], "the same prompt decomposes the same"
     assert body["cached"] == [False, False, False]
     again = client.post("/v1/decompose", json={"prompts": prompts[:2]})
@@ -134,8 +146,8 @@ def test_health_ready_models_and_metrics(client: httpx.Client, kit: types.Simple
     assert ready.status_code == 200 and ready.json()["workers"] == 1
     workers = client.get("/v1/models").json()["workers"]
     assert len(workers) == 1
-    assert Path(workers[0]["verifier"]) == tiny_models["verifier"]
-    assert Path(workers[0]["decomposer"]).resolve() == tiny_models["decomposer"].resolve()
+    assert workers[0]["verifier"] == public("verifier", tiny_models["verifier"])
+    assert workers[0]["decomposer"] == public("decomposer", tiny_models["decomposer"])
     assert workers[0]["heartbeat_at"] >= workers[0]["started_at"]
 
     assert client.post("/v1/score", json=score_body(kit, [21])).status_code == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 import types
 from collections.abc import AsyncIterator, Callable
@@ -123,6 +124,55 @@ async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: ty
     assert await broker.workers() == []
 
 
+class Hangs:
+    """Fault injection: an engine stuck forever (a deadlocked kernel, a hung driver) until released."""
+
+    model_id = "hangs"
+    system_prompt = ""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def verify(self, items: Any) -> list[list[float]]:
+        self.release.wait()
+        raise RuntimeError("released at teardown")
+
+
+async def test_a_hung_engine_makes_the_worker_leave_and_its_tasks_go_to_others(
+    redis_url: str, kit: types.SimpleNamespace,
+) -> None:
+    """Past the batch timeout the worker stops renewing, leaves /readyz's registry and ends with WorkerHung."""
+    from server.worker import WorkerHung
+
+    api = RedisBroker(redis_url, prefix="hung", result_ttl=60)
+    stuck = RedisBroker(redis_url, prefix="hung", result_ttl=60, visibility_timeout=0.5, consumer="stuck")
+    other = RedisBroker(redis_url, prefix="hung", result_ttl=60, visibility_timeout=0.5, consumer="other")
+    engine = Hangs()
+    worker = Worker(stuck, engine, None, template_version="test", batch_size=4, batch_wait=0.01, heartbeat_s=0.2,
+                    batch_timeout_s=1.0, worker_id="w-hung")
+    try:
+        await api.submit([Task("h:0", TaskKind.verify, "hung:reply:r", time.time() + 60, {"questions": QUESTIONS},
+                               [kit.png_bytes(1)])])
+        run = asyncio.create_task(worker.run(asyncio.Event()))
+        await asyncio.sleep(0.6)
+        assert [w.worker_id for w in await api.workers()] == ["w-hung"]
+        assert await other.claim(TaskKind.verify, 1, 0.05) == [], "renewed while within the batch timeout"
+        t0 = time.monotonic()
+        with pytest.raises(ExceptionGroup) as err:
+            await asyncio.wait_for(run, timeout=10)
+        assert err.group_contains(WorkerHung) and time.monotonic() - t0 < 3
+        assert await api.workers() == [], "a hung worker is not listed as ready"
+        again: list[Task] = []
+        end = time.monotonic() + 5
+        while not again and time.monotonic() < end:
+            again = await other.claim(TaskKind.verify, 1, 0.1)
+        assert [t.task_id for t in again] == ["h:0"] and again[0].delivery == 2, "its claim is no longer renewed"
+    finally:
+        engine.release.set()
+        for b in (api, stuck, other):
+            await b.close()
+
+
 # ---- real processes over real Redis ------------------------------------------------------------
 def worker_ids(api_url: str) -> list[str]:
     r = httpx.get(api_url + "/v1/models", timeout=5)
@@ -232,3 +282,32 @@ def test_sigkilled_worker_tasks_are_reclaimed_and_sigterm_drains(
     assert survivor.wait(30) == 0, survivor.log_tail()
     assert not has_pid(worker_ids(api.url), survivor.pid), "a drained worker deregisters"
     assert "Traceback" not in survivor.log_tail(20_000)
+
+
+def test_dvreward_worker_exits_with_status_3_when_a_batch_runs_past_the_batch_timeout(
+    services: Callable[..., Any], redis_url: str, tiny_models: dict[str, Path], kit: types.SimpleNamespace,
+) -> None:
+    """A 1 ms batch timeout makes every batch 'hung': the process must exit (not wait for its engine thread)."""
+    env = kit.service_env(redis_url=redis_url, heartbeat_s=0.5, batch_timeout_s=0.001, verifier=tiny_models["verifier"],
+                          decomposer="")
+    worker = services("worker-hung", "worker", env)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        kit.wait_for(lambda: client.hlen("dvr:workers") or not worker.alive(), kit.STARTUP_S, "the worker to register",
+                     interval=0.2)
+        assert worker.alive(), worker.log_tail()
+
+        async def submit() -> None:
+            broker = RedisBroker(redis_url, result_ttl=60)
+            try:
+                await broker.submit([Task("x:0", TaskKind.verify, "dvr:reply:x", time.time() + 60,
+                                          {"questions": QUESTIONS}, [kit.png_bytes(1)])])
+            finally:
+                await broker.close()
+
+        asyncio.run(submit())
+        assert worker.wait(30) == 3, worker.log_tail()
+        assert "engine is hung" in worker.log_tail()
+        assert client.hlen("dvr:workers") == 0, "the hung worker left the registry before exiting"
+    finally:
+        client.close()

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response
 
 from server.api import limits
-from server.api.deps import Authorized, MetricsDep, RequestId, ServiceDep, SettingsDep
+from server.api.deps import Authorized, MetricsDep, Principal, RequestId, ServiceDep, SettingsDep
 from server.api.idempotency import once
 from server.api.metrics import Metrics
 from server.schemas import (
@@ -23,7 +23,7 @@ from server.schemas import (
     VerifyResponse,
 )
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 502, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 408, 413, 415, 422, 429, 500, 502, 503, 504)}
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERRORS)
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 
@@ -38,10 +38,11 @@ def _timing_headers(response: Response, request_id: str, body: dict, replayed: b
 
 @router.post("/score", response_model=ScoreResponse)
 async def score(req: ScoreRequest, response: Response, request_id: RequestId, service: ServiceDep,
-                settings: SettingsDep, metrics: MetricsDep, idempotency_key: IdemKey = None) -> dict:
+                settings: SettingsDep, metrics: MetricsDep, principal: Principal,
+                idempotency_key: IdemKey = None) -> dict:
     """Rewards, per-question evidence and GRPO advantages for groups of images."""
     blobs = await asyncio.to_thread(limits.check_score, req, settings)
-    body, replayed = await once(service.broker, "score", idempotency_key, req, settings.result_ttl_s,
+    body, replayed = await once(service.broker, principal, "score", idempotency_key, req, settings.result_ttl_s,
                                 time.time() + settings.request_timeout_s,
                                 lambda: service.score(req, blobs, request_id))
     for g in body["groups"] if not replayed else ():  # a replay scored nothing: count work once
@@ -69,10 +70,11 @@ async def decompose(req: DecomposeRequest, response: Response, request_id: Reque
 
 @router.post("/verify", response_model=VerifyResponse)
 async def verify(req: VerifyRequest, response: Response, request_id: RequestId, service: ServiceDep,
-                 settings: SettingsDep, metrics: MetricsDep, idempotency_key: IdemKey = None) -> dict:
+                 settings: SettingsDep, metrics: MetricsDep, principal: Principal,
+                 idempotency_key: IdemKey = None) -> dict:
     """P(yes) for explicit questions about images; no decomposition."""
     blobs = await asyncio.to_thread(limits.check_verify, req, settings)
-    body, replayed = await once(service.broker, "verify", idempotency_key, req, settings.result_ttl_s,
+    body, replayed = await once(service.broker, principal, "verify", idempotency_key, req, settings.result_ttl_s,
                                 time.time() + settings.request_timeout_s,
                                 lambda: service.verify(req, blobs, request_id))
     for r in body["results"] if not replayed else ():

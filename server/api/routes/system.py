@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.deps import Authorized, BrokerDep, MetricsDep
 from server.errors import ErrorCode, ServiceError
-from server.schemas import ModelsResponse
+from server.schemas import ErrorResponse, ModelsResponse
 
 router = APIRouter()
+READY_TIMEOUT_S = 1.0  # probes have short timeouts of their own: a frozen queue must be a quick 503
 
 
 @router.get("/healthz")
@@ -18,22 +22,28 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"model": ErrorResponse}})
 async def readyz(broker: BrokerDep) -> dict:
-    """Ready when the queue answers and at least one live worker has its models loaded."""
-    await broker.ping()
-    workers = await broker.workers()
+    """Ready when the queue answers (within a second) and at least one live worker has its models loaded."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await broker.ping()
+            workers = await broker.workers()
+    except TimeoutError as exc:
+        raise ServiceError(ErrorCode.unavailable, f"the queue did not answer within {READY_TIMEOUT_S:g} s",
+                           retry_after=2.0) from exc
     if not workers:
         raise ServiceError(ErrorCode.unavailable, "no live worker: start `dvreward worker` (models may be loading)",
                            retry_after=5.0)
     return {"status": "ready", "workers": len(workers)}
 
 
-@router.get("/v1/models", response_model=ModelsResponse, dependencies=[Authorized])
+@router.get("/v1/models", response_model=ModelsResponse, dependencies=[Authorized],
+            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def models(broker: BrokerDep) -> ModelsResponse:
     return ModelsResponse(workers=await broker.workers())
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(m: MetricsDep) -> Response:
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

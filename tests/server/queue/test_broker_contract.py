@@ -151,6 +151,42 @@ async def test_bounded_queue_refuses_with_rate_limited_and_retry_after(make_brok
     assert await broker.queue_depth(TaskKind.decompose) == 1
 
 
+async def test_more_tasks_than_the_queue_holds_is_413_not_a_429_forever(make_broker: MakeBroker) -> None:
+    broker = make_broker(max_queue=3)
+    with pytest.raises(ServiceError) as err:
+        await broker.submit([make_task(f"big:v{i}", reply_key("big")) for i in range(4)])
+    assert err.value.code is ErrorCode.too_large and err.value.status == 413
+    assert "4" in err.value.message and "3" in err.value.message and err.value.retry_after is None
+    assert await broker.queue_depth(TaskKind.verify) == 0
+
+
+async def test_admission_is_atomic_under_concurrent_submits(make_broker: MakeBroker) -> None:
+    """32 concurrent one-task submits against a bound of 16: exactly 16 get in (XLEN-then-XADD let 28 in)."""
+    first = make_broker(max_queue=16)
+    # Redis: several clients, as several API replicas; the in-process queue exists once per process.
+    brokers = [first] + [first if isinstance(first, MemoryBroker) else make_broker(max_queue=16) for _ in range(3)]
+    outcomes = await asyncio.gather(*(brokers[i % 4].submit([make_task(f"c:v{i}", reply_key("c"))])
+                                      for i in range(32)), return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, ServiceError)]
+    assert all(o.code is ErrorCode.rate_limited for o in refused)
+    assert len(refused) == 16 and outcomes.count(None) == 16
+    assert await brokers[0].queue_depth(TaskKind.verify) == 16
+
+
+async def test_claimed_tasks_count_against_the_bound_until_completed(make_broker: MakeBroker) -> None:
+    """Both brokers count the same thing: queued plus claimed-but-not-completed tasks."""
+    broker = make_broker(max_queue=2)
+    await broker.submit([make_task("k:v0", reply_key("k")), make_task("k:v1", reply_key("k"))])
+    t0, _ = await claim_n(broker, TaskKind.verify, 2)
+    assert await broker.queue_depth(TaskKind.verify) == 2
+    with pytest.raises(ServiceError) as err:
+        await broker.submit([make_task("k:v2", reply_key("k"))])
+    assert err.value.code is ErrorCode.rate_limited
+    await broker.complete(t0, Result(t0.task_id, {"p": [0.5]}))
+    assert await broker.queue_depth(TaskKind.verify) == 1
+    await broker.submit([make_task("k:v2", reply_key("k"))])
+
+
 async def test_completing_a_task_twice_delivers_one_result(make_broker: MakeBroker) -> None:
     broker = make_broker()
     reply = reply_key("r4")
@@ -373,7 +409,7 @@ async def test_redis_delivery_limit_fails_the_task_with_a_clear_error(
     assert (await api.redis.xpending(stream, "workers"))["pending"] == 0
 
 
-async def test_redis_every_key_but_the_streams_has_a_ttl(redis_brokers: Callable[..., RedisBroker]) -> None:
+async def test_redis_every_key_has_a_ttl(redis_brokers: Callable[..., RedisBroker]) -> None:
     broker = redis_brokers("w")
     reply = reply_key("r8")
     await broker.submit([make_task("r8:v0", reply), make_task("r8:v1", reply)])
@@ -387,9 +423,28 @@ async def test_redis_every_key_but_the_streams_has_a_ttl(redis_brokers: Callable
     await broker.singleflight("cached", value, 60, time.time() + 5)
     keys = [k.decode() async for k in broker.redis.scan_iter(match=f"{PREFIX}:*")]
     assert any(":done:" in k for k in keys) and any(":reply:" in k for k in keys)
-    assert any(":sf:value:" in k for k in keys) and f"{PREFIX}:workers" in keys
-    no_ttl = [k for k in keys if ":stream:" not in k and await broker.redis.ttl(k) < 0]
+    assert any(":sf:value:" in k for k in keys) and f"{PREFIX}:workers" in keys and any(":stream:" in k for k in keys)
+    no_ttl = [k for k in keys if await broker.redis.ttl(k) < 0]
     assert no_ttl == [], f"keys without a TTL: {no_ttl}"
+
+
+async def test_redis_streams_are_trimmed_past_the_tasks_deadlines(redis_url: str) -> None:
+    """Workers down: timed-out tasks (and their image bytes) leave the stream instead of filling Redis."""
+    broker = RedisBroker(redis_url, prefix=PREFIX, max_queue=3, result_ttl=60, max_task_age=0.5)
+    try:
+        await broker.submit([make_task(f"old:v{i}", reply_key("old"), blobs=[b"x" * 100_000]) for i in range(3)])
+        with pytest.raises(ServiceError) as err:
+            await broker.submit([make_task("new:v0", reply_key("new"))])
+        assert err.value.code is ErrorCode.rate_limited
+        await asyncio.sleep(0.6)
+        await broker.submit([make_task("new:v0", reply_key("new"))])  # the three old ones are past any deadline
+        stream = broker.keys.stream(TaskKind.verify)
+        assert await broker.redis.xlen(stream) == 1
+        assert 0 < await broker.redis.pttl(stream) <= 500, "an idle stream expires with its last task"
+        (task,) = await claim_n(broker, TaskKind.verify, 1)
+        assert task.task_id == "new:v0"
+    finally:
+        await broker.close()
 
 
 async def test_redis_singleflight_across_api_replicas(redis_brokers: Callable[..., RedisBroker]) -> None:

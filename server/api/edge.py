@@ -1,0 +1,192 @@
+"""The ASGI edge every request passes before FastAPI sees it, outermost first:
+
+Observe (request id, metrics, the answer to a crash) -> Authenticate (the API key, before any body
+byte is read) -> BodyGuard (content type, size and arrival time of the body).
+
+Pure ASGI rather than FastAPI middleware: a body that is about to be refused is never buffered, and
+every response, including those written here, carries a request id and is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.metrics import Metrics
+from server.errors import ErrorCode
+from server.schemas import ErrorInfo, ErrorResponse
+
+log = logging.getLogger("dvreward.api")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ANONYMOUS = "anonymous"
+
+
+def error_response(status: int, code: ErrorCode | str, message: str, request_id: str | None,
+                   retry_after: float | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The service's error format; the one place an error body is built."""
+    body = ErrorResponse(error=ErrorInfo(code=str(code), message=message), request_id=request_id).model_dump()
+    out = dict(headers or {})
+    if retry_after:
+        out["Retry-After"] = str(max(1, round(retry_after)))
+    if request_id:
+        out["X-Request-Id"] = request_id
+    return JSONResponse(body, status_code=status, headers=out)
+
+
+def request_id(scope: Scope) -> str:
+    """The id Observe assigned: the client's X-Request-Id when it is a sane label, else a new one."""
+    state = scope.setdefault("state", {})
+    if "request_id" not in state:
+        given = Headers(scope=scope).get("x-request-id")
+        state["request_id"] = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return state["request_id"]
+
+
+def _route_label(scope: Scope) -> str:
+    """The route template (bounded label values), also for requests answered before routing: the API's
+    paths have no parameters, so such a request is labelled by its path when that is one of them."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", "unmatched")
+    app = scope.get("app")
+    paths = app.openapi()["paths"] if app is not None else {}  # FastAPI builds the schema once
+    return scope["path"] if scope["path"] in paths else "unmatched"
+
+
+class Observe:
+    """Request id, one count per response by route and status, latency; a crash becomes a logged 500."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        rid = request_id(scope)
+        status: int | None = None
+
+        async def sending(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                headers = MutableHeaders(scope=msg)
+                if "x-request-id" not in headers:
+                    headers["X-Request-Id"] = rid
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            log.error("unhandled error in %s %s (request %s)", scope["method"], scope["path"], rid, exc_info=exc)
+            if status is not None:  # the response had begun: nothing valid can follow it
+                raise
+            status = 500
+            await error_response(500, ErrorCode.internal, f"internal error ({type(exc).__name__}); the server "
+                                 "log has the details under this request id", rid)(scope, receive, send)
+        finally:
+            route = _route_label(scope)
+            self.metrics.requests.labels(route, str(status or 500)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+
+class Authenticate:
+    """Every /v1 request needs `Authorization: Bearer KEY` when keys are configured; checked before the body.
+
+    Keys are compared as bytes, each in constant time and all of them every time. The principal (a
+    digest of the key, never the key) scopes what one client may see of another's, e.g. idempotency records.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["principal"] = ANONYMOUS
+        if self.keys and scope["path"].startswith("/v1/"):
+            key = self._key(scope)
+            if key is None:
+                return await error_response(401, ErrorCode.unauthorized, "missing or invalid API key: send "
+                                            "`Authorization: Bearer KEY`", request_id(scope),
+                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            state["principal"] = "key:" + hashlib.sha256(key).hexdigest()[:16]
+        await self.app(scope, receive, send)
+
+    def _key(self, scope: Scope) -> bytes | None:
+        raw = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, key = raw.partition(b" ")
+        ok = False
+        for k in self.keys:  # no early exit: the time taken does not say which key came close
+            ok |= hmac.compare_digest(key, k)
+        return key if ok and scheme.lower() == b"bearer" else None
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class BodyGuard:
+    """Refuses a body that is not JSON (415), over the limit (413, with or without Content-Length), or not
+    fully received within the timeout (408, connection closed), before the app reads any of it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        rid = request_id(scope)
+        content_type = headers.get("content-type")
+        if scope["method"] in ("POST", "PUT", "PATCH") and content_type is not None and not _is_json(content_type):
+            return await error_response(415, ErrorCode.unsupported_media_type, f"the body must be JSON "
+                                        f"(Content-Type: application/json), got {content_type[:100]!r}",
+                                        rid)(scope, receive, send)
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send, rid)
+        # Read the body up to the limit before the app sees it: an error raised while FastAPI reads
+        # the body would become its generic 400.
+        buffered: list[Message] = []
+        seen = 0
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    msg = await receive()
+                    buffered.append(msg)
+                    if msg["type"] != "http.request":
+                        break
+                    seen += len(msg.get("body", b""))
+                    if seen > self.max_bytes:
+                        return await self._too_large(scope, receive, send, rid)
+                    if not msg.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await error_response(
+                408, ErrorCode.body_timeout, f"the request body did not arrive within {self.timeout_s:g} s "
+                f"({seen} bytes received)", rid, headers={"Connection": "close"})(scope, receive, send)
+        replay = iter(buffered)
+
+        async def replayed() -> Message:
+            msg = next(replay, None)
+            return msg if msg is not None else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
+        await error_response(413, ErrorCode.too_large, f"request body exceeds the limit of {self.max_bytes} bytes",
+                             rid, headers={"Connection": "close"})(scope, receive, send)
