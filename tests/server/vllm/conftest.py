@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +26,21 @@ def vllm_installed() -> None:
     if os.environ.get("DVREWARD_REQUIRE_VLLM") == "1":
         pytest.fail("DVREWARD_REQUIRE_VLLM=1 but " + reason)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shared_memory(vllm_installed: None) -> Iterator[None]:
+    """vLLM's engine processes leave their shared-memory buffers behind when killed; remove the ones this session
+    created that no live process maps, so repeated CI runs on one machine do not fill /dev/shm."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("psm_*"))
+    yield
+    mapped = ""
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped += maps.read_text()
+        except OSError:  # a process that ended meanwhile, or one we may not read
+            continue
+    for segment in set(shm.glob("psm_*")) - before:
+        if segment.name not in mapped:
+            segment.unlink(missing_ok=True)

@@ -73,7 +73,11 @@ def vllm_serve(kit: types.SimpleNamespace, tiny_models: dict[str, Path],
         yield proc.url
         assert proc.alive(), f"the vLLM server died during the tests:\n{proc.log_tail()}"
     finally:
-        proc.stop()
+        if proc.alive():  # SIGTERM: vLLM shuts its engines down and frees their shared memory
+            proc.signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                assert proc.proc is not None
+                proc.proc.wait(timeout=120)
         kill_group(proc.pid)
 
 
@@ -107,12 +111,10 @@ def vllm_api_server(kit: types.SimpleNamespace, tiny_models: dict[str, Path],
         yield url + "/v1"
     finally:
         proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=120)
         kill_group(proc.pid)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
