@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,12 +36,23 @@ def no_leaked_shared_memory(vllm_installed: None) -> Iterator[None]:
     shm = Path("/dev/shm")
     before = set(shm.glob("psm_*"))
     yield
-    mapped = ""
+    deadline = time.monotonic() + 30  # engine processes ending right now may still map theirs
+    while left := set(shm.glob("psm_*")) - before:
+        mapped = _mapped()
+        for segment in left:
+            if segment.name not in mapped:
+                segment.unlink(missing_ok=True)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+
+def _mapped() -> str:
+    """Every process's memory map that can be read, as one text."""
+    out = []
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            mapped += maps.read_text()
+            out.append(maps.read_text())
         except OSError:  # a process that ended meanwhile, or one we may not read
             continue
-    for segment in set(shm.glob("psm_*")) - before:
-        if segment.name not in mapped:
-            segment.unlink(missing_ok=True)
+    return "".join(out)
