@@ -107,5 +107,3 @@ class VerifyResult:
         return [r.p if r.p is not None else [NAN] * n
                 for r, n in zip(self.response.results, self.n_questions, strict=True)]
 
-
-# ---- shared client logic ---------------------------------------------------------------------

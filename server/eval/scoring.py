@@ -266,7 +266,7 @@ class HTTPBackend:
         if isinstance(e, Unauthorized):
             return f"{where} refused the API key (check --api-key or DVREWARD_API_KEY): {e}"
         if e.retryable:
-            return f"{where} still fails after {self.client.max_retries + 1} attempts: {e}"
+            return f"{where} still fails after {self.client.backoff.max_retries + 1} attempts: {e}"
         return f"{where} failed: {e}"
 
 
