@@ -13,13 +13,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
-from server.core.reward import aggregate
-from server.core.scoring import answered_yes
-from server.errors import ErrorCode, ServiceError
-from server.queue.base import Broker, Result, Task, TaskKind
-from server.queue.keys import Keys
-from server.schemas import (
+from dvreward_protocol.grpo import group_advantages, lone_image_warnings
+from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
+from dvreward_protocol.reward import aggregate
+from dvreward_protocol.schemas import (
     DecomposeResponse,
     ErrorInfo,
     GroupResult,
@@ -33,8 +30,10 @@ from server.schemas import (
     VerifyResponse,
     Warning,
 )
-from trainer_client.grpo import group_advantages
-from trainer_client.results import lone_image_warnings
+from server.core.scoring import answered_yes
+from server.errors import ErrorCode, ServiceError
+from server.queue.base import Broker, Result, Task, TaskKind
+from server.queue.keys import Keys
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.engines.base import Decomposer, EngineError, Verifier, VerifyItem
 from server.errors import ErrorCode, ServiceError
 from server.images import load_image
 from server.queue.base import Broker, Result, Task, TaskKind, collect_batch
-from server.schemas import WorkerInfo
 
 log = logging.getLogger("dvreward.worker")
 

@@ -22,13 +22,20 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 
-from server.core.reward import Aggregation, Gating
-from server.schemas import Answer, DecomposeRequest, DecomposeResponse, ModelsResponse, ScoreResponse, VerifyResponse
+from dvreward_protocol.grpo import DEFAULT_CLIP, DEFAULT_EPS, DEFAULT_STD, StdMode
+from dvreward_protocol.reward import Aggregation, Gating
+from dvreward_protocol.schemas import (
+    Answer,
+    DecomposeRequest,
+    DecomposeResponse,
+    ModelsResponse,
+    ScoreResponse,
+    VerifyResponse,
+)
 from trainer_client.chunks import Part, plan_chunks
 from trainer_client.encoding import EncodeOptions, ImageFormat, encode_base64
 from trainer_client.errors import ServerError, Unavailable
 from trainer_client.flow import Backoff, Effect, Encode, Flow, Gather, Send, Sleep, parse, request
-from trainer_client.grpo import DEFAULT_CLIP, DEFAULT_EPS, DEFAULT_STD, StdMode
 from trainer_client.jobs import (
     Job,
     M,

@@ -16,9 +16,10 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from server.core.questions import Question
-from server.core.reward import Aggregation, Gating
-from server.schemas import (
+from dvreward_protocol.grpo import StdMode, group_advantages, lone_image_warnings
+from dvreward_protocol.questions import Question
+from dvreward_protocol.reward import Aggregation, Gating
+from dvreward_protocol.schemas import (
     AdvantageOptions,
     Answer,
     GroupResult,
@@ -36,8 +37,7 @@ from server.schemas import (
 from trainer_client.chunks import Part, split_by_bytes
 from trainer_client.encoding import split_group
 from trainer_client.errors import ImageFailed, ImageFailure, ScoringError
-from trainer_client.grpo import StdMode, group_advantages
-from trainer_client.results import ScoreResult, VerifyResult, lone_image_warnings
+from trainer_client.results import ScoreResult, VerifyResult
 
 OnError = Literal["raise", "nan"]
 QuestionLike = Question | Mapping[str, Any]

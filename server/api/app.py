@@ -15,11 +15,11 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dvreward_protocol.schemas import ErrorInfo, ErrorResponse
 from server.api.deps import assign_request_id
 from server.api.metrics import Metrics
 from server.api.routes import score, system
 from server.errors import ErrorCode, ServiceError
-from server.schemas import ErrorInfo, ErrorResponse
 from server.service import ScoringService
 from server.settings import Settings
 

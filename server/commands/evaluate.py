@@ -28,8 +28,8 @@ import os
 import sys
 from pathlib import Path
 
+from dvreward_protocol.reward import Aggregation, Gating
 from server.commands.verifier_flags import add_verifier_flags, verifier_options
-from server.core.reward import Aggregation, Gating
 
 
 def _eval(args: argparse.Namespace) -> int:

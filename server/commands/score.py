@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
+from dvreward_protocol.reward import Aggregation, Gating, aggregate
 from server.commands.verifier_flags import add_verifier_flags, verifier_options
-from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
-from server.core.reward import Aggregation, Gating, aggregate
 from server.engines.loading import DTYPES
 
 QUESTION_SHAPE = '{"id": "1", "text": "Is there a cat?", "tag": "Existence"}'

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from server.core.questions import Decomposition  # pydantic: not needed to run an engine
+    from dvreward_protocol.questions import Decomposition  # pydantic: not needed to run an engine
 
 
 class EngineError(RuntimeError):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.core.questions import (
+from dvreward_protocol.questions import (
     QUALITY_ASPECTS,
     SEMANTIC_TAGS,
 )

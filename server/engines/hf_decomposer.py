@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.core.questions import (
+from dvreward_protocol.questions import (
     QUALITY_ASPECTS,
     SEMANTIC_TAGS,
     Decomposition,

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
-from server.schemas import WorkerInfo
 
 
 class TaskKind(StrEnum):

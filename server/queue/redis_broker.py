@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import (
     Compute,
@@ -31,7 +32,6 @@ from server.queue.base import (
     singleflight_value,
 )
 from server.queue.keys import GROUP, Keys
-from server.schemas import WorkerInfo
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition, DecompositionError, Kind
 from server.cli import main
-from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition, DecompositionError, Kind
 from server.engines.base import Decomposer, EngineError
 from server.engines.decomposition_parse import (
     DSGTuple,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dvreward_protocol.questions import SEMANTIC_TAGS, Question, validate_questions
 from server.cli import main
-from server.core.questions import SEMANTIC_TAGS, Question, validate_questions
 from server.eval.importers import (
     IMPORTERS,
     ImporterError,

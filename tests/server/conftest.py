@@ -319,8 +319,8 @@ def local_p(verifier: Any, images: list[bytes], questions: list[str]) -> list[li
 
 def local_rewards(verifier: Any, images: list[bytes], questions: list[dict[str, Any]]) -> list[float]:
     """The default reward (geometric, no gating) of each image, computed in this process."""
-    from server.core.questions import Question
-    from server.core.reward import aggregate
+    from dvreward_protocol.questions import Question
+    from dvreward_protocol.reward import aggregate
 
     qs = [Question.model_validate(q) for q in questions]
     return [aggregate(qs, dict(zip([q.id for q in qs], p, strict=True))).reward

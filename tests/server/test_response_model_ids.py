@@ -7,8 +7,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+from dvreward_protocol.schemas import ScoreRequest
 from server.runtime import build_broker, build_service, load_decomposer, running
-from server.schemas import ScoreRequest
 from server.settings import Settings
 from server.worker import Worker
 

@@ -8,10 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
-from server.api import limits
-from server.api.deps import Authorized, MetricsDep, RequestId, ServiceDep, SettingsDep
-from server.api.idempotency import once
-from server.schemas import (
+from dvreward_protocol.schemas import (
     DecomposeRequest,
     DecomposeResponse,
     ErrorResponse,
@@ -20,6 +17,9 @@ from server.schemas import (
     VerifyRequest,
     VerifyResponse,
 )
+from server.api import limits
+from server.api.deps import Authorized, MetricsDep, RequestId, ServiceDep, SettingsDep
+from server.api.idempotency import once
 
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 502, 503, 504)}
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERRORS)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dvreward_protocol.schemas import ModelsResponse
 from server.api.deps import Authorized, BrokerDep, MetricsDep
 from server.errors import ErrorCode, ServiceError
-from server.schemas import ModelsResponse
 
 router = APIRouter()
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import Result, Task, TaskKind
 from server.queue.memory import MemoryBroker
 from server.queue.redis_broker import RedisBroker
-from server.schemas import WorkerInfo
 
 PREFIX = "t"
 MakeBroker = Callable[..., Any]

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.core.questions import Decomposition, Metadata, Question, Text
-from server.core.reward import Aggregation, Gating
+from dvreward_protocol.questions import Decomposition, Metadata, Question, Text
+from dvreward_protocol.reward import Aggregation, Gating
 
 Answer = Literal["prob", "binary"]
 

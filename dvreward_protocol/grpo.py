@@ -10,6 +10,8 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import Literal
 
+from dvreward_protocol.schemas import Warning
+
 StdMode = Literal["group", "global"]
 
 # The reference's advantages: population std over the whole step, +1e-4, clipped to ±5.
@@ -113,3 +115,10 @@ def false_positive_rectification(
                 row.append(r if r > s else floor)
         out.append(row)
     return out
+
+
+def lone_image_warnings(rewards: Sequence[Sequence[float | None]], keys: Sequence[str | None]) -> list[Warning]:
+    """One warning per group alone with its prompt; the server's, and a client's that merged a split step."""
+    return [Warning(group=g, code="lone_image",
+                    message="one scored image for its prompt: its advantage is 0 and it trains nothing")
+            for g in lone_groups(rewards, keys)]

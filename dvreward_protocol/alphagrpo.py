@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from server.core.questions import TAGS_BY_KIND, Kind, Question, validate_questions
+from dvreward_protocol.questions import TAGS_BY_KIND, Kind, Question, validate_questions
 
 SEMANTIC_KEY = "semantic_questions"
 QUALITY_KEY = "quality_questions"
