@@ -22,7 +22,7 @@ _TEXT_KEYS = ("question", "text")
 
 
 def has_reference_questions(meta: Mapping[str, Any] | None) -> bool:
-    return bool(meta) and any(isinstance(meta.get(k), list) and meta.get(k) for k in (SEMANTIC_KEY, QUALITY_KEY))
+    return meta is not None and any(isinstance(meta.get(k), list) and meta.get(k) for k in (SEMANTIC_KEY, QUALITY_KEY))
 
 
 def reference_questions(meta: Mapping[str, Any]) -> tuple[list[Question], list[str]]:

@@ -14,8 +14,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
+from dvreward_protocol.questions import Decomposition
 from dvreward_protocol.schemas import WorkerInfo
 from server.engines.base import Decomposer, EngineError, Verifier, VerifyItem
 from server.errors import ErrorCode, ServiceError
@@ -190,6 +191,7 @@ class Worker:
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
         """The whole batch in one batched generation; a prompt that cannot be decomposed fails alone."""
         assert self.decomposer is not None
+        outcomes: Sequence[Decomposition | Exception]
         try:
             outcomes = await asyncio.to_thread(self.decomposer.decompose_each, [t.payload["prompt"] for t in tasks])
         except Exception as exc:  # noqa: BLE001 - the whole batch failed: every request hears why

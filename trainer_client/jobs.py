@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -112,8 +112,8 @@ class Sent(Generic[M]):
 def policy(on_error: str | None, default: OnError) -> OnError:
     if on_error is None:
         return default
-    if on_error == "raise" or on_error == "nan":
-        return on_error
+    if on_error in ("raise", "nan"):
+        return cast(OnError, on_error)
     raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
 
 
@@ -297,7 +297,8 @@ def merge_verify(job: VerifyJob, sent: list[Sent[VerifyResponse]], wall_s: float
         results.extend(s.response.results)
     t = [s.response.timings for s in sent]
     response = first if len(sent) == 1 else VerifyResponse.model_construct(
-        request_id=first.request_id, model=first.model, template_version=first.template_version, results=results,
+        request_id=first.request_id, model=first.model, template_version=first.template_version,
+        verifier_system_prompt=first.verifier_system_prompt, results=results,
         timings=Timings(verify_ms=max(x.verify_ms for x in t), total_ms=max(x.total_ms for x in t)),
     )
     failures = [ImageFailure(0, i, r.error.code if r.error else "failed", r.error.message if r.error else "no p")

@@ -12,8 +12,8 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -68,7 +68,7 @@ return 1
 _DOWN_STATES = ("OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "BUSY ")
 
 
-def _unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _unavailable(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Any lost Redis connection becomes a 503 with a message saying what is down."""
 
     @functools.wraps(fn)
@@ -140,7 +140,7 @@ class RedisBroker:
             for t in tasks:
                 fields: dict[str, bytes] = {"task": t.header()}
                 fields.update({f"blob{i}": b for i, b in enumerate(t.blobs)})
-                pipe.xadd(self.keys.stream(t.kind), fields)  # type: ignore[arg-type]
+                pipe.xadd(self.keys.stream(t.kind), fields)
             await pipe.execute()
 
     @_unavailable
@@ -196,8 +196,8 @@ class RedisBroker:
             outcome = (None, exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"{exc}"))
             raise
         finally:  # success, failure or cancellation: every waiter hears, and the lock is released
-            value, err = outcome
-            args = ([singleflight_message(value, None), value, int(ttl), msg_ttl] if value is not None
+            done, err = outcome
+            args = ([singleflight_message(done, None), done, int(ttl), msg_ttl] if done is not None
                     else [singleflight_message(None, err), "", 1, msg_ttl])
             await asyncio.shield(self._publish(keys=keys, args=args))
 
@@ -266,7 +266,7 @@ class RedisBroker:
     async def _ack(self, task: Task) -> None:
         stream = self.keys.stream(task.kind)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, task.receipt).xdel(stream, task.receipt)  # type: ignore[arg-type]
+            pipe.xack(stream, GROUP, task.receipt).xdel(stream, task.receipt)
             await pipe.execute()
 
     @_unavailable

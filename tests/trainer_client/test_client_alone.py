@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}  # no PYTHONPATH to this checkout
 
 SCRIPT = """
 import importlib.util, json, sys
@@ -71,14 +73,14 @@ def test_client_installs_and_scores_alone_beside_a_trainers_own_server_py(servic
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, capture_output=True)
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+                               env=CLEAN_ENV, check=True, capture_output=True, text=True).stdout.strip())
     _link_dependencies(tmp_path / "deps")
     (site / "deps.pth").write_text(str(tmp_path / "deps") + "\n")
 
     installed = {p.name for p in site.iterdir()}
     assert {"trainer_client", "dvreward_protocol"} <= installed and "server" not in installed
     elsewhere = subprocess.run([str(python), "-c", "import importlib.util; print(importlib.util.find_spec('server'))"],
-                               cwd=tmp_path, check=True, capture_output=True, text=True)
+                               cwd=tmp_path, env=CLEAN_ENV, check=True, capture_output=True, text=True)
     assert elsewhere.stdout.strip() == "None"  # the environment has no `server` module at all
 
     work = tmp_path / "work"
@@ -88,8 +90,8 @@ def test_client_installs_and_scores_alone_beside_a_trainers_own_server_py(servic
     Image.fromarray(np.full((32, 32, 3), (200, 30, 30), dtype=np.uint8)).save(buf, "PNG")
     (work / "image.png").write_bytes(buf.getvalue())
     (work / "score.py").write_text(SCRIPT)
-    run = subprocess.run([str(python), "score.py", service_url, json.dumps(questions)], cwd=work, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([str(python), "score.py", service_url, json.dumps(questions)], cwd=work, env=CLEAN_ENV,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert len(out["rewards"]) == 1 and 0.0 < out["rewards"][0] < 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 
@@ -21,7 +21,9 @@ from server.api import limits
 from server.api.deps import Authorized, MetricsDep, RequestId, ServiceDep, SettingsDep
 from server.api.idempotency import once
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 502, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 502, 503, 504)
+}
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERRORS)
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 

@@ -50,7 +50,7 @@ def _record(obj: Any, line: int, log: IssueLog) -> PromptRecord | None:
     if prompt is None:
         log.skip(line, "no prompt")
         return None
-    if not has_reference_questions(meta):
+    if meta is None or not has_reference_questions(meta):
         log.skip(line, "no semantic_questions or quality_questions")
         return None
     try:
