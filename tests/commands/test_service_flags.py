@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.cli import build_parser
-from server.commands.service import settings_from
+from server.commands.service import API_SETTINGS, WORKER_SETTINGS, settings_from
 from server.settings import Settings
 
 
@@ -30,3 +30,10 @@ def test_bad_boolean_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--batched-vision", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
+
+
+def test_api_and_worker_settings_lists_name_real_settings() -> None:
+    """A misspelt name in either list would silently offer (or hide) a flag on the wrong command."""
+    assert API_SETTINGS <= set(Settings.model_fields), API_SETTINGS - set(Settings.model_fields)
+    assert WORKER_SETTINGS <= set(Settings.model_fields), WORKER_SETTINGS - set(Settings.model_fields)
+    assert not API_SETTINGS & WORKER_SETTINGS

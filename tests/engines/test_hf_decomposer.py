@@ -171,17 +171,15 @@ def test_sampled_retry_is_seeded(engine: HFDecomposer) -> None:
 # --- model-backed: dsg -----------------------------------------------------------------------
 
 
-def test_dsg_pipeline_on_tiny_model_is_valid_or_fails_clearly(engine: HFDecomposer,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dsg_pipeline_on_tiny_model_yields_valid_decompositions(engine: HFDecomposer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded and greedy, so the outcome is fixed: the tiny model's constrained stages pass validation."""
     monkeypatch.setattr(engine, "pipeline", "dsg")
-    try:
-        out = engine.decompose(PROMPTS)
-    except EngineError as e:
-        assert re.search(r"dsg decomposition failed after 4 attempt\(s\).*prompt \d .*: DSG \w+", str(e)), e
-        return
+    out = engine.decompose(PROMPTS)
     for prompt, d in zip(PROMPTS, out, strict=True):
         _assert_valid(d, prompt, "dsg", engine)
         assert all(q.id.startswith("t") and q.metadata["dsg_tuple"].startswith(q.id + " | ") for q in d.semantic)
+    assert engine.decompose(PROMPTS) == out
 
 
 def test_dsg_rejection_gives_the_models_reason(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
