@@ -232,3 +232,42 @@ def test_sigkilled_worker_tasks_are_reclaimed_and_sigterm_drains(
     assert survivor.wait(30) == 0, survivor.log_tail()
     assert not has_pid(worker_ids(api.url), survivor.pid), "a drained worker deregisters"
     assert "Traceback" not in survivor.log_tail(20_000)
+
+
+def test_sigterm_with_a_batch_in_flight_finishes_it_then_exits(
+    redis_url: str, services: Callable[..., Any], tiny_models: dict[str, Path], tiny_verifier: Any,
+    kit: types.SimpleNamespace, request: pytest.FixtureRequest,
+) -> None:
+    """SIGTERM arrives while the worker holds a started batch: the batch is scored and delivered, then it exits 0."""
+    common = dict(redis_url=redis_url, heartbeat_s=1, request_timeout_s=90)
+    api = services("api", "api", kit.service_env(**common), http=True)
+    worker = services("worker", "worker", kit.service_env(**common, verifier=tiny_models["verifier"], decomposer="",
+                                                           batch_size=2, batch_wait_ms=5))
+    api.wait_http("/readyz")
+    questions = [{"id": "cat", "text": QUESTIONS[0], "tag": "Existence"},
+                 {"id": "red", "text": QUESTIONS[1], "tag": "Attribute", "depends_on": ["cat"]}]
+    image = kit.png_bytes(300, (64, 64))
+    body = {"groups": [{"questions": questions, "images": [kit.b64(image)]}]}  # one task: one batch holds it
+    client = redis.Redis.from_url(redis_url)
+    request.addfinalizer(client.close)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, api.url + "/v1/score", json=body, timeout=120)
+        stuck: list[str] = []
+        end = time.monotonic() + 60
+        while not stuck:  # freeze the worker until it is caught in the middle of the batch
+            assert time.monotonic() < end, "never caught the worker holding a started task"
+            kit.wait_for(lambda: any(pending(client).values()), 60, "the worker to claim the task", interval=0.002)
+            worker.signal(signal.SIGSTOP)
+            stuck = stranded_tasks(client)
+            if not stuck:
+                worker.signal(signal.SIGCONT)
+        worker.signal(signal.SIGTERM)  # handled once it runs again, with the batch in hand
+        worker.signal(signal.SIGCONT)
+        response = future.result(timeout=120)
+    assert worker.wait(60) == 0, worker.log_tail()
+    assert response.status_code == 200, response.text
+    (reward,) = response.json()["groups"][0]["rewards"]
+    assert reward == pytest.approx(kit.local_rewards(tiny_verifier, [image], questions)[0], abs=TOL)
+    assert {int(client.get(f"dvr:deliveries:{tid}") or 0) for tid in stuck} == {1}, "finished, not re-delivered"
+    assert not any(pending(client).values()) and not has_pid(worker_ids(api.url), worker.pid)
+    assert "Traceback" not in worker.log_tail(20_000)
