@@ -38,14 +38,16 @@ from server.queue.keys import Keys
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """What the service needs of Settings (built by `runtime.build_service`; the defaults live there)."""
+
     verifier: str
     decomposer: str | None
     pipeline: str
     template_version: str
     verifier_system_prompt: str
-    queue_prefix: str = "dvr"
-    request_timeout_s: float = 120.0
-    cache_ttl_s: float = 7 * 24 * 3600
+    queue_prefix: str
+    request_timeout_s: float
+    cache_ttl_s: float
 
 
 def _ms(t0: float) -> float:

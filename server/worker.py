@@ -34,10 +34,10 @@ class Worker:
         decomposer: Decomposer | None,
         *,
         template_version: str,
-        batch_size: int = 32,
-        batch_wait: float = 0.01,
-        heartbeat_s: float = 2.0,
-        max_image_pixels: int = 4096 * 4096,
+        batch_size: int,
+        batch_wait: float,
+        heartbeat_s: float,
+        max_image_pixels: int,
         worker_id: str | None = None,
     ) -> None:
         if verifier is None and decomposer is None:

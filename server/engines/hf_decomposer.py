@@ -136,12 +136,12 @@ class HFDecomposer:
         *,
         device: str = "cpu",
         dtype: str = "float32",
-        max_new_tokens: int = 2048,
+        max_new_tokens: int,
+        limits: Limits,
         max_retries: int = 2,
         seed: int = 0,
         retry_temperature: float = 0.7,
         batch_size: int = 8,
-        limits: Limits = Limits(),
     ) -> None:
         if pipeline not in PIPELINES:
             raise EngineError(f"unknown decomposer pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")

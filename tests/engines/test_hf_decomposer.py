@@ -233,7 +233,7 @@ def test_tag_grammar_only_allows_tag_names(engine: HFDecomposer) -> None:
 def test_unreachable_hub_id_points_to_local_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EngineError) as err:
-        HFDecomposer("no-such-org/no-such-model")
+        HFDecomposer("no-such-org/no-such-model", max_new_tokens=400, limits=SMALL)
     msg = str(err.value)
     assert "'no-such-org/no-such-model'" in msg and "hub" in msg
     assert "--decomposer PATH" in msg and "dvreward dev tiny-models DIR" in msg
@@ -241,9 +241,9 @@ def test_unreachable_hub_id_points_to_local_paths(monkeypatch: pytest.MonkeyPatc
 
 def test_bad_arguments_fail_before_loading(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(EngineError, match="unknown decomposer pipeline 'slow'"):
-        HFDecomposer(tiny_models["decomposer"], pipeline="slow")
+        HFDecomposer(tiny_models["decomposer"], pipeline="slow", max_new_tokens=400, limits=SMALL)
     with pytest.raises(EngineError, match="dtype must be one of .*float8"):
-        HFDecomposer(tiny_models["decomposer"], dtype="float8")
+        HFDecomposer(tiny_models["decomposer"], dtype="float8", max_new_tokens=400, limits=SMALL)
 
 
 def test_empty_prompt_is_refused(engine: HFDecomposer) -> None:

@@ -40,7 +40,7 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
 async def run_worker(broker: Any, verifier: Any, body: Callable[[Worker], Any]) -> Worker:
     worker = Worker(broker, verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
-                    heartbeat_s=0.5, worker_id="w-inproc")
+                    heartbeat_s=0.5, max_image_pixels=4096 * 4096, worker_id="w-inproc")
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
@@ -113,7 +113,7 @@ async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: ty
     """No half-alive worker: the heartbeat stops with the crashed loop, and the worker leaves the registry."""
     broker = BrokenDelivery()
     worker = Worker(broker, tiny_verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
-                    heartbeat_s=0.2, worker_id="w-crash")
+                    heartbeat_s=0.2, max_image_pixels=4096 * 4096, worker_id="w-crash")
     run = asyncio.create_task(worker.run(asyncio.Event()))
     await broker.submit([Task("c:0", TaskKind.verify, "r", time.time() + 30, {"questions": QUESTIONS},
                               [kit.png_bytes(1)])])
