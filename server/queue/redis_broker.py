@@ -145,6 +145,7 @@ class RedisBroker:
 
     @_unavailable
     async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
+        reply_key = self.keys.reply(reply_to)
         out: dict[str, Result] = {}
         try:
             while len(out) < len(task_ids):
@@ -154,14 +155,14 @@ class RedisBroker:
                         ErrorCode.timeout,
                         f"{len(task_ids) - len(out)} of {len(task_ids)} tasks did not finish before the deadline",
                     )
-                item = await self.redis.blpop([reply_to], timeout=max(0.01, min(left, BLOCK_S)))
+                item = await self.redis.blpop([reply_key], timeout=max(0.01, min(left, BLOCK_S)))
                 if item is None:
                     continue
                 r = Result.from_json(item[1])
                 if r.task_id in task_ids:
                     out[r.task_id] = r
         finally:
-            await self.redis.delete(reply_to)
+            await self.redis.delete(reply_key)
         return out
 
     @_unavailable
@@ -271,7 +272,7 @@ class RedisBroker:
 
     @_unavailable
     async def complete(self, task: Task, result: Result) -> None:
-        await self._deliver(keys=[self.keys.done(task.task_id), task.reply_to],
+        await self._deliver(keys=[self.keys.done(task.task_id), self.keys.reply(task.reply_to)],
                             args=[result.to_json(), self.result_ttl])
         await self._ack(task)
 

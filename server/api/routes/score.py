@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
@@ -20,7 +19,6 @@ from dvreward_protocol.schemas import (
 )
 from server.api import limits
 from server.api.deps import Authorized, MetricsDep, RequestId, ServiceDep, SettingsDep
-from server.api.idempotency import once
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 502, 503, 504)
@@ -48,9 +46,7 @@ async def score(req: ScoreRequest, request_id: RequestId, service: ServiceDep,
                 settings: SettingsDep, metrics: MetricsDep, idempotency_key: IdemKey = None) -> JSONResponse:
     """Rewards, per-question evidence and GRPO advantages for groups of images."""
     blobs = await asyncio.to_thread(limits.check_score, req, settings)
-    body, replayed = await once(service.broker, "score", idempotency_key, req, settings.result_ttl_s,
-                                time.time() + settings.request_timeout_s,
-                                lambda: service.score(req, blobs, request_id))
+    body, replayed = await service.once("score", idempotency_key, req, lambda: service.score(req, blobs, request_id))
     for g in body["groups"] if not replayed else ():  # a replay scored nothing: count work once
         for r in g["rewards"]:
             metrics.images.labels("ok" if r is not None else "failed").inc()
@@ -75,9 +71,8 @@ async def verify(req: VerifyRequest, request_id: RequestId, service: ServiceDep,
                  settings: SettingsDep, metrics: MetricsDep, idempotency_key: IdemKey = None) -> JSONResponse:
     """P(yes) for explicit questions about images; no decomposition."""
     blobs = await asyncio.to_thread(limits.check_verify, req, settings)
-    body, replayed = await once(service.broker, "verify", idempotency_key, req, settings.result_ttl_s,
-                                time.time() + settings.request_timeout_s,
-                                lambda: service.verify(req, blobs, request_id))
+    body, replayed = await service.once("verify", idempotency_key, req,
+                                        lambda: service.verify(req, blobs, request_id))
     for r in body["results"] if not replayed else ():
         metrics.images.labels("ok" if r["p"] is not None else "failed").inc()
     return _reply(body, request_id, replayed)
