@@ -76,7 +76,7 @@ async def queued_replies(broker: Any, reply_to: str) -> int:
     if isinstance(broker, MemoryBroker):
         q = broker._replies.get(reply_to)
         return q.qsize() if q is not None else 0
-    return int(await broker.redis.llen(reply_to))
+    return int(await broker.redis.llen(broker.keys.reply(reply_to)))
 
 
 def worker_info(worker_id: str, heartbeat_at: float = 1.0) -> WorkerInfo:
