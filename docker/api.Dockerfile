@@ -5,8 +5,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY trainer_client ./trainer_client
-RUN pip install . "fastapi>=0.115" "fastapi-offline>=1.7" "uvicorn[standard]>=0.30" "redis>=5.0" "pillow>=10" \
-        "pydantic-settings>=2.7" "prometheus-client>=0.20"
+COPY dvreward_protocol ./dvreward_protocol
+RUN pip install ".[api]"
 RUN useradd --create-home dvreward
 USER dvreward
 EXPOSE 8000

@@ -10,6 +10,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY trainer_client ./trainer_client
+COPY dvreward_protocol ./dvreward_protocol
 RUN pip install "torch>=2.5,<2.15" --index-url https://download.pytorch.org/whl/cu128 \
     && pip install ".[${EXTRAS}]"
 VOLUME ["/models"]

@@ -28,9 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:  # a third-party module: the server's dependencies are not installed here
+        if (exc.name or "").partition(".")[0] in ("server", "trainer_client", "dvreward_protocol"):
+            raise
+        print(f"dvreward: the server's dependencies are not installed here (no module {exc.name!r}); this "
+              "environment has the trainer client only. Install the server with: pip install 'dvreward[server]' "
+              "(or 'dvreward[api]' for the API process alone).", file=sys.stderr)
+        return 2
     from server.preflight import StartupError
 
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except StartupError as exc:

@@ -116,8 +116,9 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
         verifier=public_name(settings.verifier, settings.public_verifier),
         decomposer=settings.decomposer or None, pipeline=settings.pipeline,
         template_version=template_version(settings.verifier_system_prompt),
-        verifier_system_prompt=settings.verifier_system_prompt, queue_prefix=settings.queue_prefix,
+        verifier_system_prompt=settings.verifier_system_prompt,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
+        result_ttl_s=settings.result_ttl_s,
     ))
 
 

@@ -11,15 +11,16 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
-from server.core.reward import aggregate, check_weights
-from server.core.scoring import answered_yes
-from server.errors import ErrorCode, ServiceError
-from server.queue.base import Broker, Result, Task, TaskKind
-from server.queue.keys import Keys
-from server.schemas import (
+from pydantic import BaseModel
+
+from dvreward_protocol.grpo import group_advantages, lone_image_warnings
+from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
+from dvreward_protocol.reward import aggregate, check_weights
+from dvreward_protocol.schemas import (
     DecomposeResponse,
     ErrorInfo,
     GroupResult,
@@ -33,20 +34,24 @@ from server.schemas import (
     VerifyResponse,
     Warning,
 )
-from trainer_client.grpo import group_advantages
-from trainer_client.results import lone_image_warnings
+from server.core.scoring import answered_yes
+from server.errors import ErrorCode, ServiceError
+from server.idempotency import once
+from server.queue.base import Broker, Result, Task, TaskKind
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """What the service needs of Settings (built by `runtime.build_service`; the defaults live there)."""
+
     verifier: str  # the verifier's public name, reported until a worker reports its own
     decomposer: str | None  # the decomposer reference: part of the cache key, never reported
     pipeline: str
     template_version: str
     verifier_system_prompt: str
-    queue_prefix: str = "dvr"
-    request_timeout_s: float = 120.0
-    cache_ttl_s: float = 7 * 24 * 3600
+    request_timeout_s: float
+    cache_ttl_s: float
+    result_ttl_s: float
 
 
 def _ms(t0: float) -> float:
@@ -57,10 +62,18 @@ class ScoringService:
     def __init__(self, broker: Broker, config: ServiceConfig) -> None:
         self.broker = broker
         self.config = config
-        self.keys = Keys(config.queue_prefix)
 
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s
+
+    async def once(self, principal: str, route: str, key: str | None, body: BaseModel,
+                   run: Callable[[], Awaitable[BaseModel]]) -> tuple[dict[str, Any], bool]:
+        """(response JSON, replayed): a request carrying an Idempotency-Key is answered from its first run.
+
+        Records are scoped by principal (the API key's digest): another key reusing the same
+        Idempotency-Key never sees this one's response.
+        """
+        return await once(self.broker, principal, route, key, body, self.config.result_ttl_s, self.deadline(), run)
 
     # ---- decomposition ----------------------------------------------------------------
     def cache_key(self, prompt: str) -> str:
@@ -77,7 +90,7 @@ class ScoringService:
         task_id = f"dec:{uuid.uuid4().hex}"  # never derived from client input: ids must not collide
 
         async def compute() -> bytes:
-            reply = self.keys.reply(task_id)
+            reply = task_id  # one decomposition, its own replies
             await self.broker.submit([Task(task_id, TaskKind.decompose, reply, deadline, {"prompt": prompt})])
             result = (await self.broker.gather(reply, {task_id}, deadline))[task_id]
             _raise_for(result, "decomposition")
@@ -105,7 +118,7 @@ class ScoringService:
     async def _verify_items(self, items: list[tuple[list[bytes], list[str]]], deadline: float) -> list[Result]:
         """One task per item; ids and the reply key come from a fresh run id, never from the client."""
         run = uuid.uuid4().hex
-        reply = self.keys.reply(run)
+        reply = run
         tasks = [
             Task(f"{run}:v{i}", TaskKind.verify, reply, deadline, {"questions": qs}, blobs)
             for i, (blobs, qs) in enumerate(items)

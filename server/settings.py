@@ -7,6 +7,7 @@ configured entirely by environment (docker-compose) or entirely by flags.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,10 +45,12 @@ def parse_list(value: Any) -> Any:
 StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list)]
 
 
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DVREWARD_", extra="ignore")
 
     # models
+    # Unset means "the device's default model"; an empty string means "none", which only the decomposer allows.
     verifier: str = Field("", description="verifier checkpoint: local dir or hub id (unset: by device)")
     decomposer: str | None = Field(
         None, description="decomposer checkpoint: local dir or hub id (unset: by device; empty string disables)"
@@ -184,9 +187,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_models(self) -> Settings:
         verifier, decomposer = default_models(self.device)
+        if "verifier" in self.model_fields_set and not self.verifier.strip():
+            raise ValueError("the verifier cannot be empty (every score needs one); leave it unset for the "
+                             "device's default model, or give a local directory or hub id")
         self.verifier = self.verifier or verifier
         if self.decomposer is None:
             self.decomposer = decomposer
         self.decomposer = self.decomposer or None
         return self
 
+
+def setting_default(name: str) -> Any:
+    """A setting's default: commands that run engines without the service (`decompose`, `score`, `eval`) use it too."""
+    return Settings.model_fields[name].default
+
+
+def setting_choices(name: str) -> list[str]:
+    """The values a Literal setting takes, for a command's `choices`."""
+    return [str(c) for c in typing.get_args(Settings.model_fields[name].annotation)]

@@ -14,13 +14,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
+from dvreward_protocol.questions import Decomposition
+from dvreward_protocol.schemas import WorkerInfo
 from server.engines.base import Decomposer, EngineError, ItemScores, Verifier, VerifyItem
 from server.errors import ErrorCode, ServiceError
 from server.images import load_image
 from server.queue.base import Broker, Result, Task, TaskKind, collect_batch
-from server.schemas import WorkerInfo
 
 log = logging.getLogger("dvreward.worker")
 
@@ -38,11 +39,11 @@ class Worker:
         decomposer: Decomposer | None,
         *,
         template_version: str,
-        batch_size: int = 32,
-        batch_wait: float = 0.01,
-        heartbeat_s: float = 2.0,
-        batch_timeout_s: float = 600.0,
-        max_image_pixels: int = 4096 * 4096,
+        batch_size: int,
+        batch_wait: float,
+        heartbeat_s: float,
+        batch_timeout_s: float,
+        max_image_pixels: int,
         worker_id: str | None = None,
         public_ids: tuple[str | None, str | None] = (None, None),
     ) -> None:
@@ -207,6 +208,7 @@ class Worker:
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
         """The whole batch in one batched generation; a prompt that cannot be decomposed fails alone."""
         assert self.decomposer is not None
+        outcomes: Sequence[Decomposition | Exception]
         try:
             outcomes = await asyncio.to_thread(self.decomposer.decompose_each, [t.payload["prompt"] for t in tasks])
         except Exception as exc:  # noqa: BLE001 - the whole batch failed: every request hears why

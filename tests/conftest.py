@@ -12,6 +12,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 
+pytest_plugins = ["tests.service_stack"]  # redis_server, redis_url, services: the one way tests start things
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -3,8 +3,9 @@
 torch, numpy and PIL are imported only when an image of theirs is passed in.
 """
 
-from server.core.questions import Question
-from server.schemas import ScoreResponse, VerifyResponse
+from dvreward_protocol.grpo import false_positive_rectification, group_advantages
+from dvreward_protocol.questions import Question
+from dvreward_protocol.schemas import ScoreResponse, VerifyResponse
 from trainer_client.adapters import make_flow_grpo_reward_fn, make_trl_reward_func
 from trainer_client.client import DEFAULT_TIMEOUT, AsyncDVRewardClient, DVRewardClient
 from trainer_client.errors import (
@@ -21,7 +22,6 @@ from trainer_client.errors import (
     Unauthorized,
     Unavailable,
 )
-from trainer_client.grpo import false_positive_rectification, group_advantages
 from trainer_client.results import ScoreResult, VerifyResult
 
 __all__ = [

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from server.core.alphagrpo import QUALITY_KEY, SEMANTIC_KEY, has_reference_questions, reference_questions
+from dvreward_protocol.alphagrpo import QUALITY_KEY, SEMANTIC_KEY, has_reference_questions, reference_questions
 from trainer_client.client import DVRewardClient, ScoreResult
 from trainer_client.encoding import split_group
 

@@ -62,5 +62,3 @@ def split_by_bytes(parts: Sequence[Part], size: Callable[[int, int], int], limit
         out.append(cur)
     return out
 
-
-# ---- jobs: what one logical call sends ------------------------------------------------------

@@ -145,7 +145,7 @@ def _png(a: Any, level: int) -> bytes:
         raw[:, 0] = 2
         raw[0, 1:] = rows[0]
         np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 wrap-around is exactly PNG's modulo 256
-    data = zlib.compress(raw, level)
+    data = zlib.compress(raw.data, level)
 
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(tag)))

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.core.questions import Question
-from server.schemas import GroupResult, ImageResult, ModelIds, ScoreResponse, Timings, VerifyResponse, Warning
+from dvreward_protocol.questions import Question
+from dvreward_protocol.schemas import GroupResult, ImageResult, ModelIds, ScoreResponse, Timings, VerifyResponse
 from trainer_client.errors import ImageFailure
-from trainer_client.grpo import lone_groups
 
 NAN = float("nan")
 
 
 def _nan(x: float | None) -> float:
     return NAN if x is None else x
-
-
-def lone_image_warnings(rewards: Sequence[Sequence[float | None]], keys: Sequence[str | None]) -> list[Warning]:
-    """One warning per group alone with its prompt; the server's, and a client's that merged a split step."""
-    return [Warning(group=g, code="lone_image",
-                    message="one scored image for its prompt: its advantage is 0 and it trains nothing")
-            for g in lone_groups(rewards, keys)]
 
 
 @dataclass
@@ -107,5 +98,3 @@ class VerifyResult:
         return [r.p if r.p is not None else [NAN] * n
                 for r, n in zip(self.response.results, self.n_questions, strict=True)]
 
-
-# ---- shared client logic ---------------------------------------------------------------------

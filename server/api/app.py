@@ -53,7 +53,8 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     if exc.status_code == 404:
         return _error(request, 404, ErrorCode.not_found.value, f"no such endpoint: {request.url.path} (see /docs)")
     if exc.status_code != 400 or cause is None:  # its headers (Allow of a 405) are part of the answer
-        return _error(request, exc.status_code, ErrorCode.bad_request.value, str(exc.detail), headers=exc.headers)
+        return _error(request, exc.status_code, ErrorCode.bad_request.value, str(exc.detail),
+                      headers=dict(exc.headers) if exc.headers else None)
     if isinstance(cause, UnicodeDecodeError):
         reason = f"not UTF-8 text: {cause}"
     elif isinstance(cause, RecursionError):

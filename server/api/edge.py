@@ -22,9 +22,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dvreward_protocol.schemas import ErrorInfo, ErrorResponse
 from server.api.metrics import Metrics
 from server.errors import ErrorCode
-from server.schemas import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("dvreward.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS
+from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS
+from dvreward_protocol.schemas import ScoreRequest, VerifyRequest
 from server.errors import ErrorCode, ServiceError
 from server.images import ImageInfo, decode_base64, inspect_image
-from server.schemas import ScoreRequest, VerifyRequest
 from server.settings import Settings
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from dvreward_protocol.schemas import ErrorInfo, ErrorResponse
 from server.errors import ErrorCode
-from server.schemas import ErrorInfo, ErrorResponse
 
 
 def _timeout_response(timeout_s: float) -> bytes:

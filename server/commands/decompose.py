@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 
-from server.engines.loading import DTYPES
+from server.settings import setting_choices, setting_default
 
 
 def _decompose(args: argparse.Namespace) -> int:
     from server.engines.base import EngineError
+    from server.engines.decomposition_schema import Limits
     from server.engines.hf_decomposer import HFDecomposer
     from server.settings import default_models
 
@@ -18,6 +19,8 @@ def _decompose(args: argparse.Namespace) -> int:
         engine = HFDecomposer(
             args.decomposer or default_models(args.device)[1], args.pipeline, device=args.device,
             dtype=args.dtype, max_new_tokens=args.max_new_tokens, max_retries=args.max_retries, seed=args.seed,
+            limits=Limits(max_semantic=setting_default("decomposer_max_semantic"),
+                          max_quality=setting_default("decomposer_max_quality")),
         )
         results = engine.decompose(args.prompts)
     except EngineError as e:
@@ -37,11 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text-to-image prompt(s)")
     p.add_argument("--decomposer", metavar="PATH", help="local model directory or hub id (default: by device)")
-    p.add_argument("--pipeline", choices=("fast", "dsg"), default="fast",
+    p.add_argument("--pipeline", choices=setting_choices("pipeline"), default=setting_default("pipeline"),
                    help="fast: one constrained generation per prompt; dsg: the published multi-stage pipeline")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--device", default=setting_default("device"), help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", choices=setting_choices("dtype"), default=setting_default("dtype"))
+    p.add_argument("--max-new-tokens", type=int, default=setting_default("decomposer_max_new_tokens"),
+                   help="longest decomposer output (the service's default)")
     p.add_argument("--max-retries", type=int, default=2, help="extra sampled attempts for an invalid result")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_decompose)

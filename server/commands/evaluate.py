@@ -28,8 +28,9 @@ import os
 import sys
 from pathlib import Path
 
+from dvreward_protocol.reward import Aggregation, Gating
 from server.commands.verifier_flags import add_verifier_flags, verifier_options
-from server.core.reward import Aggregation, Gating
+from server.settings import setting_choices, setting_default
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -78,9 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     backend.add_argument("--server", help="score through a running service at this URL (POST /v1/verify)")
     backend.add_argument("--verifier", help="score in this process with this verifier (local dir or hub id)")
     p.add_argument("--api-key", default=None, help="Bearer key for --server (default: env DVREWARD_API_KEY)")
-    p.add_argument("--device", default="cpu", help="torch device for --verifier (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype for --verifier (default float32)")
+    p.add_argument("--device", default=setting_default("device"),
+                   help="torch device for --verifier (default %(default)s)")
+    p.add_argument("--dtype", default=setting_default("dtype"), choices=setting_choices("dtype"),
+                   help="dtype for --verifier (default %(default)s)")
     add_verifier_flags(p)
     p.add_argument("--gating", default=Gating.none.value, choices=[g.value for g in Gating],
                    help="dependency gating of the reward and of the tag/aspect means (benchmark categories "

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
+from dvreward_protocol.reward import Aggregation, Gating, aggregate
 from server.commands.verifier_flags import add_verifier_flags, verifier_options
-from server.core.questions import Decomposition, DecompositionError, Question, validate_questions
-from server.core.reward import Aggregation, Gating, aggregate
-from server.engines.loading import DTYPES
+from server.settings import setting_choices, setting_default
 
 QUESTION_SHAPE = '{"id": "1", "text": "Is there a cat?", "tag": "Existence"}'
 
@@ -67,9 +67,15 @@ def _score(args: argparse.Namespace) -> int:
             prompt, questions = read_questions(Path(args.questions))
             dec = Decomposition(prompt=args.prompt or prompt or "", questions=tuple(questions))
         elif args.decomposer and args.prompt:
+            from server.engines.decomposition_schema import Limits
             from server.engines.hf_decomposer import HFDecomposer
 
-            (dec,) = HFDecomposer(args.decomposer, args.pipeline, device=args.device).decompose([args.prompt])
+            (dec,) = HFDecomposer(
+                args.decomposer, args.pipeline, device=args.device, dtype=args.dtype,
+                max_new_tokens=setting_default("decomposer_max_new_tokens"),
+                limits=Limits(max_semantic=setting_default("decomposer_max_semantic"),
+                              max_quality=setting_default("decomposer_max_quality")),
+            ).decompose([args.prompt])
         else:
             print("give --questions FILE, or --decomposer PATH with --prompt", file=sys.stderr)
             return 2
@@ -96,13 +102,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--verifier", required=True, help="verifier checkpoint (local dir or hub id)")
     p.add_argument("--decomposer", help="decomposer checkpoint, used when --questions is not given")
-    p.add_argument("--pipeline", choices=["fast", "dsg"], default="fast")
+    p.add_argument("--pipeline", choices=setting_choices("pipeline"), default=setting_default("pipeline"))
     p.add_argument("--prompt", help="the generation prompt")
     p.add_argument("--questions",
                    help="JSON list of questions, or one JSON/JSONL record {prompt?, questions} (skips the decomposer)")
     p.add_argument("--aggregation", choices=[a.value for a in Aggregation], default="geometric")
     p.add_argument("--gating", choices=[g.value for g in Gating], default="none")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default=setting_default("device"))
+    p.add_argument("--dtype", choices=setting_choices("dtype"), default=setting_default("dtype"))
     add_verifier_flags(p)
     p.set_defaults(func=_score)

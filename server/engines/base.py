@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from dvreward_protocol.answers import PSource  # how a p was read: logits, top_k or text
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from server.core.questions import Decomposition  # pydantic: not needed to run an engine
+    from dvreward_protocol.questions import Decomposition  # pydantic: not needed to run an engine
 
 
 class EngineError(RuntimeError):
@@ -31,17 +33,18 @@ class VerifyItem:
     questions: tuple[str, ...]
 
 
-# How a p was read: from the full next-token distribution (exact), from an OpenAI-style top-k of
-# log-probabilities, or, when neither answer is in the top-k, from the generated text (1.0 or 0.0).
-PSource = Literal["logits", "top_k", "text"]
-
-
 @dataclass(frozen=True)
 class ItemScores:
     """p for each question of one item, in order, and where each p came from."""
 
     p: tuple[float, ...]
     source: tuple[PSource, ...]
+
+    @classmethod
+    def exact(cls, p: Sequence[float]) -> ItemScores:
+        """p read from the full next-token distribution."""
+        logits: PSource = "logits"
+        return cls(tuple(p), (logits,) * len(p))
 
 
 class Verifier(Protocol):

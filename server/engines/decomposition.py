@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition
+from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition
 from server.engines import prompts as P
 from server.engines.base import EngineError
 from server.engines.decomposition_parse import (
@@ -157,7 +157,7 @@ class PipelineDecomposer:
     """The Decomposer protocol: a pipeline (fast or dsg) run on any decoding backend."""
 
     def __init__(self, backend: DecodingBackend, pipeline: str = "fast", *, max_retries: int = 2,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits) -> None:
         check_options(pipeline, max_retries)
         self.backend = backend
         self.model_id = backend.model_id

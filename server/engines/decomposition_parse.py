@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.core.questions import (
+from dvreward_protocol.questions import (
     Decomposition,
     DecompositionError,
     Kind,
@@ -218,7 +218,7 @@ def parse_dsg_questions(text: str, ids: Sequence[str]) -> dict[str, str]:
 
 def parse_tag(text: str, kind: Kind = Kind.semantic) -> str:
     """Stage 5: exactly one known tag, tolerating quotes, case and a trailing full stop."""
-    from server.core.questions import TAGS_BY_KIND
+    from dvreward_protocol.questions import TAGS_BY_KIND
 
     word = text.strip().strip("\"'`.: \t\n")
     for tag in TAGS_BY_KIND[kind]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.core.questions import (
+from dvreward_protocol.questions import (
     QUALITY_ASPECTS,
     SEMANTIC_TAGS,
 )
@@ -23,8 +23,8 @@ DSG_CATEGORIES: tuple[str, ...] = ("entity", "attribute", "relation", "global")
 class Limits:
     """Bounds written into every schema: they make any model, even a random one, terminate."""
 
-    max_semantic: int = 16
-    max_quality: int = 8
+    max_semantic: int  # the service's decomposer_max_semantic / _quality settings
+    max_quality: int
     max_text_chars: int = 200
     max_parents: int = 4
     max_args: int = 3
@@ -59,7 +59,7 @@ def _quality_items(limits: Limits) -> dict[str, Any]:
     return _positional(items, 0)
 
 
-def fast_schema(limits: Limits = Limits()) -> dict[str, Any]:
+def fast_schema(limits: Limits) -> dict[str, Any]:
     """The one-shot output: at least one semantic question, ids s1.. and q1.. by position."""
     ids = [f"s{i}" for i in range(1, limits.max_semantic + 1)]
     semantic = [_obj({"id": {"const": sid}, "text": _text(limits), "tag": {"enum": list(SEMANTIC_TAGS)},
@@ -67,7 +67,7 @@ def fast_schema(limits: Limits = Limits()) -> dict[str, Any]:
     return _obj({"semantic": _positional(semantic, 1), "quality": _quality_items(limits)})
 
 
-def tuples_schema(limits: Limits = Limits()) -> dict[str, Any]:
+def tuples_schema(limits: Limits) -> dict[str, Any]:
     """DSG stage 1: tuples t1.. with a category, a free type and 1..max_args arguments."""
     arg = {"type": "string", "minLength": 1, "maxLength": limits.max_arg_chars}
     items = [_obj({"id": {"const": f"t{i}"}, "category": {"enum": list(DSG_CATEGORIES)},
@@ -77,24 +77,24 @@ def tuples_schema(limits: Limits = Limits()) -> dict[str, Any]:
     return _obj({"tuples": _positional(items, 1)})
 
 
-def dependencies_schema(ids: Sequence[str], limits: Limits = Limits()) -> dict[str, Any]:
+def dependencies_schema(ids: Sequence[str], limits: Limits) -> dict[str, Any]:
     """DSG stage 2: exactly one item per tuple, in order, parents among earlier tuples only."""
     items = [_obj({"id": {"const": tid}, "parents": _parents(ids[:n], limits)}) for n, tid in enumerate(ids)]
     return _obj({"dependencies": _positional(items, len(items))})
 
 
-def questions_schema(ids: Sequence[str], limits: Limits = Limits()) -> dict[str, Any]:
+def questions_schema(ids: Sequence[str], limits: Limits) -> dict[str, Any]:
     """DSG stage 3: exactly one question per tuple, in order."""
     items = [_obj({"id": {"const": tid}, "text": _text(limits)}) for tid in ids]
     return _obj({"questions": _positional(items, len(items))})
 
 
-def quality_schema(limits: Limits = Limits()) -> dict[str, Any]:
+def quality_schema(limits: Limits) -> dict[str, Any]:
     """DSG stage 6: zero or more quality questions q1.. with an aspect each."""
     return _obj({"quality": _quality_items(limits)})
 
 
-def reason_schema(limits: Limits = Limits()) -> dict[str, Any]:
+def reason_schema(limits: Limits) -> dict[str, Any]:
     """DSG stage 4, for a rejected question: one sentence saying why."""
     return _obj({"reason": _text(limits)})
 

@@ -57,7 +57,7 @@ class HFBackend:
         *,
         device: str = "cpu",
         dtype: str = "float32",
-        max_new_tokens: int = 2048,
+        max_new_tokens: int,
         seed: int = 0,
         retry_temperature: float = 0.7,
         batch_size: int = 8,
@@ -223,7 +223,7 @@ class HFDecomposer(PipelineDecomposer):
         pipeline: str = "fast",
         *,
         max_retries: int = 2,
-        limits: Limits = Limits(),
+        limits: Limits,
         **backend_options: Any,
     ) -> None:
         check_options(pipeline, max_retries)  # bad arguments fail before the model loads

@@ -265,7 +265,7 @@ class HFVerifier:
 
     def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
         """Exact p from the full logits for every item; a failure raises for the whole batch."""
-        return [ItemScores(tuple(p), ("logits",) * len(p)) for p in self.verify(items)]
+        return [ItemScores.exact(p) for p in self.verify(items)]
 
     def _verify_packed(self, preps: list[_Prepared]) -> list[list[float]]:
         out: list[list[float]] = [[] for _ in preps]

@@ -28,7 +28,7 @@ from server.engines.remote_tokens import remote_yes_no_ids
 class OpenAIBackend:
     """DecodingBackend over chat completions. `json_schema=False` sends no response format at all."""
 
-    def __init__(self, client: ChatClient, ids: YesNoIds | None, *, max_new_tokens: int = 2048, seed: int = 0,
+    def __init__(self, client: ChatClient, ids: YesNoIds | None, *, max_new_tokens: int, seed: int = 0,
                  retry_temperature: float = 0.7, json_schema: bool = True) -> None:
         self.client = client
         self.model_id = client.model
@@ -77,8 +77,8 @@ class OpenAIDecomposer(PipelineDecomposer):
     backend: OpenAIBackend
 
     def __init__(self, url: str, model: str, pipeline: str = "fast", *, options: RemoteOptions = RemoteOptions(),
-                 tokenizer: str | None = None, max_retries: int = 2, limits: Limits = Limits(),
-                 max_new_tokens: int = 2048, json_schema: bool = True) -> None:
+                 tokenizer: str | None = None, max_retries: int = 2, limits: Limits,
+                 max_new_tokens: int, json_schema: bool = True) -> None:
         check_options(pipeline, max_retries)
         client = ChatClient(url, model, options)
         ids = remote_yes_no_ids(model, tokenizer) if pipeline == "dsg" else None

@@ -2,7 +2,7 @@
 
 Without flash-attn, the Qwen2-VL family's vision attention runs one small SDPA call per window
 of every image (thousands per forward pass): on a GPU that loop, not the matmuls, bounds the
-verifier (../shared/bench: 33 -> 80 vision images/s on an H200 once batched). Padding the
+verifier (docs/BENCHMARKS.md: the vision tower went from 33 to 80 images/s on a GPU once batched). Padding the
 windows to one length and masking the padding gives the same result in one call.
 """
 

@@ -30,7 +30,7 @@ from server.engines.vllm_common import VLLMOptions, answer_sampling, load_llm, p
 class VLLMBackend:
     """DecodingBackend on an in-process vLLM text model."""
 
-    def __init__(self, ref: str, options: VLLMOptions = VLLMOptions(), *, max_new_tokens: int = 2048,
+    def __init__(self, ref: str, options: VLLMOptions = VLLMOptions(), *, max_new_tokens: int,
                  retry_temperature: float = 0.7) -> None:
         from transformers import AutoTokenizer
 
@@ -96,7 +96,7 @@ class VLLMDecomposer(PipelineDecomposer):
     backend: VLLMBackend
 
     def __init__(self, ref: str, pipeline: str = "fast", *, options: VLLMOptions = VLLMOptions(),
-                 max_retries: int = 2, limits: Limits = Limits(), max_new_tokens: int = 2048) -> None:
+                 max_retries: int = 2, limits: Limits, max_new_tokens: int) -> None:
         check_options(pipeline, max_retries)  # bad arguments fail before the model loads
         super().__init__(VLLMBackend(ref, options, max_new_tokens=max_new_tokens), pipeline,
                          max_retries=max_retries, limits=limits)

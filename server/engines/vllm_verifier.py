@@ -80,5 +80,5 @@ class VLLMVerifier:
                     ps.append(p_from_output(next(outputs), self.yes_ids, self.no_ids))
                 except EngineError as exc:
                     errors.append(f"question {k} ({q[:60]!r}): {exc}")
-            out.append(EngineError("; ".join(errors)) if errors else ItemScores(tuple(ps), ("logits",) * len(ps)))
+            out.append(EngineError("; ".join(errors)) if errors else ItemScores.exact(ps))
         return out

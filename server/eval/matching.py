@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.core.questions import DecompositionError, Question
+from dvreward_protocol.questions import DecompositionError, Question
 from server.eval.importers.base import PromptRecord
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(

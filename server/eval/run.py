@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from server.core.reward import Aggregation, Gating
+from dvreward_protocol.reward import Aggregation, Gating
 from server.eval.files import atomic_write
 from server.eval.importers.base import PromptRecord
 from server.eval.matching import EvalInputError, ImageJob, Matching, load_questions, match_images

@@ -29,7 +29,7 @@ from trainer_client import BadRequest, DVRewardClient, DVRewardError, Unauthoriz
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from server.schemas import VerifyItemResult
+    from dvreward_protocol.schemas import VerifyItemResult
 
 # The service's own limit (`dvreward serve --max-image-pixels`), so eval refuses exactly what the service would.
 MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
@@ -266,7 +266,7 @@ class HTTPBackend:
         if isinstance(e, Unauthorized):
             return f"{where} refused the API key (check --api-key or DVREWARD_API_KEY): {e}"
         if e.retryable:
-            return f"{where} still fails after {self.client.max_retries + 1} attempts: {e}"
+            return f"{where} still fails after {self.client.backoff.max_retries + 1} attempts: {e}"
         return f"{where} failed: {e}"
 
 

@@ -16,8 +16,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Kind, Question
-from server.core.reward import Aggregation, Gating, aggregate, gate
+from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Kind, Question
+from dvreward_protocol.reward import Aggregation, Gating, aggregate, gate
 from server.eval.importers.base import PromptRecord
 from server.eval.matching import ImageJob, Matching
 

@@ -1,4 +1,4 @@
-"""The broker interface both queue implementations satisfy (and the contract tests check)."""
+"""The broker interface both queue implementations satisfy (and the contract tests check), one protocol per job."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError, scrub
-from server.schemas import WorkerInfo
 
 
 class TaskKind(StrEnum):
@@ -25,7 +25,7 @@ class Task:
 
     task_id: str
     kind: TaskKind
-    reply_to: str
+    reply_to: str  # opaque name of the request's replies; each broker maps it onto its own storage
     deadline: float  # epoch seconds; past it nobody waits for the result
     payload: dict[str, Any]
     blobs: list[bytes] = field(default_factory=list)
@@ -74,17 +74,39 @@ class Result:
 Compute = Callable[[], Awaitable[bytes]]
 
 
-class Broker(Protocol):
-    """API side: submit, gather, single-flight. Worker side: claim, complete, heartbeat."""
+class TaskQueue(Protocol):
+    """Work to do: the API submits tasks, workers claim them in batches."""
 
     async def submit(self, tasks: Sequence[Task]) -> None:
         """Enqueue all or nothing, in one atomic step: ServiceError(rate_limited) when the queue is full,
         ServiceError(too_large) when the tasks could never fit. See `admit`."""
         ...
 
+    async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]: ...
+
+    async def extend(self, tasks: Sequence[Task]) -> None:
+        """Keep claimed tasks from being re-delivered while they are still being worked on."""
+        ...
+
+    async def queue_depth(self, kind: TaskKind) -> int:
+        """Tasks counted against the queue bound: queued, or claimed and not yet completed."""
+        ...
+
+
+class Replies(Protocol):
+    """Results on their way back: a worker completes a task, the API gathers its request's results."""
+
+    async def complete(self, task: Task, result: Result) -> None:
+        """Deliver the result (idempotent on task id), then acknowledge the task."""
+        ...
+
     async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
         """Wait (blocking, no polling) until every task has a result, or raise ServiceError(timeout)."""
         ...
+
+
+class SingleFlight(Protocol):
+    """A cache that computes each value once, however many callers ask for it concurrently."""
 
     async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
         """The cached value of `key`, or compute it once however many callers ask concurrently.
@@ -93,15 +115,9 @@ class Broker(Protocol):
         """
         ...
 
-    async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]: ...
 
-    async def complete(self, task: Task, result: Result) -> None:
-        """Deliver the result (idempotent on task id), then acknowledge the task."""
-        ...
-
-    async def extend(self, tasks: Sequence[Task]) -> None:
-        """Keep claimed tasks from being re-delivered while they are still being worked on."""
-        ...
+class WorkerRegistry(Protocol):
+    """Live workers and the models they serve (what /readyz and /v1/models report)."""
 
     async def heartbeat(self, info: WorkerInfo, ttl: float) -> None: ...
 
@@ -109,12 +125,12 @@ class Broker(Protocol):
 
     async def workers(self) -> list[WorkerInfo]: ...
 
+
+class Broker(TaskQueue, Replies, SingleFlight, WorkerRegistry, Protocol):
+    """The four jobs over one backend (in-process or Redis), which both implementations satisfy."""
+
     async def ping(self) -> None:
         """Raise ServiceError(unavailable) when the backend cannot be reached."""
-        ...
-
-    async def queue_depth(self, kind: TaskKind) -> int:
-        """Tasks counted against the queue bound: queued, or claimed and not yet completed."""
         ...
 
     async def close(self) -> None: ...

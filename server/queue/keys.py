@@ -16,9 +16,9 @@ class Keys:
     def stream(self, kind: TaskKind) -> str:
         return f"{self.prefix}:stream:{kind.value}"
 
-    def reply(self, request_id: str) -> str:
-        """List the results of one request's tasks are pushed to (the API BLPOPs it)."""
-        return f"{self.prefix}:reply:{request_id}"
+    def reply(self, reply_to: str) -> str:
+        """List the results of one request's tasks are pushed to (the API BLPOPs it); `reply_to` is the task's."""
+        return f"{self.prefix}:reply:{reply_to}"
 
     def done(self, task_id: str) -> str:
         """Marks a delivered task: re-delivery after a crash must not deliver twice."""

@@ -6,9 +6,9 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import Compute, Result, Task, TaskKind, queue_full, too_many, wait_until
-from server.schemas import WorkerInfo
 
 
 class MemoryBroker:

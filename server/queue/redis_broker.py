@@ -14,14 +14,15 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import (
     Compute,
@@ -35,7 +36,6 @@ from server.queue.base import (
     too_many,
 )
 from server.queue.keys import GROUP, Keys
-from server.schemas import WorkerInfo
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -100,7 +100,7 @@ return 1
 _DOWN_STATES = ("OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "BUSY ")
 
 
-def _unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _unavailable(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Any lost Redis connection becomes a 503 with a message saying what is down."""
 
     @functools.wraps(fn)
@@ -179,6 +179,7 @@ class RedisBroker:
 
     @_unavailable
     async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
+        reply_key = self.keys.reply(reply_to)
         out: dict[str, Result] = {}
         try:
             while len(out) < len(task_ids):
@@ -188,14 +189,14 @@ class RedisBroker:
                         ErrorCode.timeout,
                         f"{len(task_ids) - len(out)} of {len(task_ids)} tasks did not finish before the deadline",
                     )
-                item = await self.redis.blpop([reply_to], timeout=max(0.01, min(left, self.block_s)))
+                item = await self.redis.blpop([reply_key], timeout=max(0.01, min(left, self.block_s)))
                 if item is None:
                     continue
                 r = Result.from_json(item[1])
                 if r.task_id in task_ids:
                     out[r.task_id] = r
         finally:
-            await self.redis.delete(reply_to)
+            await self.redis.delete(reply_key)
         return out
 
     @_unavailable
@@ -230,8 +231,8 @@ class RedisBroker:
             outcome = (None, exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"{exc}"))
             raise
         finally:  # success, failure or cancellation: every waiter hears, and the lock is released
-            value, err = outcome
-            args = ([singleflight_message(value, None), value, int(ttl), msg_ttl] if value is not None
+            done, err = outcome
+            args = ([singleflight_message(done, None), done, int(ttl), msg_ttl] if done is not None
                     else [singleflight_message(None, err), "", 1, msg_ttl])
             await asyncio.shield(self._publish(keys=keys, args=args))
 
@@ -300,12 +301,12 @@ class RedisBroker:
     async def _ack(self, task: Task) -> None:
         stream = self.keys.stream(task.kind)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, task.receipt).xdel(stream, task.receipt)  # type: ignore[arg-type]
+            pipe.xack(stream, GROUP, task.receipt).xdel(stream, task.receipt)
             await pipe.execute()
 
     @_unavailable
     async def complete(self, task: Task, result: Result) -> None:
-        await self._deliver(keys=[self.keys.done(task.task_id), task.reply_to],
+        await self._deliver(keys=[self.keys.done(task.task_id), self.keys.reply(task.reply_to)],
                             args=[result.to_json(), self.result_ttl])
         await self._ack(task)
 

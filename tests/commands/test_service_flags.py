@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.cli import build_parser
-from server.commands.service import settings_from
+from server.commands.service import API_SETTINGS, WORKER_SETTINGS, settings_from
+from server.preflight import StartupError
 from server.settings import Settings
 
 
@@ -30,3 +31,37 @@ def test_bad_boolean_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--batched-vision", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
+
+
+def test_api_and_worker_settings_lists_name_real_settings() -> None:
+    """A misspelt name in either list would silently offer (or hide) a flag on the wrong command."""
+    assert API_SETTINGS <= set(Settings.model_fields), API_SETTINGS - set(Settings.model_fields)
+    assert WORKER_SETTINGS <= set(Settings.model_fields), WORKER_SETTINGS - set(Settings.model_fields)
+    assert not API_SETTINGS & WORKER_SETTINGS
+
+
+def test_empty_means_none_only_where_none_is_allowed() -> None:
+    """Unset picks the device's default model; an empty decomposer disables it; an empty verifier is an error."""
+    parse = build_parser().parse_args
+    unset = settings_from(parse(["serve"]))
+    assert unset.verifier and unset.decomposer  # the device's defaults
+    assert settings_from(parse(["serve", "--decomposer", ""])).decomposer is None
+    with pytest.raises(StartupError, match="the verifier cannot be empty"):
+        settings_from(parse(["serve", "--verifier", ""]))
+    with pytest.raises(ValueError, match="the verifier cannot be empty"):
+        Settings(verifier=" ")
+
+
+def test_commands_without_the_service_take_the_settings_defaults() -> None:
+    """`decompose`, `score` and `eval` run engines in-process with the service's defaults, not their own."""
+    sub = build_parser()
+    decompose = sub.parse_args(["decompose", "a cat"])
+    assert decompose.max_new_tokens == Settings.model_fields["decomposer_max_new_tokens"].default
+    assert (decompose.pipeline, decompose.dtype, decompose.device) == ("fast", "float32", "cpu")
+    for argv in (["score", "a.png", "--verifier", "v"],
+                 ["eval", "--images", "i", "--questions", "q", "-o", "o", "--verifier", "v"]):
+        args = sub.parse_args(argv)
+        assert (args.dtype, args.device) == (Settings.model_fields["dtype"].default,
+                                             Settings.model_fields["device"].default)
+    with pytest.raises(SystemExit):
+        sub.parse_args(["eval", "--images", "i", "--questions", "q", "-o", "o", "--verifier", "v", "--dtype", "f8"])

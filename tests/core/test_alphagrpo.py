@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.core.alphagrpo import has_reference_questions, reference_questions
-from server.core.questions import Kind
+from dvreward_protocol.alphagrpo import has_reference_questions, reference_questions
+from dvreward_protocol.questions import Kind
 
 
 def test_strings_and_objects_with_and_without_tags():

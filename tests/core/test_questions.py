@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.core.questions import (
+from dvreward_protocol.questions import (
     QUALITY_ASPECTS,
     SEMANTIC_TAGS,
     Decomposition,

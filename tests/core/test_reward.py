@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from server.core.questions import Kind, Question
-from server.core.reward import Aggregation, Gating, RewardBreakdown, aggregate, gate
+from dvreward_protocol.questions import Kind, Question
+from dvreward_protocol.reward import Aggregation, Gating, RewardBreakdown, aggregate, gate
 
 
 def sem(qid, deps=(), tag="Existence"):

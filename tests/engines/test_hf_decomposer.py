@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition, DecompositionError, Kind
 from server.cli import main
-from server.core.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition, DecompositionError, Kind
 from server.engines.base import Decomposer, EngineError
 from server.engines.decomposition import (
     Choice,
@@ -175,17 +175,15 @@ def test_sampled_retry_is_seeded(engine: HFDecomposer) -> None:
 # --- model-backed: dsg -----------------------------------------------------------------------
 
 
-def test_dsg_pipeline_on_tiny_model_is_valid_or_fails_clearly(engine: HFDecomposer,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dsg_pipeline_on_tiny_model_yields_valid_decompositions(engine: HFDecomposer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded and greedy, so the outcome is fixed: the tiny model's constrained stages pass validation."""
     monkeypatch.setattr(engine, "pipeline", "dsg")
-    try:
-        out = engine.decompose(PROMPTS)
-    except EngineError as e:
-        assert re.search(r"dsg decomposition failed after 4 attempt\(s\).*prompt \d .*: DSG \w+", str(e)), e
-        return
+    out = engine.decompose(PROMPTS)
     for prompt, d in zip(PROMPTS, out, strict=True):
         _assert_valid(d, prompt, "dsg", engine)
         assert all(q.id.startswith("t") and q.metadata["dsg_tuple"].startswith(q.id + " | ") for q in d.semantic)
+    assert engine.decompose(PROMPTS) == out
 
 
 def test_dsg_rejection_gives_the_models_reason(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,7 +237,7 @@ def test_tag_grammar_only_allows_tag_names(engine: HFDecomposer) -> None:
 def test_unreachable_hub_id_points_to_local_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EngineError) as err:
-        HFDecomposer("no-such-org/no-such-model")
+        HFDecomposer("no-such-org/no-such-model", max_new_tokens=400, limits=SMALL)
     msg = str(err.value)
     assert "'no-such-org/no-such-model'" in msg and "hub" in msg
     assert "--decomposer PATH" in msg and "dvreward dev tiny-models DIR" in msg
@@ -247,9 +245,9 @@ def test_unreachable_hub_id_points_to_local_paths(monkeypatch: pytest.MonkeyPatc
 
 def test_bad_arguments_fail_before_loading(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(EngineError, match="unknown decomposer pipeline 'slow'"):
-        HFDecomposer(tiny_models["decomposer"], pipeline="slow")
+        HFDecomposer(tiny_models["decomposer"], pipeline="slow", max_new_tokens=400, limits=SMALL)
     with pytest.raises(EngineError, match="dtype must be one of .*float8"):
-        HFDecomposer(tiny_models["decomposer"], dtype="float8")
+        HFDecomposer(tiny_models["decomposer"], dtype="float8", max_new_tokens=400, limits=SMALL)
 
 
 def test_empty_prompt_is_refused(engine: HFDecomposer) -> None:

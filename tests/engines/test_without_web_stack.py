@@ -31,7 +31,7 @@ def test_verifier_benchmark_runs_without_the_web_stack() -> None:
 
 
 def test_the_block_really_blocks() -> None:
-    out = subprocess.run([sys.executable, "-c", BLOCK + "import server.core.questions"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", BLOCK + "import dvreward_protocol.questions"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,28 +22,9 @@ from server.eval.scoring import (
     ServiceUnavailableError,
     load_image_file,
 )
+from tests.service_stack import service_env
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "dvreward serve exited early"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("dvreward serve did not become ready")
 
 
 def two_items_two_images(tmp_path: Path, size: tuple[int, int]) -> tuple[list, Path, Path]:
@@ -63,32 +40,22 @@ def two_items_two_images(tmp_path: Path, size: tuple[int, int]) -> tuple[list, P
     return records, questions, images
 
 
-def test_eval_through_a_running_service_matches_in_process(tmp_path, tiny_models):
+def test_eval_through_a_running_service_matches_in_process(tmp_path, tiny_models, services):
     records, questions, images = two_items_two_images(tmp_path, (80, 64))
     Image.new("RGB", (64, 64), (10, 200, 10)).save(images / f"{records[0].item_id}_2.bmp")  # re-encoded as PNG
     (images / f"{records[1].item_id}_3.jpg").write_bytes(b"\xff\xd8\xff garbage")  # corrupt
 
-    port, key = _free_port(), "test-key-123"
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--verifier", str(tiny_models["verifier"]), "--decomposer", "",
-         "--port", str(port), "--api-keys", key],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_ready(url, proc)
-        assert main(["eval", "--images", str(images), "--questions", str(questions), "--server", url,
-                     "--api-key", "wrong", "-o", str(tmp_path / "denied"), "--no-progress"]) == 1
-        assert main(["eval", "--images", str(images), "--questions", str(questions), "--server", url,
-                     "--api-key", key, "-o", str(tmp_path / "http"), "--batch-size", "2", "--no-progress",
-                     "--gating", "hard"]) == 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    key = "test-key-123"
+    serve = services("serve", "serve", service_env(), "--verifier", str(tiny_models["verifier"]), "--decomposer", "",
+                     "--api-keys", key, http=True)
+    serve.wait_http("/readyz")
+    url = serve.url
+    assert main(["eval", "--images", str(images), "--questions", str(questions), "--server", url,
+                 "--api-key", "wrong", "-o", str(tmp_path / "denied"), "--no-progress"]) == 1
+    assert main(["eval", "--images", str(images), "--questions", str(questions), "--server", url,
+                 "--api-key", key, "-o", str(tmp_path / "http"), "--batch-size", "2", "--no-progress",
+                 "--gating", "hard"]) == 0
+    serve.stop()
     denied = json.loads((tmp_path / "denied" / "summary.json").read_text())
     assert denied["complete"] is False and denied["counts"]["pending"] == 6  # stopped, nothing marked failed
 

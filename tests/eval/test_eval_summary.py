@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.core.questions import Question
-from server.core.reward import Aggregation, Gating
+from dvreward_protocol.questions import Question
+from dvreward_protocol.reward import Aggregation, Gating
 from server.eval.importers.base import PromptRecord
 from server.eval.matching import ImageJob, Matching
 from server.eval.report import render_html

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dvreward_protocol.questions import SEMANTIC_TAGS, Question, validate_questions
 from server.cli import main
-from server.core.questions import SEMANTIC_TAGS, Question, validate_questions
 from server.eval.importers import (
     IMPORTERS,
     ImporterError,
@@ -27,6 +27,18 @@ DSG = FIXTURES / "dsg_tifa160_dev.csv"
 GENEVAL = FIXTURES / "geneval_evaluation_metadata.jsonl"
 
 
+def _dsg_file_counts() -> tuple[int, int, int]:
+    """(prompts, rows with question text, rows without) of the DSG CSV, read straight from the file."""
+    with DSG.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    asked = sum(1 for r in rows if r["question_natural_language"].strip())
+    return len({r["item_id"] for r in rows}), asked, len(rows) - asked
+
+
+DSG_PROMPTS, DSG_QUESTIONS, DSG_SKIPPED = _dsg_file_counts()
+GENEVAL_PROMPTS = sum(1 for line in GENEVAL.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 def _deps(record) -> dict[str, tuple[str, ...]]:
     return {q.id: q.depends_on for q in record.questions}
 
@@ -40,10 +52,10 @@ def _issue_lines(issues, kind: str) -> list[int]:
 
 def test_dsg_real_file_counts():
     records, issues = import_dsg_csv(DSG)
-    assert len(records) == 160
-    assert sum(len(r.questions) for r in records) == 842
+    assert len(records) == DSG_PROMPTS
+    assert sum(len(r.questions) for r in records) == DSG_QUESTIONS
     skips = [i for i in issues if i.kind == "skip"]
-    assert len(skips) == 78
+    assert len(skips) == DSG_SKIPPED
     assert all(i.reason.startswith("no question text") for i in skips)
     # 79 dependencies name a row without question text, 1 names a missing id, 1 duplicate id.
     assert sum(1 for i in issues if i.kind == "repair") == 81
@@ -178,9 +190,9 @@ def test_dsg_missing_columns_is_fatal(tmp_path):
 def test_geneval_real_file_counts():
     records, issues = import_geneval(GENEVAL)
     assert issues == []
-    assert len(records) == 553
+    assert len(records) == GENEVAL_PROMPTS
     assert all(r.questions for r in records)
-    assert [r.item_id for r in records] == [f"{i:05d}" for i in range(553)]
+    assert [r.item_id for r in records] == [f"{i:05d}" for i in range(GENEVAL_PROMPTS)]
     for r in records:
         validate_questions(list(r.questions))
         for q in r.questions:
@@ -285,7 +297,7 @@ def test_written_records_round_trip_as_score_questions(tmp_path):
     records, _ = import_dsg_csv(DSG)
     write_jsonl(records, out)
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 160
+    assert len(lines) == DSG_PROMPTS
     for line, record in zip(lines, records, strict=True):
         obj = json.loads(line)
         assert set(obj) == {"item_id", "prompt", "questions", "source"}
@@ -298,10 +310,10 @@ def test_cli_imports_and_summarises(tmp_path, capsys):
     out = tmp_path / "q.jsonl"
     assert main(["import", "dsg-csv", str(DSG), "-o", str(out)]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[-1] == "imported 160 prompts, 842 questions; 78 skipped, 81 repaired"
-    assert len(err) == 1 + 78 + 81
+    assert err[-1] == f"imported {DSG_PROMPTS} prompts, {DSG_QUESTIONS} questions; {DSG_SKIPPED} skipped, 81 repaired"
+    assert len(err) == 1 + DSG_SKIPPED + 81
     assert err[0].startswith(f"{DSG}:") and ": skip: no question text" in err[0]
-    assert len(out.read_text().splitlines()) == 160
+    assert len(out.read_text().splitlines()) == DSG_PROMPTS
 
 
 def test_cli_strict_fails_and_writes_nothing(tmp_path, capsys):
@@ -314,8 +326,10 @@ def test_cli_strict_fails_and_writes_nothing(tmp_path, capsys):
 def test_cli_strict_passes_clean_file(tmp_path, capsys):
     out = tmp_path / "q.jsonl"
     assert main(["import", "geneval", str(GENEVAL), "-o", str(out), "--strict"]) == 0
-    assert capsys.readouterr().err.strip() == "imported 553 prompts, 1326 questions; 0 skipped, 0 repaired"
-    assert len(out.read_text().splitlines()) == 553
+    summary = capsys.readouterr().err.strip()
+    questions = sum(len(json.loads(line)["questions"]) for line in out.read_text().splitlines())
+    assert summary == f"imported {GENEVAL_PROMPTS} prompts, {questions} questions; 0 skipped, 0 repaired"
+    assert len(out.read_text().splitlines()) == GENEVAL_PROMPTS
 
 
 def test_cli_fatal_error(tmp_path, capsys):

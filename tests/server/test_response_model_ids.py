@@ -7,8 +7,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+from dvreward_protocol.schemas import ScoreRequest
 from server.runtime import build_broker, build_service, load_decomposer, running
-from server.schemas import ScoreRequest
 from server.settings import Settings
 from server.worker import Worker
 
@@ -21,8 +21,8 @@ async def test_ids_come_from_the_worker_that_did_the_work(redis_url: str, tiny_m
     decomposer = await asyncio.to_thread(
         load_decomposer, Settings(verifier=str(tiny_models["verifier"]), decomposer=str(tiny_models["decomposer"])))
     service = build_service(api, build_broker(api))
-    worker = Worker(build_broker(api), tiny_verifier, decomposer, template_version="test", batch_wait=0.01,
-                    heartbeat_s=0.5)
+    worker = Worker(build_broker(api), tiny_verifier, decomposer, template_version="test", batch_size=32,
+                    batch_wait=0.01, heartbeat_s=0.5, batch_timeout_s=600, max_image_pixels=4096 * 4096)
     image = kit.png_bytes(1)
     try:
         async with running(worker):

@@ -41,7 +41,7 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
 async def run_worker(broker: Any, verifier: Any, body: Callable[[Worker], Any]) -> Worker:
     worker = Worker(broker, verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
-                    heartbeat_s=0.5, worker_id="w-inproc")
+                    heartbeat_s=0.5, batch_timeout_s=600, max_image_pixels=4096 * 4096, worker_id="w-inproc")
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
@@ -114,7 +114,7 @@ async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: ty
     """No half-alive worker: the heartbeat stops with the crashed loop, and the worker leaves the registry."""
     broker = BrokenDelivery()
     worker = Worker(broker, tiny_verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
-                    heartbeat_s=0.2, worker_id="w-crash")
+                    heartbeat_s=0.2, batch_timeout_s=600, max_image_pixels=4096 * 4096, worker_id="w-crash")
     run = asyncio.create_task(worker.run(asyncio.Event()))
     await broker.submit([Task("c:0", TaskKind.verify, "r", time.time() + 30, {"questions": QUESTIONS},
                               [kit.png_bytes(1)])])
@@ -149,7 +149,7 @@ async def test_a_hung_engine_makes_the_worker_leave_and_its_tasks_go_to_others(
     other = RedisBroker(redis_url, prefix="hung", result_ttl=60, visibility_timeout=0.5, consumer="other")
     engine = Hangs()
     worker = Worker(stuck, engine, None, template_version="test", batch_size=4, batch_wait=0.01, heartbeat_s=0.2,
-                    batch_timeout_s=1.0, worker_id="w-hung")
+                    batch_timeout_s=1.0, max_image_pixels=4096 * 4096, worker_id="w-hung")
     try:
         await api.submit([Task("h:0", TaskKind.verify, "hung:reply:r", time.time() + 60, {"questions": QUESTIONS},
                                [kit.png_bytes(1)])])
@@ -311,3 +311,42 @@ def test_dvreward_worker_exits_with_status_3_when_a_batch_runs_past_the_batch_ti
         assert client.hlen("dvr:workers") == 0, "the hung worker left the registry before exiting"
     finally:
         client.close()
+
+
+def test_sigterm_with_a_batch_in_flight_finishes_it_then_exits(
+    redis_url: str, services: Callable[..., Any], tiny_models: dict[str, Path], tiny_verifier: Any,
+    kit: types.SimpleNamespace, request: pytest.FixtureRequest,
+) -> None:
+    """SIGTERM arrives while the worker holds a started batch: the batch is scored and delivered, then it exits 0."""
+    common = dict(redis_url=redis_url, heartbeat_s=1, request_timeout_s=90)
+    api = services("api", "api", kit.service_env(**common), http=True)
+    worker = services("worker", "worker", kit.service_env(**common, verifier=tiny_models["verifier"], decomposer="",
+                                                           batch_size=2, batch_wait_ms=5))
+    api.wait_http("/readyz")
+    questions = [{"id": "cat", "text": QUESTIONS[0], "tag": "Existence"},
+                 {"id": "red", "text": QUESTIONS[1], "tag": "Attribute", "depends_on": ["cat"]}]
+    image = kit.png_bytes(300, (64, 64))
+    body = {"groups": [{"questions": questions, "images": [kit.b64(image)]}]}  # one task: one batch holds it
+    client = redis.Redis.from_url(redis_url)
+    request.addfinalizer(client.close)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, api.url + "/v1/score", json=body, timeout=120)
+        stuck: list[str] = []
+        end = time.monotonic() + 60
+        while not stuck:  # freeze the worker until it is caught in the middle of the batch
+            assert time.monotonic() < end, "never caught the worker holding a started task"
+            kit.wait_for(lambda: any(pending(client).values()), 60, "the worker to claim the task", interval=0.002)
+            worker.signal(signal.SIGSTOP)
+            stuck = stranded_tasks(client)
+            if not stuck:
+                worker.signal(signal.SIGCONT)
+        worker.signal(signal.SIGTERM)  # handled once it runs again, with the batch in hand
+        worker.signal(signal.SIGCONT)
+        response = future.result(timeout=120)
+    assert worker.wait(60) == 0, worker.log_tail()
+    assert response.status_code == 200, response.text
+    (reward,) = response.json()["groups"][0]["rewards"]
+    assert reward == pytest.approx(kit.local_rewards(tiny_verifier, [image], questions)[0], abs=TOL)
+    assert {int(client.get(f"dvr:deliveries:{tid}") or 0) for tid in stuck} == {1}, "finished, not re-delivered"
+    assert not any(pending(client).values()) and not has_pid(worker_ids(api.url), worker.pid)
+    assert "Traceback" not in worker.log_tail(20_000)

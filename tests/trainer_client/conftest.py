@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-REDIS_SERVER = os.environ.get("DVREWARD_TEST_REDIS_SERVER", "/usr/bin/redis-server")
+from tests.service_stack import HOST, RedisProcess, ServiceProcess, free_port, service_env
+
 QUESTIONS = [
     {"id": "cube", "text": "Is there a cube?", "tag": "Existence"},
     {"id": "red", "text": "Is the cube red?", "tag": "Attribute", "depends_on": ["cube"]},
@@ -24,88 +19,37 @@ QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(proc: subprocess.Popen, ready: callable, log: Path, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not ready after {timeout}s:\n{log.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextlib.contextmanager
-def serve(models: dict[str, Path], log: Path, *extra: str) -> Iterator[str]:
+def serve(models: dict[str, Path], logdir: Path, *extra: str) -> Iterator[str]:
+    """`dvreward serve` with the tiny models and default settings (none from the environment)."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--verifier", str(models["verifier"]),
-           "--decomposer", str(models["decomposer"]), "--port", str(port), *extra]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-
-    def ready() -> bool:
-        try:
-            return httpx.get(url + "/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
+    proc = ServiceProcess("serve", ["serve", "--verifier", str(models["verifier"]), "--decomposer",
+                                    str(models["decomposer"]), "--host", HOST, "--port", str(port), *extra],
+                          service_env(), logdir, port).start()
     try:
-        _wait(proc, ready, log, "dvreward serve")
-        yield url
+        proc.wait_http("/readyz")
+        yield proc.url
     finally:
-        _stop(proc)
+        proc.stop()
 
 
 @pytest.fixture(scope="session")
 def service_url(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tiny_models, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+    with serve(tiny_models, tmp_path_factory.mktemp("serve")) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which(REDIS_SERVER) or shutil.which("redis-server")
-    if not binary:
-        pytest.skip(f"REDIS-BACKED CLIENT TESTS SKIPPED: no redis-server binary at {REDIS_SERVER} or on PATH")
-    port = free_port()
-    log = tmp_path_factory.mktemp("redis") / "redis.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                 "no"], stdout=out, stderr=subprocess.STDOUT)
-
-    def ready() -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-        return False
-
-    try:
-        _wait(proc, ready, log, "redis-server", timeout=20)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        _stop(proc)
-
-
-@pytest.fixture(scope="session")
-def redis_service_url(tiny_models: dict[str, Path], redis_url: str,
+def redis_service_url(tiny_models: dict[str, Path], redis_server: RedisProcess,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tiny_models, tmp_path_factory.mktemp("serve-redis") / "serve.log", "--redis-url", redis_url) as url:
-        yield url
+    """Over a Redis of its own (the shared one is flushed between service tests); redis_server gives the skip."""
+    redis = RedisProcess(tmp_path_factory.mktemp("redis-client"))
+    redis.start()
+    try:
+        with serve(tiny_models, tmp_path_factory.mktemp("serve-redis"), "--redis-url", redis.url) as url:
+            yield url
+    finally:
+        redis.kill()
 
 
 @pytest.fixture(params=["embedded", "redis"])

@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from server.schemas import ScoreResponse
+from dvreward_protocol.schemas import ScoreResponse
 from trainer_client import (
     AsyncDVRewardClient,
     BadRequest,

@@ -7,7 +7,7 @@ import math
 import pytest
 
 import trainer_client
-from trainer_client.grpo import false_positive_rectification, group_advantages, lone_groups
+from dvreward_protocol.grpo import false_positive_rectification, group_advantages, lone_groups
 
 EPS = 1e-4
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterable
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
 
-from server.api import limits
-from server.api.deps import Authorized, MetricsDep, Principal, RequestId, ServiceDep, SettingsDep
-from server.api.idempotency import once
-from server.api.metrics import Metrics
-from server.schemas import (
+from dvreward_protocol.schemas import (
     DecomposeRequest,
     DecomposeResponse,
     ErrorResponse,
@@ -22,29 +18,38 @@ from server.schemas import (
     VerifyRequest,
     VerifyResponse,
 )
+from server.api import limits
+from server.api.deps import Authorized, MetricsDep, Principal, RequestId, ServiceDep, SettingsDep
+from server.api.metrics import Metrics
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 408, 413, 415, 422, 429, 500, 502, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 408, 413, 415, 422, 429, 500, 502, 503, 504)
+}
 router = APIRouter(prefix="/v1", dependencies=[Authorized], responses=ERRORS)
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 
 
-def _timing_headers(response: Response, request_id: str, body: dict, replayed: bool) -> None:
-    response.headers["X-Request-Id"] = request_id
+def _reply(body: dict[str, Any], request_id: str, replayed: bool) -> JSONResponse:
+    """The service's body (built and validated as its models) with the request's headers.
+
+    A Response is sent as is: FastAPI does not validate it a second time against `response_model`, which stays
+    for the OpenAPI schema.
+    """
+    headers = {"X-Request-Id": request_id}
     for name, value in body.get("timings", {}).items():
-        response.headers[f"X-{name.replace('_ms', '').title()}-Time-Ms"] = str(value)
+        headers[f"X-{name.replace('_ms', '').title()}-Time-Ms"] = str(value)
     if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, headers=headers)
 
 
 @router.post("/score", response_model=ScoreResponse)
-async def score(req: ScoreRequest, response: Response, request_id: RequestId, service: ServiceDep,
-                settings: SettingsDep, metrics: MetricsDep, principal: Principal,
-                idempotency_key: IdemKey = None) -> dict:
+async def score(req: ScoreRequest, request_id: RequestId, service: ServiceDep, settings: SettingsDep,
+                metrics: MetricsDep, principal: Principal, idempotency_key: IdemKey = None) -> JSONResponse:
     """Rewards, per-question evidence and GRPO advantages for groups of images."""
     blobs = await asyncio.to_thread(limits.check_score, req, settings)
-    body, replayed = await once(service.broker, principal, "score", idempotency_key, req, settings.result_ttl_s,
-                                time.time() + settings.request_timeout_s,
-                                lambda: service.score(req, blobs, request_id))
+    body, replayed = await service.once(principal, "score", idempotency_key, req,
+                                        lambda: service.score(req, blobs, request_id))
     for g in body["groups"] if not replayed else ():  # a replay scored nothing: count work once
         for r in g["rewards"]:
             metrics.images.labels("ok" if r is not None else "failed").inc()
@@ -54,34 +59,29 @@ async def score(req: ScoreRequest, response: Response, request_id: RequestId, se
             metrics.cache.labels("hit" if g["decomposition_cached"] else "miss").inc()
     for w in body["warnings"] if not replayed else ():
         metrics.warnings.labels(w["code"]).inc()
-    _timing_headers(response, request_id, body, replayed)
-    return body
+    return _reply(body, request_id, replayed)
 
 
 @router.post("/decompose", response_model=DecomposeResponse)
-async def decompose(req: DecomposeRequest, response: Response, request_id: RequestId, service: ServiceDep,
-                    settings: SettingsDep) -> dict:
+async def decompose(req: DecomposeRequest, request_id: RequestId, service: ServiceDep,
+                    settings: SettingsDep) -> JSONResponse:
     """Prompts to atomic yes/no questions (cached by prompt, pipeline, model and template version)."""
     limits.check_prompts(req.prompts, settings)
     body = (await service.decompose(req.prompts, request_id)).model_dump(mode="json")
-    _timing_headers(response, request_id, body, False)
-    return body
+    return _reply(body, request_id, False)
 
 
 @router.post("/verify", response_model=VerifyResponse)
-async def verify(req: VerifyRequest, response: Response, request_id: RequestId, service: ServiceDep,
-                 settings: SettingsDep, metrics: MetricsDep, principal: Principal,
-                 idempotency_key: IdemKey = None) -> dict:
+async def verify(req: VerifyRequest, request_id: RequestId, service: ServiceDep, settings: SettingsDep,
+                 metrics: MetricsDep, principal: Principal, idempotency_key: IdemKey = None) -> JSONResponse:
     """P(yes) for explicit questions about images; no decomposition."""
     blobs = await asyncio.to_thread(limits.check_verify, req, settings)
-    body, replayed = await once(service.broker, principal, "verify", idempotency_key, req, settings.result_ttl_s,
-                                time.time() + settings.request_timeout_s,
-                                lambda: service.verify(req, blobs, request_id))
+    body, replayed = await service.once(principal, "verify", idempotency_key, req,
+                                        lambda: service.verify(req, blobs, request_id))
     for r in body["results"] if not replayed else ():
         metrics.images.labels("ok" if r["p"] is not None else "failed").inc()
         _count_sources(metrics, r.get("p_source") or ())
-    _timing_headers(response, request_id, body, replayed)
-    return body
+    return _reply(body, request_id, replayed)
 
 
 def _count_sources(metrics: Metrics, sources: Iterable[str]) -> None:

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dvreward_protocol.schemas import ErrorResponse, ModelsResponse
 from server.api.deps import Authorized, BrokerDep, MetricsDep
 from server.errors import ErrorCode, ServiceError
-from server.schemas import ErrorResponse, ModelsResponse
 
 router = APIRouter()
 READY_TIMEOUT_S = 1.0  # probes have short timeouts of their own: a frozen queue must be a quick 503

@@ -1,7 +1,7 @@
 """AlphaGRPO training data (JSONL, one sample a line) -> question records.
 
 A line holds the prompt (`prompt`, or `caption`) and the reference's precomputed questions, either
-at the top level or under `metadata` (see `server.core.alphagrpo`); `id` / `item_id` names the item
+at the top level or under `metadata` (see `dvreward_protocol.alphagrpo`); `id` / `item_id` names the item
 (the line number otherwise). Defaulted tags are reported as repairs, unusable lines as skips.
 """
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.core.alphagrpo import has_reference_questions, reference_questions
+from dvreward_protocol.alphagrpo import has_reference_questions, reference_questions
 from server.eval.importers.base import ImporterError, ImportIssue, IssueLog, PromptRecord, read_text
 
 
@@ -50,7 +50,7 @@ def _record(obj: Any, line: int, log: IssueLog) -> PromptRecord | None:
     if prompt is None:
         log.skip(line, "no prompt")
         return None
-    if not has_reference_questions(meta):
+    if meta is None or not has_reference_questions(meta):
         log.skip(line, "no semantic_questions or quality_questions")
         return None
     try:

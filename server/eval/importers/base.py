@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from server.core.questions import Question, validate_questions
+from dvreward_protocol.questions import Question, validate_questions
 from server.eval.files import atomic_write
 
 IssueKind = Literal["repair", "skip"]

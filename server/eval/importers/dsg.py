@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.core.questions import Question, find_cycle
+from dvreward_protocol.questions import Question, find_cycle
 from server.eval.importers.base import ImporterError, ImportIssue, IssueLog, PromptRecord, read_text
 
 REQUIRED_COLUMNS: tuple[str, ...] = (

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.core.questions import Question
+from dvreward_protocol.questions import Question
 from server.eval.importers.base import ImportIssue, IssueLog, PromptRecord, read_text
 
 # Nouns the simple English rules get wrong (GenEval itself writes "a skis", "two sheeps").

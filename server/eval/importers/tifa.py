@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.core.questions import Question
+from dvreward_protocol.questions import Question
 from server.eval.importers.base import ImporterError, ImportIssue, IssueLog, PromptRecord, read_text
 
 _ELEMENT_TAGS: dict[str, str] = {

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import Result, Task, TaskKind
 from server.queue.memory import MemoryBroker
 from server.queue.redis_broker import RedisBroker
-from server.schemas import WorkerInfo
 
 PREFIX = "t"
 MakeBroker = Callable[..., Any]
@@ -76,7 +76,7 @@ async def queued_replies(broker: Any, reply_to: str) -> int:
     if isinstance(broker, MemoryBroker):
         q = broker._replies.get(reply_to)
         return q.qsize() if q is not None else 0
-    return int(await broker.redis.llen(reply_to))
+    return int(await broker.redis.llen(broker.keys.reply(reply_to)))
 
 
 def worker_info(worker_id: str, heartbeat_at: float = 1.0) -> WorkerInfo:

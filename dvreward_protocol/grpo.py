@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from typing import Literal, TypeGuard
+
+from dvreward_protocol.schemas import Warning
 
 StdMode = Literal["group", "global"]
 
@@ -18,8 +20,8 @@ DEFAULT_EPS = 1e-4
 DEFAULT_CLIP = 5.0
 
 
-def _failed(r: float | None) -> bool:
-    return r is None or math.isnan(r)
+def _valid(r: float | None) -> TypeGuard[float]:
+    return r is not None and not math.isnan(r)
 
 
 def _std(xs: Sequence[float]) -> float:
@@ -50,17 +52,17 @@ def group_advantages(
         raise ValueError(f"{len(keys)} keys for {len(rewards)} groups")
     for g in rewards:
         for r in g:
-            if not _failed(r) and not math.isfinite(r):
+            if _valid(r) and not math.isfinite(r):
                 raise ValueError(f"reward {r} is not finite; pass None or NaN for a failed image")
     pooled = _pooled(rewards, keys)
-    global_std = _std([r for g in rewards for r in g if not _failed(r)])  # each image once, pooled or not
+    global_std = _std([r for g in rewards for r in g if _valid(r)])  # each image once, pooled or not
     out: list[list[float | None]] = []
     for g, vg in zip(rewards, pooled, strict=True):
         mean = sum(vg) / len(vg) if vg else 0.0
         s = _std(vg) if std == "group" else global_std
         adv: list[float | None] = []
         for r in g:
-            if _failed(r):
+            if not _valid(r):
                 adv.append(r)  # None stays None, NaN stays NaN
                 continue
             a = 0.0 if max(vg) == min(vg) else (r - mean) / (s + eps)
@@ -73,7 +75,7 @@ def group_advantages(
 
 def _pooled(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None) -> list[list[float]]:
     """Per group, the valid rewards of its GRPO group: its own, or all groups' with the same key."""
-    valid = [[r for r in g if not _failed(r)] for g in rewards]
+    valid = [[r for r in g if _valid(r)] for g in rewards]
     if keys is None:
         return valid
     by_key: dict[Hashable, list[float]] = {}
@@ -86,7 +88,7 @@ def _pooled(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable |
 def lone_groups(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None = None) -> list[int]:
     """Groups whose GRPO group (pooled by key) has exactly one valid reward: advantage 0, nothing to learn."""
     return [g for g, (own, vg) in enumerate(zip(rewards, _pooled(rewards, keys), strict=True))
-            if len(vg) == 1 and any(not _failed(r) for r in own)]
+            if len(vg) == 1 and any(_valid(r) for r in own)]
 
 
 def false_positive_rectification(
@@ -113,3 +115,10 @@ def false_positive_rectification(
                 row.append(r if r > s else floor)
         out.append(row)
     return out
+
+
+def lone_image_warnings(rewards: Sequence[Sequence[float | None]], keys: Sequence[str | None]) -> list[Warning]:
+    """One warning per group alone with its prompt; the server's, and a client's that merged a split step."""
+    return [Warning(group=g, code="lone_image",
+                    message="one scored image for its prompt: its advantage is 0 and it trains nothing")
+            for g in lone_groups(rewards, keys)]

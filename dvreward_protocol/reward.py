@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from server.core.questions import Kind, Question, topological_order
+from dvreward_protocol.questions import Kind, Question, topological_order
 
 
 class Aggregation(StrEnum):

@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from pydantic import BaseModel
 
 from server.errors import ErrorCode, ServiceError
-from server.queue.base import Broker
+from server.queue.base import SingleFlight
 
 
 async def once(
-    broker: Broker, principal: str, route: str, key: str | None, body: BaseModel, ttl: float, deadline: float,
+    broker: SingleFlight, principal: str, route: str, key: str | None, body: BaseModel, ttl: float, deadline: float,
     run: Callable[[], Awaitable[BaseModel]],
 ) -> tuple[dict, bool]:
     """(response JSON, replayed). Without a key, just runs.

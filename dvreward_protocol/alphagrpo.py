@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from server.core.questions import TAGS_BY_KIND, Kind, Question, validate_questions
+from dvreward_protocol.questions import TAGS_BY_KIND, Kind, Question, validate_questions
 
 SEMANTIC_KEY = "semantic_questions"
 QUALITY_KEY = "quality_questions"
@@ -22,7 +22,7 @@ _TEXT_KEYS = ("question", "text")
 
 
 def has_reference_questions(meta: Mapping[str, Any] | None) -> bool:
-    return bool(meta) and any(isinstance(meta.get(k), list) and meta.get(k) for k in (SEMANTIC_KEY, QUALITY_KEY))
+    return meta is not None and any(isinstance(meta.get(k), list) and meta.get(k) for k in (SEMANTIC_KEY, QUALITY_KEY))
 
 
 def reference_questions(meta: Mapping[str, Any]) -> tuple[list[Question], list[str]]:

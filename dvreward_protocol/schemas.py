@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.core.questions import Decomposition, Metadata, Question, Text
-from server.core.reward import Aggregation, Gating
-from server.engines.base import PSource
+from dvreward_protocol.answers import PSource
+from dvreward_protocol.questions import Decomposition, Metadata, Question, Text
+from dvreward_protocol.reward import Aggregation, Gating
 
 Answer = Literal["prob", "binary"]
 
