@@ -24,20 +24,20 @@ def test_full_queue_is_429_and_a_late_request_is_504(redis_url: str, services: C
         return {"groups": [{"questions": questions, "images": [kit.png_b64(s) for s in range(n)]}]}
 
     with httpx.Client(base_url=api.url, timeout=30) as http:
-        full = http.post("/v1/score", json=body(3))  # three images, room for two
-        assert full.status_code == 429, full.text
-        assert full.json()["error"]["code"] == "rate_limited" and float(full.headers["Retry-After"]) > 0
         late = http.post("/v1/score", json=body(1))  # admitted, never served
         assert late.status_code == 504, late.text
         assert late.json()["error"]["code"] == "timeout" and late.json()["request_id"]
-        refused = http.post("/v1/score", json=body(2))  # the late request's task still holds a place
-        assert refused.status_code == 429, refused.text
+        full = http.post("/v1/score", json=body(2))  # the late request's task still holds one of the two places
+        assert full.status_code == 429, full.text
+        assert full.json()["error"]["code"] == "rate_limited" and float(full.headers["Retry-After"]) > 0
+        never = http.post("/v1/score", json=body(3))  # more than the whole queue: retrying cannot help
+        assert never.status_code == 413 and never.json()["error"]["code"] == "too_large", never.text
 
     with DVRewardClient(api.url, max_retries=0) as client:
         with pytest.raises(RateLimited) as limited:
-            client.score([None], [[kit.png_bytes(s) for s in range(3)]], questions=[questions])
+            client.score([None], [[kit.png_bytes(s) for s in range(2)]], questions=[questions])
         assert limited.value.status == 429 and limited.value.retry_after is not None
     with DVRewardClient(api.url, max_retries=0) as client:
         with pytest.raises(Timeout) as timed_out:
-            client.verify([kit.png_bytes(9)], ["Is there a cat?"])
+            client.verify([kit.png_bytes(9)], ["Is there a cat?"])  # the second place: admitted, never served
         assert timed_out.value.status == 504
