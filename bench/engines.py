@@ -28,22 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from bench.verifier import make_items  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT  # noqa: E402
-
-
-def make_items(n: int, k: int, px: int) -> list[VerifyItem]:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    words = "is there a red cat dog on the left of blue table under sky in watercolor style".split()
-    items = []
-    for _ in range(n):
-        img = Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8))
-        qs = tuple(" ".join(rng.choice(words, size=int(rng.integers(6, 16)))).capitalize() + "?" for _ in range(k))
-        items.append(VerifyItem((img,), qs))
-    return items
 
 
 def timed(verify: Callable[[list[VerifyItem]], list[list[float]]], items: list[VerifyItem],
