@@ -165,6 +165,12 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _pixel_range(self) -> Settings:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
+        return self
+
+    @model_validator(mode="after")
     def _system_prompt_file(self) -> Settings:
         path = self.verifier_system_prompt_file
         if path is None:

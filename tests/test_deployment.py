@@ -97,6 +97,8 @@ def test_pixels_default_to_the_checkpoints_everywhere() -> None:
                           ("eval", ["--images", "i", "--questions", "q", "-o", "o", "--verifier", "v"])):
         parsed = sub[command].parse_args(args)
         assert (parsed.min_pixels, parsed.max_pixels) == (None, None), command
+    with pytest.raises(ValueError, match=r"min_pixels \(5000\) is above max_pixels \(100\)"):
+        Settings(min_pixels=5000, max_pixels=100)
 
 
 def test_readme_gives_the_portable_cpu_torch_install() -> None:

@@ -89,9 +89,16 @@ class HFVerifier:
         try:
             tokenizer = AutoTokenizer.from_pretrained(ref, **kw)
             processor = Qwen2VLImageProcessorPil.from_pretrained(ref, **kw)
-            if min_pixels is not None or max_pixels is not None:
+        except (OSError, ValueError) as exc:
+            raise EngineError(load_error("verifier", ref, exc)) from exc
+        if min_pixels is not None or max_pixels is not None:
+            try:  # a bound that contradicts the checkpoint's other one is the caller's setting, not a load failure
                 size = pixel_range(processor.size, min_pixels, max_pixels)
-                processor = Qwen2VLImageProcessorPil.from_pretrained(ref, size=size, **kw)
+            except ValueError as exc:
+                own = dict(processor.size)
+                raise EngineError(f"verifier pixel range: {exc} (the checkpoint's own is {own})") from exc
+            processor = Qwen2VLImageProcessorPil.from_pretrained(ref, size=size, **kw)
+        try:
             model = AutoModelForImageTextToText.from_pretrained(
                 ref, dtype=torch_dtype(dtype), attn_implementation="sdpa", **kw
             )

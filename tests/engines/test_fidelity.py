@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from server.engines.base import VerifyItem
+from server.engines.base import EngineError, VerifyItem
 from server.engines.hf_verifier import HFVerifier
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
 from server.engines.tiny import QWEN_MAX_PIXELS, VERIFIER_ARCHS, write_tiny_verifier
@@ -93,6 +93,8 @@ def test_pixel_overrides_apply(tmp_path: Path) -> None:
     v = HFVerifier.load(str(path), max_pixels=448 * 448)
     grid = v.image_processor(images=[_image(0, 512, 512)], return_tensors="pt")["image_grid_thw"]
     assert int(grid.prod()) // v.merge**2 == 256  # 448 / 28 = 16 a side
+    with pytest.raises(EngineError, match=r"verifier pixel range: need 0 < min_pixels <= max_pixels, got 13000000"):
+        HFVerifier.load(str(path), min_pixels=13_000_000)  # above the checkpoint's own 12.8M maximum
 
 
 @pytest.mark.parametrize("mode", ["packed", "per_pair"])

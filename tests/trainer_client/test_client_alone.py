@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -63,9 +64,10 @@ def _link_dependencies(deps: Path) -> None:
 
 
 def test_client_installs_and_scores_alone_beside_a_trainers_own_server_py(service_url, tmp_path, questions):
-    wheels = tmp_path / "wheels"
+    wheels, source = tmp_path / "wheels", tmp_path / "client"
+    shutil.copytree(ROOT / "client", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # links followed:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(ROOT / "client")], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)  # the build leaves the checkout as it was
     (wheel,) = wheels.glob("dvreward_client-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
