@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dvreward")
 
 
-def build_broker(settings: Settings) -> Broker:
+def build_broker(settings: Settings, consumer: str | None = None) -> Broker:
+    """The queue Settings ask for; `consumer` names a Redis client in its consumer group (fresh if None)."""
     if not settings.redis_url:
         from server.queue.memory import MemoryBroker
 
@@ -39,7 +40,7 @@ def build_broker(settings: Settings) -> Broker:
         settings.redis_url, prefix=settings.queue_prefix, max_queue=settings.max_queue,
         result_ttl=settings.result_ttl_s, visibility_timeout=settings.visibility_timeout_s,
         max_deliveries=settings.max_deliveries, timeout=settings.redis_timeout_s,
-        max_task_age=settings.request_timeout_s + TRIM_GRACE_S,
+        max_task_age=settings.request_timeout_s + TRIM_GRACE_S, consumer=consumer,
     )
 
 

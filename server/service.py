@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -37,7 +37,8 @@ from dvreward_protocol.schemas import (
 from server.core.scoring import answered_yes
 from server.errors import ErrorCode, ServiceError
 from server.idempotency import once
-from server.queue.base import Broker, Result, Task, TaskKind
+from server.queue.base import Broker
+from server.queue.messages import Decomposed, DecomposePayload, Result, Task, Verified, VerifyPayload
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,9 @@ class ScoringService:
 
         async def compute() -> bytes:
             reply = task_id  # one decomposition, its own replies
-            await self.broker.submit([Task(task_id, TaskKind.decompose, reply, deadline, {"prompt": prompt})])
+            await self.broker.submit([Task(task_id, reply, deadline, DecomposePayload(prompt=prompt))])
             result = (await self.broker.gather(reply, {task_id}, deadline))[task_id]
-            _raise_for(result, "decomposition")
-            return json.dumps(result.data).encode()
+            return _value(result, Decomposed, "decomposition").decomposition.model_dump_json().encode()
 
         raw, cached = await self.broker.singleflight(self.cache_key(prompt), compute, self.config.cache_ttl_s,
                                                      deadline)
@@ -120,7 +120,7 @@ class ScoringService:
         run = uuid.uuid4().hex
         reply = run
         tasks = [
-            Task(f"{run}:v{i}", TaskKind.verify, reply, deadline, {"questions": qs}, blobs)
+            Task(f"{run}:v{i}", reply, deadline, VerifyPayload(questions=tuple(qs)), blobs)
             for i, (blobs, qs) in enumerate(items)
         ]
         if not tasks:
@@ -135,17 +135,23 @@ class ScoringService:
             [(b, it.questions) for b, it in zip(blobs, req.items, strict=True)], self.deadline()
         )
         out = [
-            VerifyItemResult(p=r.data["p"], p_source=r.data.get("p_source"), error=None)
-            if r.error_code is None and r.data
+            VerifyItemResult(p=list(r.value.p), p_source=list(r.value.p_source), error=None)
+            if isinstance(r.value, Verified)
             else VerifyItemResult(p=None, error=_error_info(r))
             for r in results
         ]
         ms = _ms(t0)
+        model, template, system_prompt = self._reported(results)
+        return VerifyResponse(request_id=request_id, model=model, template_version=template,
+                              verifier_system_prompt=system_prompt, results=out,
+                              timings=Timings(verify_ms=ms, total_ms=ms))
+
+    def _reported(self, results: list[Result]) -> tuple[str, str, str]:
+        """What really scored (workers report model, template and system prompt), not what this API was told."""
+        v = next((r.value for r in results if isinstance(r.value, Verified)), None)
         c = self.config
-        return VerifyResponse(request_id=request_id, model=_reported(results, "model", c.verifier),
-                              template_version=_reported(results, "template_version", c.template_version),
-                              verifier_system_prompt=_reported(results, "system_prompt", c.verifier_system_prompt),
-                              results=out, timings=Timings(verify_ms=ms, total_ms=ms))
+        return ((v.model, v.template_version, v.system_prompt) if v is not None
+                else (c.verifier, c.template_version, c.verifier_system_prompt))
 
     # ---- scoring ----------------------------------------------------------------------
     async def score(self, req: ScoreRequest, blobs: list[list[bytes]], request_id: str) -> ScoreResponse:
@@ -170,12 +176,10 @@ class ScoringService:
             gr.advantages = a
             if not req.details:
                 gr.images = None
-        done, c = list(results.values()), self.config
-        models = ModelIds(verifier=_reported(done, "model", c.verifier), **_decomposer_of(decs))
+        verifier, template, system_prompt = self._reported(list(results.values()))
         return ScoreResponse(
-            request_id=request_id, models=models,
-            template_version=_reported(done, "template_version", c.template_version),
-            verifier_system_prompt=_reported(done, "system_prompt", c.verifier_system_prompt),
+            request_id=request_id, models=ModelIds(verifier=verifier, **_decomposer_of(decs)),
+            template_version=template, verifier_system_prompt=system_prompt,
             aggregation=req.aggregation, gating=req.gating, answer=req.answer, groups=groups,
             warnings=score_warnings(groups, keys, decs),
             timings=Timings(decompose_ms=t_dec, verify_ms=t_ver, total_ms=_ms(t0)),
@@ -249,25 +253,15 @@ _PER_GROUP = (ErrorCode.decomposition_failed, ErrorCode.delivery_limit)
 
 
 def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRequest) -> ImageResult:
-    if r.error_code is not None or not r.data:
+    if not isinstance(r.value, Verified):
         return ImageResult(index=index, reward=None, error=_error_info(r))
     ids = [q.id for q in questions]
-    p = dict(zip(ids, r.data["p"], strict=True))
+    p = dict(zip(ids, r.value.p, strict=True))
     scores = {q: float(answered_yes(v)) for q, v in p.items()} if req.answer == "binary" else p
     b = aggregate(questions, scores, req.aggregation, req.gating, req.tag_weights)
-    return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p, p_source=_sources(ids, r),
+    return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p,
+                       p_source=dict(zip(ids, r.value.p_source, strict=True)),
                        failed=[q.id for q in questions if not answered_yes(p[q.id])])
-
-
-def _sources(ids: list[str], r: Result) -> dict[str, str] | None:
-    """How each p was read, as the worker reported it (None from a worker that predates p_source)."""
-    sources = r.data.get("p_source") if r.data else None
-    return dict(zip(ids, sources, strict=True)) if sources is not None else None
-
-
-def _reported(results: list[Result], key: str, default: str) -> str:
-    """What really scored (workers report model, template and system prompt), not what this API was told."""
-    return next((r.data[key] for r in results if r.data and isinstance(r.data.get(key), str)), default)
 
 
 def _decomposer_of(decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> dict[str, str | None]:
@@ -286,11 +280,18 @@ def _explicit(g: int, prompt: str | None, questions: list[Question]) -> Decompos
 
 
 def _error_info(r: Result) -> ErrorInfo:
-    return ErrorInfo(code=(r.error_code or ErrorCode.internal).value, message=r.error or "no result data")
+    if r.error is not None:
+        return ErrorInfo(code=r.error.code.value, message=r.error.message)
+    return ErrorInfo(code=ErrorCode.internal.value, message=f"a worker answered a verification with {r.value!r:.80}")
 
 
-def _raise_for(r: Result, what: str) -> None:
-    if r.error_code is not None:
-        raise ServiceError(r.error_code, f"{what} failed: {r.error}")
-    if not r.data:
-        raise ServiceError(ErrorCode.internal, f"{what} returned no data")
+V = TypeVar("V", Verified, Decomposed)
+
+
+def _value(r: Result, kind: type[V], what: str) -> V:
+    """The result's value when it is of the kind asked for; its error, or a mismatch, as a ServiceError."""
+    if r.error is not None:
+        raise ServiceError(r.error.code, f"{what} failed: {r.error.message}")
+    if not isinstance(r.value, kind):
+        raise ServiceError(ErrorCode.internal, f"{what} returned a {type(r.value).__name__}")
+    return r.value

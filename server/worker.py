@@ -16,12 +16,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+from pydantic import ValidationError
+
 from dvreward_protocol.questions import Decomposition
 from dvreward_protocol.schemas import WorkerInfo
 from server.engines.base import Decomposer, EngineError, ItemScores, Verifier, VerifyItem
 from server.errors import ErrorCode, ServiceError
 from server.images import load_image
-from server.queue.base import Broker, Result, Task, TaskKind, collect_batch
+from server.queue.base import Broker, collect_batch
+from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
 
 log = logging.getLogger("dvreward.worker")
 
@@ -171,25 +174,29 @@ class Worker:
         items: list[VerifyItem] = []
         owners: list[int] = []
         for i, t in enumerate(tasks):
+            assert isinstance(t.payload, VerifyPayload), "the verify stream holds verify tasks only"
             try:
                 images = tuple(load_image(b, self.max_image_pixels) for b in t.blobs)
-                items.append(VerifyItem(images, tuple(t.payload["questions"])))
+                items.append(VerifyItem(images, t.payload.questions))
                 owners.append(i)
             except (ValueError, ServiceError) as exc:
                 results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
         for i, outcome in zip(owners, self._scores(items), strict=True):
-            results[i] = (Result(tasks[i].task_id, {"p": list(outcome.p), "p_source": list(outcome.source),
-                                                    **self._provenance})
-                          if isinstance(outcome, ItemScores) else
-                          Result.failure(tasks[i].task_id, ErrorCode.verification_failed, _reason(outcome)))
+            results[i] = self._verified(tasks[i].task_id, outcome)
         return [results[i] for i in range(len(tasks))]
 
-    @property
-    def _provenance(self) -> dict[str, str]:
-        """What produced a verification result, reported with it (the API may run other settings)."""
+    def _verified(self, task_id: str, outcome: ItemScores | Exception) -> Result:
+        """The scores with what produced them (the API may run other settings), or why there are none."""
         assert self.verifier is not None
-        return {"model": self.verifier_id, "template_version": self.info.template_version,
-                "system_prompt": self.verifier.system_prompt}
+        if isinstance(outcome, Exception):
+            return Result.failure(task_id, ErrorCode.verification_failed, _reason(outcome))
+        try:
+            value = Verified(p=outcome.p, p_source=outcome.source, model=self.verifier_id,
+                             template_version=self.info.template_version, system_prompt=self.verifier.system_prompt)
+        except ValidationError as exc:
+            return Result.failure(task_id, ErrorCode.verification_failed,
+                                  f"the verifier returned scores that are not probabilities: {exc}")
+        return Result(task_id=task_id, value=value)
 
     def _scores(self, items: list[VerifyItem]) -> list[ItemScores | Exception]:
         """The batch in one call; if it fails, item by item, so one bad item cannot fail other requests."""
@@ -209,8 +216,12 @@ class Worker:
         """The whole batch in one batched generation; a prompt that cannot be decomposed fails alone."""
         assert self.decomposer is not None
         outcomes: Sequence[Decomposition | Exception]
+        prompts = []
+        for t in tasks:
+            assert isinstance(t.payload, DecomposePayload), "the decompose stream holds decompose tasks only"
+            prompts.append(t.payload.prompt)
         try:
-            outcomes = await asyncio.to_thread(self.decomposer.decompose_each, [t.payload["prompt"] for t in tasks])
+            outcomes = await asyncio.to_thread(self.decomposer.decompose_each, prompts)
         except Exception as exc:  # noqa: BLE001 - the whole batch failed: every request hears why
             log.exception("decomposer batch of %d prompts failed", len(tasks))
             outcomes = [exc] * len(tasks)
@@ -221,7 +232,7 @@ class Worker:
                 out.append(Result.failure(t.task_id, ErrorCode.decomposition_failed, _reason(o)))
             else:
                 named = o.model_copy(update={"model": self.decomposer_id})
-                out.append(Result(t.task_id, named.model_dump(mode="json")))
+                out.append(Result(task_id=t.task_id, value=Decomposed(decomposition=named)))
         return out
 
 

@@ -150,11 +150,15 @@ def test_base_python_table() -> None:
 def test_readme_tls_redis_url_gives_a_tls_connection_with_the_ca() -> None:
     """The multi-host docs' `rediss://` URL really configures TLS, the CA file and the password."""
     from server.queue.redis_broker import RedisBroker
+    from server.runtime import build_broker
+    from server.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
     url = re.search(r'DVREWARD_REDIS_URL="(rediss://[^"]+)"', readme)
     assert url, "README documents no rediss:// URL"
-    pool = RedisBroker(url.group(1).replace("$REDIS_PASSWORD", "pw")).redis.connection_pool
+    broker = build_broker(Settings(redis_url=url.group(1).replace("$REDIS_PASSWORD", "pw")))
+    assert isinstance(broker, RedisBroker)
+    pool = broker.redis.connection_pool
     assert pool.connection_class.__name__ == "SSLConnection"
     assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/dvreward/redis-ca.pem"
     assert pool.connection_kwargs["password"] == "pw"

@@ -29,6 +29,7 @@ class YesNo:
         self.yes_ids, self.no_ids = answer_token_ids(tokenizer)
         if not self.yes_ids or not self.no_ids:
             raise EngineError(f"the tokenizer of {model_id!r} has no token that reads 'yes' or 'no'")
+
     def p_yes(self, logits: Any) -> list[float]:
         """p per row of (N, vocab) logits; the log-softmax normaliser cancels, kept for numerical range."""
         import torch

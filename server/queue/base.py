@@ -6,70 +6,11 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol
 
 from dvreward_protocol.schemas import WorkerInfo
-from server.errors import ErrorCode, ServiceError, scrub
-
-
-class TaskKind(StrEnum):
-    verify = "verify"
-    decompose = "decompose"
-
-
-@dataclass
-class Task:
-    """One unit of work. `payload` is JSON; `blobs` are raw image bytes (never pickled)."""
-
-    task_id: str
-    kind: TaskKind
-    reply_to: str  # opaque name of the request's replies; each broker maps it onto its own storage
-    deadline: float  # epoch seconds; past it nobody waits for the result
-    payload: dict[str, Any]
-    blobs: list[bytes] = field(default_factory=list)
-    delivery: int = 1
-    receipt: str | None = None  # broker-specific handle used to acknowledge
-
-    def header(self) -> bytes:
-        return json.dumps({
-            "task_id": self.task_id, "kind": self.kind.value, "reply_to": self.reply_to,
-            "deadline": self.deadline, "payload": self.payload,
-        }).encode()
-
-    @classmethod
-    def from_header(cls, raw: bytes, blobs: list[bytes], receipt: str | None) -> Task:
-        h = json.loads(raw)
-        return cls(h["task_id"], TaskKind(h["kind"]), h["reply_to"], h["deadline"], h["payload"], blobs,
-                   receipt=receipt)
-
-    @property
-    def expired(self) -> bool:
-        return time.time() > self.deadline
-
-
-@dataclass
-class Result:
-    task_id: str
-    data: dict[str, Any] | None = None
-    error_code: ErrorCode | None = None
-    error: str | None = None
-
-    def to_json(self) -> bytes:
-        return json.dumps({"task_id": self.task_id, "data": self.data,
-                           "error_code": self.error_code, "error": self.error}).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Result:
-        d = json.loads(raw)
-        code = ErrorCode(d["error_code"]) if d.get("error_code") else None
-        return cls(d["task_id"], d.get("data"), code, d.get("error"))
-
-    @classmethod
-    def failure(cls, task_id: str, code: ErrorCode, message: str) -> Result:
-        return cls(task_id, None, code, scrub(message))
-
+from server.errors import ErrorCode, ServiceError
+from server.queue.messages import Result, Task, TaskKind
 
 Compute = Callable[[], Awaitable[bytes]]
 
@@ -79,7 +20,7 @@ class TaskQueue(Protocol):
 
     async def submit(self, tasks: Sequence[Task]) -> None:
         """Enqueue all or nothing, in one atomic step: ServiceError(rate_limited) when the queue is full,
-        ServiceError(too_large) when the tasks could never fit. See `admit`."""
+        ServiceError(too_large) when the tasks could never fit."""
         ...
 
     async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]: ...

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.queue.base import TaskKind
+from server.queue.messages import TaskKind
 
 GROUP = "workers"
 
 
 @dataclass(frozen=True)
 class Keys:
-    prefix: str = "dvr"
+    prefix: str
 
     def stream(self, kind: TaskKind) -> str:
         return f"{self.prefix}:stream:{kind.value}"

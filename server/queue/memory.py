@@ -8,13 +8,16 @@ from collections.abc import Sequence
 
 from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
-from server.queue.base import Compute, Result, Task, TaskKind, queue_full, too_many, wait_until
+from server.queue.base import Compute, queue_full, too_many, wait_until
+from server.queue.messages import Result, Task, TaskKind
+
+MAX_CACHED_VALUES = 10_000  # the single-flight cache's bound: decompositions and idempotency records
 
 
 class MemoryBroker:
-    def __init__(self, max_queue: int = 4096, result_ttl: float = 600.0, max_values: int = 10_000) -> None:
+    def __init__(self, *, max_queue: int, result_ttl: float) -> None:
+        """Values come from Settings (`runtime.build_broker`)."""
         self.max_queue = max_queue
-        self.max_values = max_values
         self._inserts = 0
         self.result_ttl = result_ttl
         self._queues: dict[TaskKind, asyncio.Queue[Task]] = {k: asyncio.Queue() for k in TaskKind}
@@ -78,9 +81,9 @@ class MemoryBroker:
         """Bounded like a cache should be: expired entries are swept regularly, the oldest go when full."""
         now = time.time()
         self._inserts += 1
-        if self._inserts % 256 == 0 or len(self._values) >= self.max_values:
+        if self._inserts % 256 == 0 or len(self._values) >= MAX_CACHED_VALUES:
             self._values = {k: v for k, v in self._values.items() if v[1] > now}
-        while len(self._values) >= self.max_values:
+        while len(self._values) >= MAX_CACHED_VALUES:
             del self._values[next(iter(self._values))]
         self._values[key] = (value, now + ttl)
 

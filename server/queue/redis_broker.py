@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -26,9 +28,6 @@ from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
 from server.queue.base import (
     Compute,
-    Result,
-    Task,
-    TaskKind,
     queue_full,
     remaining,
     singleflight_message,
@@ -36,7 +35,9 @@ from server.queue.base import (
     too_many,
 )
 from server.queue.keys import GROUP, Keys
+from server.queue.messages import Result, Task, TaskKind
 
+log = logging.getLogger("dvreward.queue")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -45,13 +46,11 @@ T = TypeVar("T")
 # than the socket timeout must not read as an outage.
 TRIM_GRACE_S = 5.0  # clock skew between API replicas and Redis that trimming by deadline tolerates
 
-# KEYS: the streams. ARGV: max queue, max age ms, key ttl ms, task count, then per task: stream index,
-# field count, fields. Trims entries past every deadline, then admits all tasks or none (returns the
-# index and depth of a full stream), so concurrent submits can never overfill a queue.
+# KEYS: the streams. ARGV: max queue, oldest entry id kept (ms), key ttl ms, task count, then per task:
+# stream index, field count, fields. Trims entries past every deadline, then admits all tasks or none
+# (returns the index and depth of a full stream), so concurrent submits can never overfill a queue.
 _ADMIT = """
-local maxq, max_age, ttl, ntasks = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local t = redis.call('TIME')
-local min_id = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - max_age
+local maxq, min_id, ttl, ntasks = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local counts, plan, i = {}, {}, 5
 for n = 1, ntasks do
   local s, nf = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
@@ -124,16 +123,18 @@ class RedisBroker:
         self,
         url: str,
         *,
-        prefix: str = "dvr",
-        max_queue: int = 4096,
-        result_ttl: int = 600,
-        visibility_timeout: float = 60.0,
-        max_deliveries: int = 3,
+        prefix: str,
+        max_queue: int,
+        result_ttl: int,
+        visibility_timeout: float,
+        max_deliveries: int,
+        timeout: float,
+        max_task_age: float,
         consumer: str | None = None,
-        timeout: float = 3.0,
-        max_task_age: float = 120.0,
     ) -> None:
-        """`timeout` bounds every command; tasks older than `max_task_age` (past any deadline) are trimmed."""
+        """Values come from Settings (`runtime.build_broker`); `consumer` names this client in its consumer
+        group (a fresh name when None). `timeout` bounds every command; tasks older than `max_task_age`
+        (past any deadline) are trimmed."""
         self.url = url
         self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=timeout,
                                              socket_timeout=timeout, health_check_interval=10)
@@ -167,7 +168,9 @@ class RedisBroker:
         for kind in kinds:
             too_many(kind, sum(1 for t in tasks if t.kind is kind), self.max_queue)
             await self._ensure_group(kind)
-        args: list[bytes | str | int] = [self.max_queue, self.max_age_ms, self.max_age_ms, len(tasks)]
+        # The cut-off is taken on this clock, as the tasks' deadlines are; TRIM_GRACE_S covers skew with Redis's.
+        oldest_kept = int(time.time() * 1000) - self.max_age_ms
+        args: list[bytes | str | int] = [self.max_queue, oldest_kept, self.max_age_ms, len(tasks)]
         for t in tasks:
             fields: list[bytes | str] = ["task", t.header()]
             for i, b in enumerate(t.blobs):
@@ -192,7 +195,7 @@ class RedisBroker:
                 item = await self.redis.blpop([reply_key], timeout=max(0.01, min(left, self.block_s)))
                 if item is None:
                     continue
-                r = Result.from_json(item[1])
+                r = _read_result(item[1])
                 if r.task_id in task_ids:
                     out[r.task_id] = r
         finally:
@@ -282,7 +285,11 @@ class RedisBroker:
             await self.redis.xack(stream, GROUP, entry_id)
             return None
         blobs = [fields[f"blob{i}".encode()] for i in range(len(fields) - 1)]
-        task = Task.from_header(fields[b"task"], blobs, receipt=entry_id.decode())
+        try:
+            task = Task.from_header(fields[b"task"], blobs, receipt=entry_id.decode())
+        except ValidationError as exc:
+            await self._refuse(stream, entry_id, fields[b"task"], exc)
+            return None
         if await self.redis.exists(self.keys.done(task.task_id)):
             await self._ack(task)
             return None
@@ -298,16 +305,37 @@ class RedisBroker:
             return None
         return task
 
+    async def _refuse(self, stream: str, entry_id: bytes, header: bytes, exc: ValidationError) -> None:
+        """A task this worker cannot read (written by another DVReward version): its request hears why, and
+        it leaves the stream, instead of failing every worker that claims it."""
+        log.error("task %s in %s cannot be read by this worker: %s", entry_id.decode(), stream, exc)
+        try:
+            head = json.loads(header)
+        except ValueError:
+            head = None
+        if isinstance(head, dict) and isinstance(head.get("task_id"), str) and isinstance(head.get("reply_to"), str):
+            await self._send(head["task_id"], head["reply_to"], Result.failure(
+                head["task_id"], ErrorCode.internal,
+                f"a worker could not read this task ({_first_error(exc)}); the API and the workers must run the "
+                "same DVReward version"))
+        await self._drop(stream, entry_id.decode())
+
     async def _ack(self, task: Task) -> None:
-        stream = self.keys.stream(task.kind)
+        assert task.receipt is not None, "a claimed task carries its stream entry id"
+        await self._drop(self.keys.stream(task.kind), task.receipt)
+
+    async def _drop(self, stream: str, entry_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, task.receipt).xdel(stream, task.receipt)
+            pipe.xack(stream, GROUP, entry_id).xdel(stream, entry_id)
             await pipe.execute()
+
+    async def _send(self, task_id: str, reply_to: str, result: Result) -> None:
+        await self._deliver(keys=[self.keys.done(task_id), self.keys.reply(reply_to)],
+                            args=[result.to_json(), self.result_ttl])
 
     @_unavailable
     async def complete(self, task: Task, result: Result) -> None:
-        await self._deliver(keys=[self.keys.done(task.task_id), self.keys.reply(task.reply_to)],
-                            args=[result.to_json(), self.result_ttl])
+        await self._send(task.task_id, task.reply_to, result)
         await self._ack(task)
 
     @_unavailable
@@ -361,3 +389,16 @@ class RedisBroker:
     async def close(self) -> None:
         await self.redis.aclose()
 
+
+
+def _first_error(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    return f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+
+
+def _read_result(raw: bytes) -> Result:
+    try:
+        return Result.from_json(raw)
+    except ValidationError as exc:
+        raise ServiceError(ErrorCode.internal, f"a worker's result cannot be read ({_first_error(exc)}); the API and "
+                           "the workers must run the same DVReward version") from exc

@@ -202,14 +202,13 @@ def test_protocol_errors_have_allow_415_request_ids_and_are_all_counted(
     kit: types.SimpleNamespace, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from server.api.app import create_app
-    from server.queue.memory import MemoryBroker
-    from server.runtime import build_service
+    from server.runtime import build_broker, build_service
     from server.settings import Settings
 
     for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
         monkeypatch.delenv(name)
     s = Settings(verifier=str(tiny_models["verifier"]), decomposer="", max_body_bytes=10_000)
-    service = build_service(s, BrokenSubmit(MemoryBroker()))  # type: ignore[arg-type]
+    service = build_service(s, BrokenSubmit(build_broker(s)))  # type: ignore[arg-type]
     rid = {"X-Request-Id": "proto-1"}
     with kit.serve_in_thread(create_app(s, service)) as url, httpx.Client(base_url=url, timeout=30) as c:
         r405 = c.get("/v1/score", headers=rid)

@@ -18,23 +18,37 @@ import httpx
 import pytest
 import redis
 
+from server.engines.base import ItemScores
 from server.errors import ErrorCode
-from server.queue.base import Result, Task, TaskKind
 from server.queue.memory import MemoryBroker
-from server.queue.redis_broker import RedisBroker
+from server.queue.messages import Failure, Result, Task, TaskKind, Verified, VerifyPayload
+from server.runtime import build_broker
+from server.settings import Settings
 from server.worker import Worker
 
 TOL = 1e-4
 QUESTIONS = ["Is there a cat?", "Is the cat red?"]
 
 
+def ask(questions: list[str]) -> VerifyPayload:
+    return VerifyPayload(questions=tuple(questions))
+
+
+def p_of(result: Result) -> tuple[float, ...]:
+    assert isinstance(result.value, Verified), result
+    return result.value.p
+
+
+def failure(result: Result) -> Failure:
+    assert result.value is None and result.error is not None, result
+    return result.error
+
+
 # ---- in-process worker on both brokers ---------------------------------------------------------
 @pytest.fixture(params=["memory", "redis"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    if request.param == "memory":
-        b: Any = MemoryBroker()
-    else:
-        b = RedisBroker(request.getfixturevalue("redis_url"), prefix="wr", result_ttl=60)
+    url = None if request.param == "memory" else request.getfixturevalue("redis_url")
+    b = build_broker(Settings(redis_url=url, queue_prefix="wr"))
     yield b
     await b.close()
 
@@ -57,13 +71,13 @@ async def test_worker_fails_expired_and_undecodable_tasks_alone(
 ) -> None:
     good = [kit.png_bytes(1), kit.png_bytes(2)]
     whole = kit.png_bytes(3, (64, 64))
-    reply = "wr:reply:req"
+    reply = "req"
     now = time.time()
     tasks = [
-        Task("req:ok0", TaskKind.verify, reply, now + 30, {"questions": QUESTIONS}, [good[0]]),
-        Task("req:old", TaskKind.verify, reply, now - 1, {"questions": QUESTIONS}, [good[0]]),
-        Task("req:bad", TaskKind.verify, reply, now + 30, {"questions": QUESTIONS}, [whole[: len(whole) // 2]]),
-        Task("req:ok1", TaskKind.verify, reply, now + 30, {"questions": QUESTIONS[:1]}, [good[1]]),
+        Task("req:ok0", reply, now + 30, ask(QUESTIONS), [good[0]]),
+        Task("req:old", reply, now - 1, ask(QUESTIONS), [good[0]]),
+        Task("req:bad", reply, now + 30, ask(QUESTIONS), [whole[: len(whole) // 2]]),
+        Task("req:ok1", reply, now + 30, ask(QUESTIONS[:1]), [good[1]]),
     ]
     results: dict[str, Result] = {}
 
@@ -73,22 +87,21 @@ async def test_worker_fails_expired_and_undecodable_tasks_alone(
         assert [w.worker_id for w in await broker.workers()] == ["w-inproc"]
 
     await run_worker(broker, tiny_verifier, body)
-    assert results["req:old"].error_code is ErrorCode.expired and results["req:old"].data is None
-    assert results["req:bad"].error_code is ErrorCode.bad_image and results["req:bad"].error
+    assert failure(results["req:old"]).code is ErrorCode.expired
+    assert failure(results["req:bad"]).code is ErrorCode.bad_image and failure(results["req:bad"]).message
     expected = [kit.local_p(tiny_verifier, [good[0]], QUESTIONS)[0], kit.local_p(tiny_verifier, [good[1]],
                                                                                   QUESTIONS[:1])[0]]
     for tid, exp in zip(("req:ok0", "req:ok1"), expected, strict=True):
-        assert results[tid].error_code is None
-        assert results[tid].data is not None and results[tid].data["p"] == pytest.approx(exp, abs=TOL)
+        assert p_of(results[tid]) == pytest.approx(exp, abs=TOL)
     assert await broker.workers() == [], "a stopped worker deregisters"
     assert await broker.queue_depth(TaskKind.verify) == 0
 
 
 async def test_an_item_the_engine_rejects_fails_alone(tiny_verifier: Any, kit: types.SimpleNamespace) -> None:
     """The engine raises for the whole batch; the worker retries item by item and fails only that item."""
-    broker = MemoryBroker()
+    broker = build_broker(Settings())
     reply, now = "r:isolate", time.time()
-    tasks = [Task(f"i:{n}", TaskKind.verify, reply, now + 30, {"questions": qs}, [kit.png_bytes(n)])
+    tasks = [Task(f"i:{n}", reply, now + 30, ask(qs), [kit.png_bytes(n)])
              for n, qs in enumerate([QUESTIONS, [], QUESTIONS[:1]])]  # no questions: the engine refuses it
     results: dict[str, Result] = {}
 
@@ -97,10 +110,40 @@ async def test_an_item_the_engine_rejects_fails_alone(tiny_verifier: Any, kit: t
         results.update(await broker.gather(reply, {t.task_id for t in tasks}, time.time() + 30))
 
     await run_worker(broker, tiny_verifier, body)
-    assert results["i:1"].error_code is ErrorCode.verification_failed
-    assert "at least one question" in (results["i:1"].error or "")
-    assert results["i:0"].data is not None and len(results["i:0"].data["p"]) == 2
-    assert results["i:2"].data is not None and len(results["i:2"].data["p"]) == 1
+    assert failure(results["i:1"]).code is ErrorCode.verification_failed
+    assert "at least one question" in failure(results["i:1"]).message
+    assert len(p_of(results["i:0"])) == 2 and len(p_of(results["i:2"])) == 1
+
+
+class Overconfident:
+    """Fault injection: the real engine, with its first item's first p pushed out of [0, 1] (an engine bug)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.model_id, self.system_prompt = inner.model_id, inner.system_prompt
+
+    def verify_each(self, items: Any) -> list[Any]:
+        out = self.inner.verify_each(items)
+        first = out[0]
+        out[0] = ItemScores((1.5, *first.p[1:]), first.source)
+        return out
+
+
+async def test_scores_that_are_not_probabilities_fail_their_item_not_the_worker(
+    tiny_verifier: Any, kit: types.SimpleNamespace,
+) -> None:
+    broker = build_broker(Settings())
+    tasks = [Task(f"o:{n}", "o", time.time() + 30, ask(QUESTIONS), [kit.png_bytes(n)]) for n in range(2)]
+    results: dict[str, Result] = {}
+
+    async def body(worker: Worker) -> None:
+        await broker.submit(tasks)
+        results.update(await broker.gather("o", {t.task_id for t in tasks}, time.time() + 30))
+
+    await run_worker(broker, Overconfident(tiny_verifier), body)
+    bad, good = (results[f"o:{n}"] for n in range(2))
+    assert failure(bad).code is ErrorCode.verification_failed and "not probabilities" in failure(bad).message
+    assert p_of(good) == pytest.approx(kit.local_p(tiny_verifier, [kit.png_bytes(1)], QUESTIONS)[0], abs=TOL)
 
 
 class BrokenDelivery(MemoryBroker):
@@ -112,11 +155,12 @@ class BrokenDelivery(MemoryBroker):
 
 async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: types.SimpleNamespace) -> None:
     """No half-alive worker: the heartbeat stops with the crashed loop, and the worker leaves the registry."""
-    broker = BrokenDelivery()
+    s = Settings()
+    broker = BrokenDelivery(max_queue=s.max_queue, result_ttl=s.result_ttl_s)
     worker = Worker(broker, tiny_verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
                     heartbeat_s=0.2, batch_timeout_s=600, max_image_pixels=4096 * 4096, worker_id="w-crash")
     run = asyncio.create_task(worker.run(asyncio.Event()))
-    await broker.submit([Task("c:0", TaskKind.verify, "r", time.time() + 30, {"questions": QUESTIONS},
+    await broker.submit([Task("c:0", "r", time.time() + 30, ask(QUESTIONS),
                               [kit.png_bytes(1)])])
     with pytest.raises(ExceptionGroup) as err:
         await asyncio.wait_for(run, timeout=30)
@@ -144,14 +188,13 @@ async def test_a_hung_engine_makes_the_worker_leave_and_its_tasks_go_to_others(
     """Past the batch timeout the worker stops renewing, leaves /readyz's registry and ends with WorkerHung."""
     from server.worker import WorkerHung
 
-    api = RedisBroker(redis_url, prefix="hung", result_ttl=60)
-    stuck = RedisBroker(redis_url, prefix="hung", result_ttl=60, visibility_timeout=0.5, consumer="stuck")
-    other = RedisBroker(redis_url, prefix="hung", result_ttl=60, visibility_timeout=0.5, consumer="other")
+    settings = Settings(redis_url=redis_url, queue_prefix="hung", visibility_timeout_s=0.5)
+    api, stuck, other = (build_broker(settings, name) for name in ("api", "stuck", "other"))
     engine = Hangs()
     worker = Worker(stuck, engine, None, template_version="test", batch_size=4, batch_wait=0.01, heartbeat_s=0.2,
                     batch_timeout_s=1.0, max_image_pixels=4096 * 4096, worker_id="w-hung")
     try:
-        await api.submit([Task("h:0", TaskKind.verify, "hung:reply:r", time.time() + 60, {"questions": QUESTIONS},
+        await api.submit([Task("h:0", "r", time.time() + 60, ask(QUESTIONS),
                                [kit.png_bytes(1)])])
         run = asyncio.create_task(worker.run(asyncio.Event()))
         await asyncio.sleep(0.6)
@@ -298,10 +341,9 @@ def test_dvreward_worker_exits_with_status_3_when_a_batch_runs_past_the_batch_ti
         assert worker.alive(), worker.log_tail()
 
         async def submit() -> None:
-            broker = RedisBroker(redis_url, result_ttl=60)
+            broker = build_broker(Settings(redis_url=redis_url))
             try:
-                await broker.submit([Task("x:0", TaskKind.verify, "dvr:reply:x", time.time() + 60,
-                                          {"questions": QUESTIONS}, [kit.png_bytes(1)])])
+                await broker.submit([Task("x:0", "x", time.time() + 60, ask(QUESTIONS), [kit.png_bytes(1)])])
             finally:
                 await broker.close()
 
