@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.verifier import make_items  # noqa: E402
+from server.engines import defaults  # noqa: E402
 from server.engines.hf_verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import VERIFIER_ARCHS, write_tiny_verifier  # noqa: E402
 
@@ -31,7 +32,7 @@ def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=defaults.DEVICE)
     ap.add_argument("--config", choices=["tiny", "small"], default="tiny")
     ap.add_argument("--arch", choices=VERIFIER_ARCHS, default="qwen2.5-vl")
     ap.add_argument("--images", type=int, default=8)

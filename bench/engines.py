@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from bench.verifier import make_items  # noqa: E402
+from server.engines import defaults  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT  # noqa: E402
 
@@ -83,7 +84,7 @@ def cpu() -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", help="torch device of the transformers engine")
+    ap.add_argument("--device", default=defaults.DEVICE, help="torch device of the transformers engine")
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--config", choices=["tiny", "small"], default="small", help="random model size (head_dim 64)")
     ap.add_argument("--model", help="an existing verifier checkpoint instead of a random one")

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from server.engines import defaults  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
 from server.engines.hf_verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import verifier_config, write_tiny_verifier  # noqa: E402
@@ -93,14 +94,14 @@ def packed_memory(v: HFVerifier, items: list[VerifyItem]) -> dict[str, float | i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=defaults.DEVICE)
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--config", choices=["tiny", "small", "qwen2.5-vl-7b"], default="small")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--px", type=int, default=448)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--max-batch-tokens", type=int, default=32768)
+    ap.add_argument("--max-batch-tokens", type=int, default=defaults.MAX_BATCH_TOKENS)
     ap.add_argument("--vision", choices=["batched", "loop"], default="batched",
                     help="vision window attention: one call (default) or transformers' loop over windows")
     args = ap.parse_args()

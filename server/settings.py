@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.engines import defaults
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
 
 # Real models by hub id, as model servers conventionally default: 7B on a GPU, the small siblings on a CPU.
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
     decomposer: str | None = Field(
         None, description="decomposer checkpoint: local dir or hub id (unset: by device; empty string disables)"
     )
-    pipeline: Literal["fast", "dsg"] = Field("fast", description="decomposition pipeline")
+    pipeline: Literal["fast", "dsg"] = Field(defaults.PIPELINE, description="decomposition pipeline")
     decomposer_max_new_tokens: int = Field(
         1024, ge=1, description="longest decomposer output; a longer one is a failed decomposition, never cut short"
     )
@@ -65,9 +66,9 @@ class Settings(BaseSettings):
     decomposer_max_quality: int = Field(
         8, ge=0, le=64, description="most quality questions per prompt; a list at the cap is reported"
     )
-    device: str = Field("cpu", description="torch device of the engines, e.g. cpu or cuda:0")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
-    verifier_mode: Literal["packed", "per_pair"] = Field("packed", description="verifier scoring layout")
+    device: str = Field(defaults.DEVICE, description="torch device of the engines, e.g. cpu or cuda:0")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(defaults.DTYPE, description="engine dtype")
+    verifier_mode: Literal["packed", "per_pair"] = Field(defaults.VERIFIER_MODE, description="verifier scoring layout")
     verifier_system_prompt: str = Field(
         VERIFIER_SYSTEM_PROMPT, description="system message of every verifier conversation (empty: none)"
     )
@@ -80,8 +81,10 @@ class Settings(BaseSettings):
     max_pixels: int | None = Field(
         None, gt=0, description="largest image area fed to the verifier (unset: the checkpoint's own)"
     )
-    max_batch_tokens: int = Field(32768, description="token budget of one verifier forward pass")
-    batched_vision: bool = Field(True, description="vision window attention in one call (same result, faster)")
+    max_batch_tokens: int = Field(defaults.MAX_BATCH_TOKENS, description="token budget of one verifier forward pass")
+    batched_vision: bool = Field(
+        defaults.BATCHED_VISION, description="vision window attention in one call (same result, faster)"
+    )
 
     # engines: which backend runs each role, and their options
     verifier_engine: Literal["transformers", "vllm", "openai"] = Field(
@@ -106,14 +109,22 @@ class Settings(BaseSettings):
     verifier_exact_logprobs: bool = Field(
         True, description="openai engine: ask for logprob_token_ids (vLLM servers) so p is exact, not top-20"
     )
-    remote_concurrency: int = Field(16, ge=1, description="openai engine: most requests in flight per role")
-    remote_timeout_s: float = Field(60.0, gt=0, description="openai engine: timeout of one request")
-    remote_retries: int = Field(
-        3, ge=0, description="openai engine: retries (backoff with jitter) on 429, 5xx and connection errors"
+    remote_concurrency: int = Field(
+        defaults.REMOTE_CONCURRENCY, ge=1, description="openai engine: most requests in flight per role"
     )
-    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs one model is split over")
+    remote_timeout_s: float = Field(
+        defaults.REMOTE_TIMEOUT_S, gt=0, description="openai engine: timeout of one request"
+    )
+    remote_retries: int = Field(
+        defaults.REMOTE_RETRIES, ge=0,
+        description="openai engine: retries (backoff with jitter) on 429, 5xx and connection errors",
+    )
+    vllm_tensor_parallel_size: int = Field(
+        defaults.VLLM_TENSOR_PARALLEL_SIZE, ge=1, description="vllm engine: GPUs one model is split over"
+    )
     vllm_gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="vllm engine: fraction of GPU memory per model (on a CPU: of RAM)"
+        defaults.VLLM_GPU_MEMORY_UTILIZATION, gt=0, le=1,
+        description="vllm engine: fraction of GPU memory per model (on a CPU: of RAM)",
     )
     vllm_max_model_len: int | None = Field(
         None, ge=1, description="vllm engine: longest sequence (unset: the model's own limit)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition
+from server.engines import defaults
 from server.engines import prompts as P
 from server.engines.base import EngineError
 from server.engines.decomposition_parse import (
@@ -156,7 +157,7 @@ def check_options(pipeline: str, max_retries: int) -> None:
 class PipelineDecomposer:
     """The Decomposer protocol: a pipeline (fast or dsg) run on any decoding backend."""
 
-    def __init__(self, backend: DecodingBackend, pipeline: str = "fast", *, max_retries: int = 2,
+    def __init__(self, backend: DecodingBackend, pipeline: str = defaults.PIPELINE, *, max_retries: int = 2,
                  limits: Limits) -> None:
         check_options(pipeline, max_retries)
         self.backend = backend

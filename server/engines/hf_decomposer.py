@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from server.engines import defaults
 from server.engines.answers import YesNo
 from server.engines.base import EngineError
 from server.engines.decomposition import (
@@ -55,8 +56,8 @@ class HFBackend:
         self,
         model_path: str | Path,
         *,
-        device: str = "cpu",
-        dtype: str = "float32",
+        device: str = defaults.DEVICE,
+        dtype: str = defaults.DTYPE,
         max_new_tokens: int,
         seed: int = 0,
         retry_temperature: float = 0.7,
@@ -220,7 +221,7 @@ class HFDecomposer(PipelineDecomposer):
     def __init__(
         self,
         model_path: str | Path,
-        pipeline: str = "fast",
+        pipeline: str = defaults.PIPELINE,
         *,
         max_retries: int = 2,
         limits: Limits,

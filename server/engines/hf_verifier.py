@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from server.engines import defaults
 from server.engines.answers import YesNo
 from server.engines.base import EngineError, ItemScores, VerifyItem
 from server.engines.conversation import IMAGE_PART, verifier_messages
@@ -48,8 +49,8 @@ class HFVerifier:
         *,
         model_id: str,
         system_prompt: str = VERIFIER_SYSTEM_PROMPT,
-        mode: Mode = "packed",
-        max_batch_tokens: int = 32768,
+        mode: Mode = defaults.VERIFIER_MODE,
+        max_batch_tokens: int = defaults.MAX_BATCH_TOKENS,
         attn_mask_mode: Literal["block", "causal"] = "block",
     ) -> None:
         if mode not in ("packed", "per_pair"):
@@ -71,11 +72,11 @@ class HFVerifier:
         cls,
         ref: str,
         *,
-        device: str = "cpu",
-        dtype: str = "float32",
+        device: str = defaults.DEVICE,
+        dtype: str = defaults.DTYPE,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
-        batched_vision: bool = True,
+        batched_vision: bool = defaults.BATCHED_VISION,
         **options: Any,
     ) -> HFVerifier:
         """Load tokenizer, image processor and model from a local directory or hub id.

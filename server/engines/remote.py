@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from server.engines import defaults
 from server.engines.base import EngineError
 
 log = logging.getLogger("dvreward.remote")
@@ -30,9 +31,9 @@ class RemoteOptions:
     """How the remote engines talk to their server."""
 
     api_key: str | None = None
-    concurrency: int = 16
-    timeout_s: float = 60.0
-    retries: int = 3
+    concurrency: int = defaults.REMOTE_CONCURRENCY
+    timeout_s: float = defaults.REMOTE_TIMEOUT_S
+    retries: int = defaults.REMOTE_RETRIES
     backoff_s: float = 0.5  # first retry waits up to this; doubled per attempt, capped at max_backoff_s
     max_backoff_s: float = 10.0
 

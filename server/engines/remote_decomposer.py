@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from server.engines import defaults
 from server.engines.base import EngineError
 from server.engines.decomposition import (
     Choice,
@@ -76,9 +77,9 @@ class OpenAIDecomposer(PipelineDecomposer):
 
     backend: OpenAIBackend
 
-    def __init__(self, url: str, model: str, pipeline: str = "fast", *, options: RemoteOptions = RemoteOptions(),
-                 tokenizer: str | None = None, max_retries: int = 2, limits: Limits,
-                 max_new_tokens: int, json_schema: bool = True) -> None:
+    def __init__(self, url: str, model: str, pipeline: str = defaults.PIPELINE, *,
+                 options: RemoteOptions = RemoteOptions(), tokenizer: str | None = None, max_retries: int = 2,
+                 limits: Limits, max_new_tokens: int, json_schema: bool = True) -> None:
         check_options(pipeline, max_retries)
         client = ChatClient(url, model, options)
         ids = remote_yes_no_ids(model, tokenizer) if pipeline == "dsg" else None

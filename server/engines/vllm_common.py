@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.core.scoring import UnscorableError, p_yes_from_logits
+from server.engines import defaults
 from server.engines.base import EngineError
 from server.engines.loading import load_error
 
@@ -20,9 +21,9 @@ INSTALL_HINT = ('the vllm engine needs vLLM in the worker\'s environment: pip in
 class VLLMOptions:
     """Engine options of an in-process vLLM model."""
 
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9  # on a CPU: the fraction of RAM vLLM reserves
+    dtype: str = defaults.DTYPE
+    tensor_parallel_size: int = defaults.VLLM_TENSOR_PARALLEL_SIZE
+    gpu_memory_utilization: float = defaults.VLLM_GPU_MEMORY_UTILIZATION  # on a CPU: the fraction of RAM
     max_model_len: int | None = None  # None: the model's own limit
     seed: int = 0
 

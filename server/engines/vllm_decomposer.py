@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from server.engines import defaults
 from server.engines.answers import YesNo
 from server.engines.base import EngineError
 from server.engines.decomposition import (
@@ -95,7 +96,7 @@ class VLLMDecomposer(PipelineDecomposer):
 
     backend: VLLMBackend
 
-    def __init__(self, ref: str, pipeline: str = "fast", *, options: VLLMOptions = VLLMOptions(),
+    def __init__(self, ref: str, pipeline: str = defaults.PIPELINE, *, options: VLLMOptions = VLLMOptions(),
                  max_retries: int = 2, limits: Limits, max_new_tokens: int) -> None:
         check_options(pipeline, max_retries)  # bad arguments fail before the model loads
         super().__init__(VLLMBackend(ref, options, max_new_tokens=max_new_tokens), pipeline,

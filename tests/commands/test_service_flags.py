@@ -65,3 +65,39 @@ def test_commands_without_the_service_take_the_settings_defaults() -> None:
                                              Settings.model_fields["device"].default)
     with pytest.raises(SystemExit):
         sub.parse_args(["eval", "--images", "i", "--questions", "q", "-o", "o", "--verifier", "v", "--dtype", "f8"])
+
+
+def test_the_engines_own_defaults_are_the_settings_defaults() -> None:
+    """Engines and the bench scripts run without Settings; where they take a setting, their default is its."""
+    import inspect
+
+    from server.engines.decomposition import PipelineDecomposer
+    from server.engines.hf_decomposer import HFBackend, HFDecomposer
+    from server.engines.hf_verifier import HFVerifier
+    from server.engines.remote import RemoteOptions
+    from server.engines.remote_decomposer import OpenAIDecomposer
+    from server.engines.vllm_common import VLLMOptions
+    from server.engines.vllm_decomposer import VLLMDecomposer
+
+    def default(fn: object, name: str) -> object:
+        return inspect.signature(fn).parameters[name].default  # type: ignore[arg-type]
+
+    setting = {name: field.default for name, field in Settings.model_fields.items()}
+    engine = {
+        "device": [default(HFVerifier.load, "device"), default(HFBackend, "device")],
+        "dtype": [default(HFVerifier.load, "dtype"), default(HFBackend, "dtype"), VLLMOptions().dtype],
+        "verifier_mode": [default(HFVerifier, "mode")],
+        "max_batch_tokens": [default(HFVerifier, "max_batch_tokens")],
+        "batched_vision": [default(HFVerifier.load, "batched_vision")],
+        "min_pixels": [default(HFVerifier.load, "min_pixels")],
+        "max_pixels": [default(HFVerifier.load, "max_pixels")],
+        "pipeline": [default(c, "pipeline") for c in (PipelineDecomposer, HFDecomposer, OpenAIDecomposer,
+                                                      VLLMDecomposer)],
+        "remote_concurrency": [RemoteOptions().concurrency],
+        "remote_timeout_s": [RemoteOptions().timeout_s],
+        "remote_retries": [RemoteOptions().retries],
+        "vllm_tensor_parallel_size": [VLLMOptions().tensor_parallel_size],
+        "vllm_gpu_memory_utilization": [VLLMOptions().gpu_memory_utilization],
+        "vllm_max_model_len": [VLLMOptions().max_model_len],
+    }
+    assert {k: [setting[k]] * len(v) for k, v in engine.items()} == engine
