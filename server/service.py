@@ -40,6 +40,8 @@ from server.idempotency import once
 from server.queue.base import Broker
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, Verified, VerifyPayload
 
+V = TypeVar("V", Verified, Decomposed)
+
 
 @dataclass(frozen=True)
 class ServiceConfig:
@@ -283,9 +285,6 @@ def _error_info(r: Result) -> ErrorInfo:
     if r.error is not None:
         return ErrorInfo(code=r.error.code.value, message=r.error.message)
     return ErrorInfo(code=ErrorCode.internal.value, message=f"a worker answered a verification with {r.value!r:.80}")
-
-
-V = TypeVar("V", Verified, Decomposed)
 
 
 def _value(r: Result, kind: type[V], what: str) -> V:

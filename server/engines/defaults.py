@@ -1,7 +1,7 @@
 """Every engine default, written once: Settings' fields and the engines' own keyword defaults both read these.
 
-Plain values that import nothing of the project, so the engines and the bench scripts keep them where pydantic (and so
-Settings) is absent, as on a bare GPU machine.
+Plain values that import nothing of the project, so the engines and the bench scripts keep them
+where pydantic (and so Settings) is absent, as on a bare GPU machine.
 """
 
 from typing import Final

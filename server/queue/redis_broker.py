@@ -168,7 +168,7 @@ class RedisBroker:
         for kind in kinds:
             too_many(kind, sum(1 for t in tasks if t.kind is kind), self.max_queue)
             await self._ensure_group(kind)
-        # The cut-off is taken on this clock, as the tasks' deadlines are; TRIM_GRACE_S covers skew with Redis's.
+        # The cut-off is on this clock, as the tasks' deadlines are; entry ids are on Redis's (TRIM_GRACE_S of skew).
         oldest_kept = int(time.time() * 1000) - self.max_age_ms
         args: list[bytes | str | int] = [self.max_queue, oldest_kept, self.max_age_ms, len(tasks)]
         for t in tasks:
@@ -388,7 +388,6 @@ class RedisBroker:
 
     async def close(self) -> None:
         await self.redis.aclose()
-
 
 
 def _first_error(exc: ValidationError) -> str:
