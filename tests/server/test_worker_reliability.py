@@ -99,7 +99,7 @@ async def test_worker_fails_expired_and_undecodable_tasks_alone(
 
 async def test_an_item_the_engine_rejects_fails_alone(tiny_verifier: Any, kit: types.SimpleNamespace) -> None:
     """The engine raises for the whole batch; the worker retries item by item and fails only that item."""
-    broker = build_broker(Settings())
+    broker = build_broker(Settings(redis_url=None))  # in process
     reply, now = "r:isolate", time.time()
     tasks = [Task(f"i:{n}", reply, now + 30, ask(qs), [kit.png_bytes(n)])
              for n, qs in enumerate([QUESTIONS, [], QUESTIONS[:1]])]  # no questions: the engine refuses it
@@ -132,7 +132,7 @@ class Overconfident:
 async def test_scores_that_are_not_probabilities_fail_their_item_not_the_worker(
     tiny_verifier: Any, kit: types.SimpleNamespace,
 ) -> None:
-    broker = build_broker(Settings())
+    broker = build_broker(Settings(redis_url=None))  # in process
     tasks = [Task(f"o:{n}", "o", time.time() + 30, ask(QUESTIONS), [kit.png_bytes(n)]) for n in range(2)]
     results: dict[str, Result] = {}
 
