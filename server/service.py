@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -39,8 +39,6 @@ from server.errors import ErrorCode, ServiceError
 from server.idempotency import once
 from server.queue.base import Broker
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, Verified, VerifyPayload
-
-V = TypeVar("V", Verified, Decomposed)
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ class ScoringService:
             reply = task_id  # one decomposition, its own replies
             await self.broker.submit([Task(task_id, reply, deadline, DecomposePayload(prompt=prompt))])
             result = (await self.broker.gather(reply, {task_id}, deadline))[task_id]
-            return _value(result, Decomposed, "decomposition").decomposition.model_dump_json().encode()
+            return _decomposition(result).model_dump_json().encode()
 
         raw, cached = await self.broker.singleflight(self.cache_key(prompt), compute, self.config.cache_ttl_s,
                                                      deadline)
@@ -287,10 +285,9 @@ def _error_info(r: Result) -> ErrorInfo:
     return ErrorInfo(code=ErrorCode.internal.value, message=f"a worker answered a verification with {r.value!r:.80}")
 
 
-def _value(r: Result, kind: type[V], what: str) -> V:
-    """The result's value when it is of the kind asked for; its error, or a mismatch, as a ServiceError."""
+def _decomposition(r: Result) -> Decomposition:
     if r.error is not None:
-        raise ServiceError(r.error.code, f"{what} failed: {r.error.message}")
-    if not isinstance(r.value, kind):
-        raise ServiceError(ErrorCode.internal, f"{what} returned a {type(r.value).__name__}")
-    return r.value
+        raise ServiceError(r.error.code, f"decomposition failed: {r.error.message}")
+    if not isinstance(r.value, Decomposed):
+        raise ServiceError(ErrorCode.internal, f"a worker answered a decomposition with {r.value!r:.80}")
+    return r.value.decomposition

@@ -9,6 +9,7 @@ instead of sleeping, so a loaded machine cannot reorder what they assert.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import types
@@ -82,12 +83,12 @@ def queue_settings(url: str | None, **settings: Any) -> Settings:
 
 
 @pytest.fixture
-async def make_broker(backend: str | None, clock: Clock) -> AsyncIterator[MakeBroker]:
-    """Brokers built as the service builds them, from Settings; they share one backend."""
+async def open_broker(clock: Clock) -> AsyncIterator[Callable[..., Any]]:
+    """Brokers built as the service builds them, from Settings, closed after the test."""
     made: list[Any] = []
 
-    def make(consumer: str | None = None, **settings: Any) -> Any:
-        broker = build_broker(queue_settings(backend, **settings), consumer)
+    def make(url: str | None, consumer: str | None = None, **settings: Any) -> Any:
+        broker = build_broker(queue_settings(url, **settings), consumer)
         if isinstance(broker, RedisBroker):
             clock.redis = clock.redis or broker
         made.append(broker)
@@ -96,6 +97,12 @@ async def make_broker(backend: str | None, clock: Clock) -> AsyncIterator[MakeBr
     yield make
     for broker in made:
         await broker.close()
+
+
+@pytest.fixture
+def make_broker(backend: str | None, open_broker: Callable[..., Any]) -> MakeBroker:
+    """Brokers of the backend under test; they share it."""
+    return functools.partial(open_broker, backend)
 
 
 def make_task(task_id: str, reply_to: str, payload: VerifyPayload | DecomposePayload | None = None, *,
@@ -418,19 +425,13 @@ async def test_ping(make_broker: MakeBroker) -> None:
 
 # ---- Redis only --------------------------------------------------------------------------------
 @pytest.fixture
-async def redis_brokers(redis_url: str, clock: Clock) -> AsyncIterator[Callable[..., RedisBroker]]:
-    made: list[RedisBroker] = []
-
+def redis_brokers(redis_url: str, open_broker: Callable[..., Any]) -> Callable[..., RedisBroker]:
     def make(consumer: str, **settings: Any) -> RedisBroker:
-        b = build_broker(queue_settings(redis_url, **settings), consumer)
-        assert isinstance(b, RedisBroker)
-        clock.redis = clock.redis or b
-        made.append(b)
-        return b
+        broker = open_broker(redis_url, consumer, **settings)
+        assert isinstance(broker, RedisBroker)
+        return broker
 
-    yield make
-    for b in made:
-        await b.close()
+    return make
 
 
 async def test_redis_redelivers_a_dead_consumers_task_via_xautoclaim(
