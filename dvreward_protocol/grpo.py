@@ -105,11 +105,11 @@ def false_positive_rectification(
     for gi, (rg, sg) in enumerate(zip(refined, start, strict=True)):
         if len(rg) != len(sg):
             raise ValueError(f"group {gi}: {len(rg)} refined images but {len(sg)} start images")
-        valid_start = [s for s in sg if s is not None]
+        valid_start = [s for s in sg if _valid(s)]
         floor = min(valid_start) if valid_start else None
         row: list[float | None] = []
         for r, s in zip(rg, sg, strict=True):
-            if r is None or s is None or floor is None:
+            if not _valid(r) or not _valid(s) or floor is None:
                 row.append(r)
             else:
                 row.append(r if r > s else floor)

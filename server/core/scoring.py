@@ -34,9 +34,9 @@ def _logsumexp(xs: list[float]) -> float:
 
 
 def p_yes_from_logits(yes_logits: list[float], no_logits: list[float]) -> float:
-    """p from the logits of every yes/no variant; the softmax normaliser cancels out."""
+    """p from the logits of every token that reads yes or no (`answer_word`); the softmax normaliser cancels."""
     if not yes_logits or not no_logits:
-        raise UnscorableError("the tokenizer has no single-token yes or no variant")
+        raise UnscorableError("no token reads yes or no")
     ly, ln = _logsumexp(yes_logits), _logsumexp(no_logits)
     if ly == -math.inf and ln == -math.inf:
         raise UnscorableError("both yes and no have zero probability")

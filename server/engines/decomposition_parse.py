@@ -22,7 +22,9 @@ from dvreward_protocol.questions import (
     Question,
     find_cycle,
 )
+from server.core.scoring import answered_yes
 from server.engines.decomposition_schema import DSG_CATEGORIES
+from server.engines.prompts import render_tuple
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -146,7 +148,7 @@ class DSGTuple:
     args: tuple[str, ...]
 
     def render(self) -> str:
-        return f"{self.id} | {self.category} - {self.type} ({', '.join(self.args)})"
+        return render_tuple(self.id, self.category, self.type, self.args)
 
 
 def parse_tuples(text: str) -> list[DSGTuple]:
@@ -235,7 +237,7 @@ def parse_quality(text: str) -> list[Question]:
 
 def is_required(p_yes: float) -> bool:
     """Stage 4's verdict: the model must prefer yes to keep the question."""
-    return p_yes > 0.5
+    return answered_yes(p_yes)
 
 
 def parse_reason(text: str) -> str:

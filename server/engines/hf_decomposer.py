@@ -134,7 +134,7 @@ class HFBackend:
         return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
 
     def _p_yes(self, texts: Sequence[str]) -> list[float]:
-        """p = P(yes) / (P(yes) + P(no)) of the next token, variants summed."""
+        """p = P(yes) / (P(yes) + P(no)) of the next token, over every token that reads yes or no."""
         import torch
 
         if self._answers is None:

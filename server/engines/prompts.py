@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 TEMPLATE_VERSION = "2026-12-01.1"
@@ -99,8 +100,13 @@ def _tuples_of(ex: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"id": f"t{i}", "category": c, "type": t, "args": a} for i, (c, t, a) in enumerate(ex["tuples"], 1)]
 
 
+def render_tuple(tid: str, category: str, type_: str, args: Sequence[str]) -> str:
+    """A DSG tuple as the later stages show it to the model, e.g. `t2 | attribute - color (cat, black)`."""
+    return f"{tid} | {category} - {type_} ({', '.join(args)})"
+
+
 def _rendered_tuples(ex: dict[str, Any]) -> str:
-    return "\n".join(f"t{i} | {c} - {t} ({', '.join(a)})" for i, (c, t, a) in enumerate(ex["tuples"], 1))
+    return "\n".join(render_tuple(f"t{i}", c, t, a) for i, (c, t, a) in enumerate(ex["tuples"], 1))
 
 
 DSG_TUPLES_EXAMPLES = "".join(

@@ -10,12 +10,11 @@ else is an EngineError: no answer is ever made up.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.core.scoring import UnscorableError, p_yes_from_logits, p_yes_from_top_logprobs
+from server.core.scoring import UnscorableError, answer_word, p_yes_from_logits, p_yes_from_top_logprobs
 from server.engines.base import EngineError, PSource
 
 TOP_LOGPROBS = 20  # the most OpenAI's API returns
@@ -64,7 +63,7 @@ def read_answer(response: dict[str, Any], ids: YesNoIds | None) -> tuple[float, 
             return p_yes_from_top_logprobs(top), "top_k"
         except UnscorableError:
             pass  # neither answer in the top-k: the generated word decides, reported as such
-    word = _word(text)
+    word = answer_word(text)
     if word in ("yes", "no"):
         return (1.0 if word == "yes" else 0.0), "text"
     raise EngineError(f"no yes/no answer: neither word is among the top-{len(top)} tokens and the model "
@@ -84,12 +83,12 @@ def read_each(responses: Sequence[dict[str, Any] | EngineError],
 
 
 def _top(entry: dict[str, Any]) -> dict[str, float]:
-    """{token: logprob} of the first generated position (the chosen token included), -inf kept."""
+    """{token: logprob} of the first generated position (the chosen token included)."""
     out: dict[str, float] = {}
     for item in [*(entry.get("top_logprobs") or []), entry]:
         tok, lp = item.get("token"), item.get("logprob")
         if isinstance(tok, str) and isinstance(lp, int | float) and tok not in out:
-            out[tok] = max(float(lp), -math.inf)
+            out[tok] = float(lp)
     return out
 
 
@@ -101,7 +100,3 @@ def _by_id(top: dict[str, float]) -> dict[int, float] | None:
         return {int(t[len(_TOKEN_ID):]): lp for t, lp in top.items()}
     except ValueError:
         return None
-
-
-def _word(text: str) -> str:
-    return text.strip().strip(".,?!\"'").lower()

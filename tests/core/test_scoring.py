@@ -108,7 +108,7 @@ def test_both_zero_probability_unscorable():
 
 @pytest.mark.parametrize(("yes", "no"), [([], [0.0]), ([0.0], []), ([], [])])
 def test_missing_variant_list_unscorable(yes, no):
-    with pytest.raises(UnscorableError, match="no single-token yes or no variant"):
+    with pytest.raises(UnscorableError, match="no token reads yes or no"):
         p_yes_from_logits(yes, no)
 
 

@@ -55,11 +55,11 @@ def _advantages_close(a, b, rewards, std: str = "global") -> bool:
 
     |Δadv| <= (|Δr| + |Δmean| + |adv| * |Δstd|) / (std + eps) <= (2 + |adv|) * REWARD_TOL / (std + eps).
     """
-    flat = [r for g in rewards for r in g if not math.isnan(r)]
+    valid = [[r for r in g if not math.isnan(r)] for g in rewards]
     if std == "global":
-        stds = [_pstd(flat)]
-    else:
-        stds = [_pstd([r for r in g if not math.isnan(r)]) for g in rewards]
+        stds = [_pstd([r for g in valid for r in g])]
+    else:  # a group of one has advantage exactly 0, whatever the noise: only real spreads scale it
+        stds = [_pstd(g) for g in valid if len(g) >= 2]
     largest = max(abs(x) for g in a for x in g if not math.isnan(x))
     return _close(a, b, tol=(2 + largest) * REWARD_TOL / (min(stds) + 1e-4))
 

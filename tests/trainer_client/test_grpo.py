@@ -267,6 +267,14 @@ def test_fpr_none_handling():
     assert false_positive_rectification(refined, start) == [[None, 0.1, 0.3, 0.9]]
 
 
+def test_fpr_nan_marks_a_failed_image_like_none():
+    nan = float("nan")
+    # floor = min of the valid starts {.2, .3} = .2 (a NaN start is no reward, not a floor):
+    #   start NaN -> cannot compare, keep .5 ; .9 > .2 keep ; .1 <= .3 -> .2 ; refined NaN stays NaN
+    out = false_positive_rectification([[0.5, 0.9, 0.1, nan]], [[nan, 0.2, 0.3, 0.4]])
+    assert out[0][:3] == [0.5, 0.9, 0.2] and math.isnan(out[0][3])
+
+
 def test_fpr_all_start_none_keeps_refined():
     assert false_positive_rectification([[0.1, None]], [[None, None]]) == [[0.1, None]]
 
