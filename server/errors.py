@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 # "<_io.BytesIO object at 0x7f...>" in a library's message says nothing to a user and leaks a heap address.
 _OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
@@ -12,6 +16,15 @@ _OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
 def scrub(message: str) -> str:
     """A message fit for a client: object reprs with addresses become their type name."""
     return _OBJECT_REPR.sub(lambda m: f"<{m.group(1)}>", message)
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """pydantic's errors as one `field.path: message` line each, without its "Value error, " prefix."""
+    out = []
+    for err in exc.errors():
+        loc, msg = ".".join(str(x) for x in err["loc"]), err["msg"].removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return out
 
 
 class ErrorCode(StrEnum):

@@ -15,7 +15,7 @@ from server.engines.loading import public_id, public_name
 from server.engines.prompts import template_version
 from server.queue.base import Broker
 from server.service import ScoringService, ServiceConfig
-from server.settings import Settings
+from server.settings import Settings, decomposer_limits
 from server.worker import Worker
 
 if TYPE_CHECKING:
@@ -74,9 +74,7 @@ def load_verifier(settings: Settings) -> Verifier:
 def load_decomposer(settings: Settings) -> Decomposer | None:
     if not settings.decomposer:
         return None
-    from server.engines.decomposition_schema import Limits
-
-    limits = Limits(max_semantic=settings.decomposer_max_semantic, max_quality=settings.decomposer_max_quality)
+    limits = decomposer_limits(settings)
     log.info("loading decomposer %s (%s pipeline, %s engine)", settings.decomposer, settings.pipeline,
              settings.decomposer_engine)
     if settings.decomposer_engine == "vllm":
@@ -117,6 +115,7 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
         verifier=public_name(settings.verifier, settings.public_verifier),
         decomposer=settings.decomposer or None, pipeline=settings.pipeline,
         template_version=template_version(settings.verifier_system_prompt),
+        decomposer_templates=template_version(),
         verifier_system_prompt=settings.verifier_system_prompt,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
         result_ttl_s=settings.result_ttl_s,

@@ -48,7 +48,8 @@ class ServiceConfig:
     verifier: str  # the verifier's public name, reported until a worker reports its own
     decomposer: str | None  # the decomposer reference: part of the cache key, never reported
     pipeline: str
-    template_version: str
+    template_version: str  # reported until a worker reports its own; covers the verifier's system prompt
+    decomposer_templates: str  # the decomposition templates' version: part of the cache key
     verifier_system_prompt: str
     request_timeout_s: float
     cache_ttl_s: float
@@ -78,8 +79,9 @@ class ScoringService:
 
     # ---- decomposition ----------------------------------------------------------------
     def cache_key(self, prompt: str) -> str:
+        """What a decomposition depends on; not the verifier's system prompt, which changes no question."""
         c = self.config
-        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.template_version])
+        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.decomposer_templates])
         return "decomp:" + hashlib.sha256(raw.encode()).hexdigest()
 
     async def decompose_one(self, prompt: str, deadline: float) -> tuple[Decomposition, bool]:

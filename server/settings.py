@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.engines import defaults
-from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
+from server.engines.prompts import VERIFIER_SYSTEM_PROMPT, read_system_prompt
+
+if TYPE_CHECKING:
+    from server.engines.decomposition_schema import Limits
 
 # Real models by hub id, as model servers conventionally default: 7B on a GPU, the small siblings on a CPU.
 DEFAULT_MODELS = {
@@ -188,10 +191,7 @@ class Settings(BaseSettings):
             return self
         if "verifier_system_prompt" in self.model_fields_set:
             raise ValueError("give verifier_system_prompt or verifier_system_prompt_file, not both")
-        try:
-            self.verifier_system_prompt = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read the verifier system prompt file {str(path)!r}: {exc}") from exc
+        self.verifier_system_prompt = read_system_prompt(path)
         return self
 
     @model_validator(mode="after")
@@ -217,6 +217,16 @@ class Settings(BaseSettings):
 def setting_default(name: str) -> Any:
     """A setting's default: commands that run engines without the service (`decompose`, `score`, `eval`) use it too."""
     return Settings.model_fields[name].default
+
+
+def decomposer_limits(settings: Settings | None = None) -> Limits:
+    """The decomposer's question caps: the service's settings, or their defaults for commands without it."""
+    from server.engines.decomposition_schema import Limits
+
+    if settings is None:
+        return Limits(max_semantic=setting_default("decomposer_max_semantic"),
+                      max_quality=setting_default("decomposer_max_quality"))
+    return Limits(max_semantic=settings.decomposer_max_semantic, max_quality=settings.decomposer_max_quality)
 
 
 def setting_choices(name: str) -> list[str]:

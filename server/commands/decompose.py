@@ -11,16 +11,14 @@ from server.settings import setting_choices, setting_default
 
 def _decompose(args: argparse.Namespace) -> int:
     from server.engines.base import EngineError
-    from server.engines.decomposition_schema import Limits
     from server.engines.hf_decomposer import HFDecomposer
-    from server.settings import default_models
+    from server.settings import decomposer_limits, default_models
 
     try:
         engine = HFDecomposer(
             args.decomposer or default_models(args.device)[1], args.pipeline, device=args.device,
             dtype=args.dtype, max_new_tokens=args.max_new_tokens, max_retries=args.max_retries, seed=args.seed,
-            limits=Limits(max_semantic=setting_default("decomposer_max_semantic"),
-                          max_quality=setting_default("decomposer_max_quality")),
+            limits=decomposer_limits(),
         )
         results = engine.decompose(args.prompts)
     except EngineError as e:

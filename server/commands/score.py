@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
 from dvreward_protocol.reward import Aggregation, Gating, aggregate
 from server.commands.verifier_flags import add_verifier_flags, verifier_options
+from server.errors import validation_problems
 from server.settings import setting_choices, setting_default
 
 QUESTION_SHAPE = '{"id": "1", "text": "Is there a cat?", "tag": "Existence"}'
@@ -51,8 +52,7 @@ def _question(path: Path, n: int, raw: object) -> Question:
     try:
         return Question.model_validate(raw)
     except ValidationError as exc:
-        why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'question'}: {e['msg'].removeprefix('Value error, ')}"
-                        for e in exc.errors())
+        why = "; ".join(validation_problems(exc))
         raise ValueError(f"{path}: question {n}: {why} (README: Questions)") from None
 
 
@@ -67,14 +67,13 @@ def _score(args: argparse.Namespace) -> int:
             prompt, questions = read_questions(Path(args.questions))
             dec = Decomposition(prompt=args.prompt or prompt or "", questions=tuple(questions))
         elif args.decomposer and args.prompt:
-            from server.engines.decomposition_schema import Limits
             from server.engines.hf_decomposer import HFDecomposer
+            from server.settings import decomposer_limits
 
             (dec,) = HFDecomposer(
                 args.decomposer, args.pipeline, device=args.device, dtype=args.dtype,
                 max_new_tokens=setting_default("decomposer_max_new_tokens"),
-                limits=Limits(max_semantic=setting_default("decomposer_max_semantic"),
-                              max_quality=setting_default("decomposer_max_quality")),
+                limits=decomposer_limits(),
             ).decompose([args.prompt])
         else:
             print("give --questions FILE, or --decomposer PATH with --prompt", file=sys.stderr)

@@ -20,7 +20,8 @@ from server.settings import Settings
 if TYPE_CHECKING:
     from server.engines.base import Decomposer, Verifier
 
-# Settings only one side reads; the other command does not offer them as flags. `device` stays on both:
+# Settings only one side acts on; the other command does not offer them as flags (the API reports the
+# system prompt its workers report, its own only when no image was scored). `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys. The
 # verifier's layout, pixel range and token budget are on both: the API refuses items they cannot hold.
 WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decomposer_max_new_tokens",
@@ -88,11 +89,15 @@ def _shown(default: Any) -> str:
     return str(default)
 
 
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings flags given on the command line."""
+    return {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Flags override the environment, which overrides the defaults; a bad value is one line, not a traceback."""
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     try:
-        return Settings(**given)
+        return Settings(**_given(args))
     except ValidationError as exc:
         raise StartupError(settings_problems(exc)) from None
 
@@ -194,9 +199,9 @@ def _supervise(args: argparse.Namespace) -> int:
         devices = parse_devices(args.devices, gpu_count)
     except ValueError as exc:
         raise StartupError([str(exc)]) from None
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    given = _given(args)
     s = settings_from(argparse.Namespace(**given, device=devices[0]))  # default models depend on the device
-    check(models=loaded_models(s))  # once, not in a restart loop
+    check(models=loaded_models(s))  # before any child starts: a bad reference is exit 2, not a restart loop
     env = dict(os.environ)
     for name, value in given.items():
         env[f"DVREWARD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)

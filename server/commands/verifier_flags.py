@@ -6,10 +6,9 @@ The same choices as the service's settings, with the same defaults, so offline s
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
+from server.engines.prompts import VERIFIER_SYSTEM_PROMPT, read_system_prompt
 
 
 def add_verifier_flags(p: argparse.ArgumentParser) -> None:
@@ -25,9 +24,6 @@ def verifier_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of HFVerifier.load from the flags; an unreadable prompt file is a ValueError."""
     system_prompt = args.verifier_system_prompt
     if args.verifier_system_prompt_file:
-        try:
-            system_prompt = Path(args.verifier_system_prompt_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read {args.verifier_system_prompt_file}: {exc}") from exc
+        system_prompt = read_system_prompt(args.verifier_system_prompt_file)
     return {"system_prompt": VERIFIER_SYSTEM_PROMPT if system_prompt is None else system_prompt,
             "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}

@@ -25,6 +25,7 @@ from dvreward_protocol.questions import (
 from server.core.scoring import answered_yes
 from server.engines.decomposition_schema import DSG_CATEGORIES
 from server.engines.prompts import render_tuple
+from server.errors import validation_problems
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -97,10 +98,7 @@ def _question(where: str, **fields: Any) -> Question:
     try:
         return Question(**fields)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ValueError(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
+        raise ValueError(f"{where}: {validation_problems(e)[0]}") from None
 
 
 def _decomposition(prompt: str, questions: list[Question], **meta: Any) -> Decomposition:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 TEMPLATE_VERSION = "2026-12-01.1"
@@ -199,3 +200,11 @@ def template_version(verifier_system_prompt: str | None = None) -> str:
         return f"{TEMPLATE_VERSION}+{template_hash()}"
     digest = hashlib.sha256(f"{template_hash()}\n{verifier_system_prompt}".encode()).hexdigest()[:12]
     return f"{TEMPLATE_VERSION}+{digest}"
+
+
+def read_system_prompt(path: str | Path) -> str:
+    """A verifier system prompt from a UTF-8 file (surrounding whitespace dropped); unreadable is a ValueError."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the verifier system prompt file {str(path)!r}: {exc}") from exc

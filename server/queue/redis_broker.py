@@ -25,7 +25,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dvreward_protocol.schemas import WorkerInfo
-from server.errors import ErrorCode, ServiceError
+from server.errors import ErrorCode, ServiceError, validation_problems
 from server.queue.base import (
     Compute,
     queue_full,
@@ -45,6 +45,7 @@ T = TypeVar("T")
 # seconds instead of a hang. A blocking read (BLPOP) waits at most half of it per call: a wait longer
 # than the socket timeout must not read as an outage.
 TRIM_GRACE_S = 5.0  # clock skew between API replicas and Redis that trimming by deadline tolerates
+SAME_VERSION = "the API and the workers must run the same DVReward version"  # tasks and results are theirs
 
 # KEYS: the streams. ARGV: max queue, oldest entry id kept (ms), key ttl ms, task count, then per task:
 # stream index, field count, fields. Trims entries past every deadline, then admits all tasks or none
@@ -316,8 +317,7 @@ class RedisBroker:
         if isinstance(head, dict) and isinstance(head.get("task_id"), str) and isinstance(head.get("reply_to"), str):
             await self._send(head["task_id"], head["reply_to"], Result.failure(
                 head["task_id"], ErrorCode.internal,
-                f"a worker could not read this task ({_first_error(exc)}); the API and the workers must run the "
-                "same DVReward version"))
+                f"a worker could not read this task ({validation_problems(exc)[0]}); {SAME_VERSION}"))
         await self._drop(stream, entry_id.decode())
 
     async def _ack(self, task: Task) -> None:
@@ -390,14 +390,9 @@ class RedisBroker:
         await self.redis.aclose()
 
 
-def _first_error(exc: ValidationError) -> str:
-    e = exc.errors()[0]
-    return f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
-
-
 def _read_result(raw: bytes) -> Result:
     try:
         return Result.from_json(raw)
     except ValidationError as exc:
-        raise ServiceError(ErrorCode.internal, f"a worker's result cannot be read ({_first_error(exc)}); the API and "
-                           "the workers must run the same DVReward version") from exc
+        raise ServiceError(ErrorCode.internal,
+                           f"a worker's result cannot be read ({validation_problems(exc)[0]}); {SAME_VERSION}") from exc
