@@ -12,13 +12,14 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from dvreward_protocol.schemas import ErrorInfo, ErrorResponse
+from server.api.edge import error_response
 from server.errors import ErrorCode
 
 
 def _timeout_response(timeout_s: float) -> bytes:
-    body = ErrorResponse(error=ErrorInfo(code=ErrorCode.body_timeout.value, message=(
-        f"the request headers did not arrive within {timeout_s:g} s"))).model_dump_json().encode()
+    """The 408 written straight to the socket: no ASGI app has the request yet."""
+    body = bytes(error_response(408, ErrorCode.body_timeout,
+                                f"the request headers did not arrive within {timeout_s:g} s", None).body)
     head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n")
     return head.encode() + body
