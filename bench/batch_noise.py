@@ -20,14 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.verifier import make_items  # noqa: E402
+from bench.verifier import make_items, max_diff  # noqa: E402
 from server.engines import defaults  # noqa: E402
 from server.engines.hf_verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import VERIFIER_ARCHS, write_tiny_verifier  # noqa: E402
-
-
-def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
-    return max(abs(u - w) for x, y in zip(a, b, strict=True) for u, w in zip(x, y, strict=True))
 
 
 def main() -> None:

@@ -16,43 +16,24 @@ import json
 import os
 import platform
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from bench.verifier import make_items  # noqa: E402
+from bench.verifier import make_items, max_diff, timed  # noqa: E402
 from server.engines import defaults  # noqa: E402
-from server.engines.base import VerifyItem  # noqa: E402
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT  # noqa: E402
-
-
-def timed(verify: Callable[[list[VerifyItem]], list[list[float]]], items: list[VerifyItem],
-          repeat: int) -> tuple[float, list[list[float]]]:
-    verify(items[:2])  # warm-up
-    ts, out = [], []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = verify(items)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, dtype: str, mem: float, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
+
+    from bench.service import free_port
 
     port = free_port()
     with open(log, "wb") as out:
@@ -116,7 +97,7 @@ def main() -> None:
             from server.engines.hf_verifier import HFVerifier
 
             hf = HFVerifier.load(model, device=args.device, dtype=args.dtype)
-            t, ref = timed(hf.verify, items, args.repeat)
+            t, ref = timed(lambda: hf.verify(items), args.repeat)
             result["transformers_images_per_s"] = round(args.images / t, 2)
             del hf
         outputs: dict[str, list[list[float]]] = {}
@@ -126,7 +107,7 @@ def main() -> None:
 
             v = VLLMVerifier.load(model, system_prompt=VERIFIER_SYSTEM_PROMPT,
                                   options=VLLMOptions(dtype=args.dtype, gpu_memory_utilization=mem))
-            t, outputs["vllm"] = timed(v.verify, items, args.repeat)
+            t, outputs["vllm"] = timed(lambda: v.verify(items), args.repeat)
             result["vllm_images_per_s"] = round(args.images / t, 2)
             v.close()
         if "remote" in engines:
@@ -137,7 +118,7 @@ def main() -> None:
             try:
                 r = OpenAIVerifier.connect(url, model, VERIFIER_SYSTEM_PROMPT,
                                            RemoteOptions(concurrency=args.concurrency))
-                t, outputs["remote"] = timed(r.verify, items, args.repeat)
+                t, outputs["remote"] = timed(lambda: r.verify(items), args.repeat)
                 result["remote_images_per_s"] = round(args.images / t, 2)
                 r.close()
             finally:
@@ -147,8 +128,7 @@ def main() -> None:
                     os.killpg(proc.pid, signal.SIGKILL)
         for name, out in outputs.items():
             if ref is not None:
-                result[f"{name}_max_abs_diff"] = max(abs(a - b) for x, y in zip(out, ref, strict=True)
-                                                     for a, b in zip(x, y, strict=True))
+                result[f"{name}_max_abs_diff"] = max_diff(out, ref)
     import torch
 
     result["torch"] = torch.__version__

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.verifier import max_diff, timed  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
 from server.engines.hf_verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import write_tiny_verifier  # noqa: E402
@@ -119,18 +119,9 @@ def main() -> None:
             with cf.ThreadPoolExecutor(len(chunks)) as pool:
                 return [p for res in pool.map(one, chunks) for p in res]
 
-        def timed(fn):  # noqa: ANN001, ANN202
-            fn()  # warm-up
-            ts, out = [], None
-            for _ in range(args.repeat):
-                t = time.perf_counter()
-                out = fn()
-                ts.append(time.perf_counter() - t)
-            return statistics.median(ts), out
-
-        t_in, p_in = timed(in_process)
-        t_svc, p_svc = timed(through_service)
-        diff = max(abs(a - b) for x, y in zip(p_in, p_svc, strict=True) for a, b in zip(x, y, strict=True))
+        t_in, p_in = timed(in_process, args.repeat)
+        t_svc, p_svc = timed(through_service, args.repeat)
+        diff = max_diff(p_in, p_svc)
         print(json.dumps({
             "config": args.config, "px": args.px, "questions": args.questions, "images": args.images,
             "request_images": args.request_images, "batch_size": args.batch_size, "repeat": args.repeat,

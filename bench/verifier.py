@@ -15,7 +15,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,17 +65,26 @@ def make_items(n: int, k: int, px: int) -> list[VerifyItem]:
     return items
 
 
-def timed(v: HFVerifier, items: list[VerifyItem], repeat: int) -> tuple[float, list[list[float]]]:
-    sync = torch.cuda.synchronize if v.device.type == "cuda" else (lambda: None)
-    out = v.verify(items[:2])  # warm-up
+T = TypeVar("T")
+
+
+def timed(run: Callable[[], T], repeat: int, sync: Callable[[], object] = lambda: None) -> tuple[float, T]:
+    """Median seconds of `repeat` runs after one warm-up run, and the last run's output; `sync` waits for
+    the device (a CUDA run returns before its kernels finish)."""
+    out = run()
     ts = []
     for _ in range(repeat):
         sync()
         t = time.perf_counter()
-        out = v.verify(items)
+        out = run()
         sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts), out
+
+
+def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    """The largest |Δp| between two runs' p, question by question."""
+    return max(abs(u - w) for x, y in zip(a, b, strict=True) for u, w in zip(x, y, strict=True))
 
 
 def packed_memory(v: HFVerifier, items: list[VerifyItem]) -> dict[str, float | int | None]:
@@ -111,12 +122,13 @@ def main() -> None:
     v.max_batch_tokens = args.max_batch_tokens
     items = make_items(args.images, args.questions, args.px)
     pairs = args.images * args.questions
+    sync = torch.cuda.synchronize if v.device.type == "cuda" else (lambda: None)
     v.mode = "packed"
-    t_packed, p_packed = timed(v, items, args.repeat)
+    t_packed, p_packed = timed(lambda: v.verify(items), args.repeat, sync)
     memory = packed_memory(v, items)
     v.mode = "per_pair"
-    t_pair, p_pair = timed(v, items, args.repeat)
-    diff = max(abs(a - b) for x, y in zip(p_packed, p_pair, strict=True) for a, b in zip(x, y, strict=True))
+    t_pair, p_pair = timed(lambda: v.verify(items), args.repeat, sync)
+    diff = max_diff(p_packed, p_pair)
     print(json.dumps({
         "config": args.config, "device": str(v.device), "dtype": args.dtype, "vision": args.vision,
         "images": args.images,
