@@ -50,14 +50,20 @@ def plain_chat_p() -> Any:
         words = [tokenizer.decode([i]).lower().strip(strip) for i in range(len(tokenizer))]
         return [i for i, w in enumerate(words) if w == "yes"], [i for i, w in enumerate(words) if w == "no"]
 
+    def expanded(ids: list[int], pad: int, grid_thw: Any, merge_size: int) -> list[int]:
+        """Each image placeholder repeated once per merged patch of its image."""
+        counts = iter(int(n) // merge_size**2 for n in grid_thw.prod(-1).tolist())
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * next(counts) if t == pad else [t])
+        return out
+
     def plain_p(model: Any, tokenizer: Any, image_processor: Any, system_prompt: str, images: list[Any],
                 question: str) -> float:
         vis = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         pad = model.config.image_token_id
-        counts = iter(int(n) // image_processor.merge_size**2 for n in vis["image_grid_thw"].prod(-1).tolist())
-        ids: list[int] = []
-        for t in template_ids(tokenizer, system_prompt, len(images), question):
-            ids.extend([t] * next(counts) if t == pad else [t])
+        ids = expanded(template_ids(tokenizer, system_prompt, len(images), question), pad, vis["image_grid_thw"],
+                       image_processor.merge_size)
         x = torch.tensor([ids])
         with torch.inference_mode():
             out = model(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=vis["pixel_values"],
@@ -67,5 +73,6 @@ def plain_chat_p() -> Any:
         return float(prob[yes].sum() / (prob[yes].sum() + prob[no].sum()))
 
     plain_p.template_ids = template_ids  # type: ignore[attr-defined]
+    plain_p.expanded = expanded  # type: ignore[attr-defined]
     plain_p.answer_sets = answer_sets  # type: ignore[attr-defined]
     return plain_p

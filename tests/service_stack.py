@@ -112,6 +112,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path, redis_server: RedisProcess) -> Iterator[RedisProcess]:
+    """A Redis of one test alone, which it may freeze or kill; depends on redis_server only for the skip."""
+    server = RedisProcess(tmp_path / "private-redis")
+    server.start()
+    yield server
+    server.kill()  # SIGKILL ends a frozen (SIGSTOPped) server too
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisProcess) -> str:
     """The shared private Redis, flushed before each test."""
     import redis
@@ -125,6 +134,12 @@ def redis_url(redis_server: RedisProcess) -> str:
 
 
 # ---- service processes -------------------------------------------------------------------------
+def drop_service_settings(mp: pytest.MonkeyPatch) -> None:
+    """No DVREWARD_ variable for this test: in-process Settings see the defaults, as service_env's processes do."""
+    for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
+        mp.delenv(name)
+
+
 def service_env(**settings: Any) -> dict[str, str]:
     """The parent environment without any DVREWARD_ setting, plus the given ones, offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVREWARD_")}

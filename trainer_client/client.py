@@ -82,8 +82,6 @@ class _Base:
         on_error: OnError = "raise",
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        if on_error not in ("raise", "nan"):
-            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
         if max_retries < 0 or chunk_images < 1 or max_concurrency < 1 or max_request_bytes < 1:
             raise ValueError("max_retries must be >= 0; chunk_images, max_concurrency, max_request_bytes >= 1")
         self.base_url = base_url.rstrip("/")
@@ -93,7 +91,7 @@ class _Base:
         self.chunk_images = chunk_images
         self.max_request_bytes = max_request_bytes
         self.max_concurrency = max_concurrency
-        self.on_error: OnError = on_error
+        self.on_error: OnError = policy(on_error, "raise")
         self._headers = {"User-Agent": "dvreward-trainer-client/0.1", **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from trainer_client.errors import DVRewardError, ServerError, error_from_response, error_from_transport
+from trainer_client.jobs import M
 
 log = logging.getLogger("trainer_client")
 
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)

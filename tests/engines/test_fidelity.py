@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from server.engines.base import EngineError, VerifyItem
@@ -38,14 +37,6 @@ def verifier(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return HFVerifier.load(str(path))
 
 
-def _expanded(v: HFVerifier, ids: list[int], grid: torch.Tensor) -> list[int]:
-    counts = iter(int(n) // v.merge**2 for n in grid.prod(-1).tolist())
-    out: list[int] = []
-    for t in ids:
-        out.extend([t] * next(counts) if t == v.image_token_id else [t])
-    return out
-
-
 @pytest.mark.parametrize("system_prompt", SYSTEM_PROMPTS)
 def test_token_ids_are_the_chat_templates(verifier: HFVerifier, system_prompt: str, plain_chat_p: Any) -> None:
     verifier.system_prompt = system_prompt
@@ -56,7 +47,7 @@ def test_token_ids_are_the_chat_templates(verifier: HFVerifier, system_prompt: s
             assert verifier.image_token_id in prep.prefix and len(prep.blocks) == len(QUESTIONS)
             for q, block in zip(QUESTIONS, prep.blocks, strict=True):
                 ids = plain_chat_p.template_ids(verifier.tokenizer, system_prompt, n_images, q)
-                want = _expanded(verifier, ids, prep.grid_thw)
+                want = plain_chat_p.expanded(ids, verifier.image_token_id, prep.grid_thw, verifier.merge)
                 assert prep.prefix + block == want, q
     finally:
         verifier.system_prompt = VERIFIER_SYSTEM_PROMPT
@@ -137,7 +128,8 @@ def test_questions_that_change_the_prefix_get_their_own(verifier: HFVerifier, pl
         assert [p.slots for p in preps] == [[0], [1], [2]]
         for prep, q in zip(preps, item.questions, strict=True):
             ids = plain_chat_p.template_ids(verifier.tokenizer, verifier.system_prompt, 1, q)
-            assert prep.prefix + prep.blocks[0] == _expanded(verifier, ids, prep.grid_thw)
+            want = plain_chat_p.expanded(ids, verifier.image_token_id, prep.grid_thw, verifier.merge)
+            assert prep.prefix + prep.blocks[0] == want
         got = verifier.verify([item, VerifyItem((_image(6, 64, 64),), ("Is it blue?",))])
         for q, p in zip(item.questions, got[0], strict=True):
             want = plain_chat_p(verifier.model, verifier.tokenizer, verifier.image_processor,

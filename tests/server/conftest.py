@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import threading
 import types
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service_stack import HOST, STARTUP_S, RedisProcess, ServiceProcess, free_port, service_env, wait_for
+from tests.service_stack import HOST, STARTUP_S, ServiceProcess, drop_service_settings, free_port, service_env, wait_for
 
 
 # ---- images ------------------------------------------------------------------------------------
@@ -81,8 +80,7 @@ def tiny_verifier(tiny_models: dict[str, Path]) -> Any:
     from server.settings import Settings
 
     with pytest.MonkeyPatch.context() as mp:  # the service processes see no DVREWARD_ setting either
-        for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
-            mp.delenv(name)
+        drop_service_settings(mp)
         return load_verifier(Settings(verifier=str(tiny_models["verifier"]), decomposer=""))
 
 
@@ -129,6 +127,6 @@ def kit() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         png_bytes=png_bytes, png_b64=png_b64, b64=b64, explicit_questions=explicit_questions, wait_for=wait_for,
         free_port=free_port, service_env=service_env, serve_in_thread=serve_in_thread, local_p=local_p,
-        local_rewards=local_rewards, RedisProcess=RedisProcess, HOST=HOST, STARTUP_S=STARTUP_S,
+        local_rewards=local_rewards, HOST=HOST, STARTUP_S=STARTUP_S,
         ServiceProcess=ServiceProcess,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import types
 import uuid
 from collections.abc import Iterator
@@ -12,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.service_stack import drop_service_settings
 
 TOL = 1e-4
 PROMPT = "a photo of a red car next to a blue house"
@@ -186,8 +187,7 @@ def test_api_keys(kit: types.SimpleNamespace, tiny_verifier: Any, tiny_models: d
     from server.runtime import build_app
     from server.settings import Settings
 
-    for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
-        monkeypatch.delenv(name)
+    drop_service_settings(monkeypatch)
     monkeypatch.setenv("DVREWARD_API_KEYS", '["k1", "k2"]')
     settings = Settings(verifier=str(tiny_models["verifier"]), decomposer="")
     assert settings.api_keys == ["k1", "k2"]

@@ -8,23 +8,13 @@ import signal
 import threading
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-
-@pytest.fixture
-def private_redis(tmp_path: Path, kit: types.SimpleNamespace, redis_server: Any) -> Iterator[Any]:
-    """A Redis of this test alone (it gets frozen); depends on redis_server only for the skip."""
-    server = kit.RedisProcess(tmp_path / "redis")
-    server.start()
-    yield server
-    if server.proc is not None:
-        os.kill(server.proc.pid, signal.SIGCONT)
-    server.kill()
+from tests.service_stack import drop_service_settings
 
 
 def test_frozen_redis_is_a_503_within_seconds_and_readyz_within_one(
@@ -33,8 +23,7 @@ def test_frozen_redis_is_a_503_within_seconds_and_readyz_within_one(
     from server.runtime import build_app
     from server.settings import Settings
 
-    for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
-        monkeypatch.delenv(name)
+    drop_service_settings(monkeypatch)
     s = Settings(verifier=str(tiny_models["verifier"]), decomposer="", redis_url=private_redis.url,
                  redis_timeout_s=1.0, request_timeout_s=60)
     body = {"items": [{"images": [kit.png_b64(1)], "questions": ["Is it red?"]}]}

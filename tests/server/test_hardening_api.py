@@ -6,7 +6,6 @@ service's format with a request id, every response counted in /metrics, and serv
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from server.engines.base import ItemScores, VerifyItem
+from tests.service_stack import drop_service_settings
 
 Q = [{"id": "a", "text": "Is there a cat?", "tag": "Existence"},
      {"id": "b", "text": "Is the cat red?", "tag": "Attribute"}]
@@ -46,8 +46,7 @@ def serve(kit: types.SimpleNamespace, tiny_models: dict[str, Path], tiny_verifie
     from server.runtime import build_app
     from server.settings import Settings
 
-    for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
-        monkeypatch.delenv(name)
+    drop_service_settings(monkeypatch)
 
     @contextmanager
     def make(verifier: Any = tiny_verifier, **settings: Any) -> Iterator[str]:
@@ -205,8 +204,7 @@ def test_protocol_errors_have_allow_415_request_ids_and_are_all_counted(
     from server.runtime import build_broker, build_service
     from server.settings import Settings
 
-    for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
-        monkeypatch.delenv(name)
+    drop_service_settings(monkeypatch)
     s = Settings(verifier=str(tiny_models["verifier"]), decomposer="", max_body_bytes=10_000)
     service = build_service(s, BrokenSubmit(build_broker(s)))  # type: ignore[arg-type]
     rid = {"X-Request-Id": "proto-1"}

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path, kit: types.SimpleNamespace, redis_server: Any) -> Iterator[Any]:
-    """A Redis of this test alone (it gets killed); depends on redis_server only for the skip."""
-    server = kit.RedisProcess(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
 
 
 def test_redis_outage_gives_503_and_service_resumes_after_restart(
