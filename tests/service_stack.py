@@ -141,10 +141,11 @@ def drop_service_settings(mp: pytest.MonkeyPatch) -> None:
 
 
 def service_env(**settings: Any) -> dict[str, str]:
-    """The parent environment without any DVREWARD_ setting, plus the given ones, offline."""
+    """The parent environment without any DVREWARD_ setting, plus the given ones, offline; one thread unless
+    TEST_SERVICE_THREADS says otherwise (.ci/run changes it to vary the float reduction order)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVREWARD_")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=os.environ.get("TEST_SERVICE_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     for key, value in settings.items():
         env[f"DVREWARD_{key.upper()}"] = str(value)
     return env

@@ -17,6 +17,9 @@ from server.engines.base import EngineError, VerifyItem
 from server.engines.hf_verifier import HFVerifier
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
 from server.engines.tiny import QWEN_MAX_PIXELS, VERIFIER_ARCHS, write_tiny_verifier
+from tests.tolerance import P_TOL
+
+pytestmark = pytest.mark.float_sensitive
 
 # Leading spaces, punctuation, digits, unicode, a question that starts with punctuation or a newline.
 QUESTIONS = (
@@ -104,7 +107,7 @@ def test_p_equals_a_plain_transformers_chat_call(verifier: HFVerifier, mode: str
         for q, p in zip(item.questions, ps, strict=True):
             want = plain_chat_p(verifier.model, verifier.tokenizer, verifier.image_processor, verifier.system_prompt,
                                 list(item.images), q)
-            assert p == pytest.approx(want, abs=1e-4), q
+            assert p == pytest.approx(want, abs=P_TOL), q
 
 
 # A chat template that writes the question before the images: the questions then share no prefix that
@@ -134,6 +137,6 @@ def test_questions_that_change_the_prefix_get_their_own(verifier: HFVerifier, pl
         for q, p in zip(item.questions, got[0], strict=True):
             want = plain_chat_p(verifier.model, verifier.tokenizer, verifier.image_processor,
                                 verifier.system_prompt, list(item.images), q)
-            assert p == pytest.approx(want, abs=1e-4), q
+            assert p == pytest.approx(want, abs=P_TOL), q
     finally:
         verifier.tokenizer.chat_template = original

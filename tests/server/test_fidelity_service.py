@@ -14,6 +14,9 @@ import pytest
 from PIL import Image
 
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT, template_version
+from tests.tolerance import P_TOL, SUM_ORDER, assert_advantages_close
+
+pytestmark = pytest.mark.float_sensitive
 
 QUESTIONS = [
     {"id": "cat", "text": "Is there a cat?", "tag": "Existence"},
@@ -61,7 +64,7 @@ def test_service_p_is_a_plain_chat_calls(client: httpx.Client, kit: types.Simple
         pil = Image.open(io.BytesIO(data))
         for qid, text in asked.items():
             want = plain_chat_p(v.model, v.tokenizer, v.image_processor, VERIFIER_SYSTEM_PROMPT, [pil], text)
-            assert im["p"][qid] == pytest.approx(want, abs=1e-4), qid
+            assert im["p"][qid] == pytest.approx(want, abs=P_TOL), qid
 
 
 def test_default_advantages_are_the_references(client: httpx.Client, kit: types.SimpleNamespace) -> None:
@@ -75,9 +78,9 @@ def test_default_advantages_are_the_references(client: httpx.Client, kit: types.
     std = math.sqrt(sum((r - m) ** 2 for r in flat) / len(flat))  # population std over the whole request
     cat = rewards[0] + rewards[2]  # the same prompt is one group, wherever its images are
     means = [sum(cat) / 4, sum(rewards[1]) / 2, sum(cat) / 4]
-    for g, mean in zip(body["groups"], means, strict=True):
-        want = [max(-5.0, min(5.0, (r - mean) / (std + 1e-4))) for r in g["rewards"]]
-        assert g["advantages"] == pytest.approx(want, abs=1e-9)
+    want = [[max(-5.0, min(5.0, (r - mean) / (std + 1e-4))) for r in g["rewards"]]
+            for g, mean in zip(body["groups"], means, strict=True)]
+    assert_advantages_close([g["advantages"] for g in body["groups"]], want, rewards, reward_noise=SUM_ORDER)
     assert body["warnings"] == []  # group 2's lone image shares its prompt with group 0
 
 
@@ -133,7 +136,7 @@ def test_a_configured_system_prompt_is_scored_and_reported(kit: types.SimpleName
     pil = Image.open(io.BytesIO(data))
     want = plain_chat_p(v.model, v.tokenizer, v.image_processor, settings.verifier_system_prompt, [pil],
                         "Is there a cat?")
-    assert body["groups"][0]["images"][0]["p"]["cat"] == pytest.approx(want, abs=1e-4)
-    assert verify.json()["results"][0]["p"][0] == pytest.approx(want, abs=1e-4)
+    assert body["groups"][0]["images"][0]["p"]["cat"] == pytest.approx(want, abs=P_TOL)
+    assert verify.json()["results"][0]["p"][0] == pytest.approx(want, abs=P_TOL)
     other = plain_chat_p(v.model, v.tokenizer, v.image_processor, VERIFIER_SYSTEM_PROMPT, [pil], "Is there a cat?")
     assert abs(want - other) > 1e-4, "the two prompts must give different p for this check to mean anything"

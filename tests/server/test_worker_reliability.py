@@ -25,8 +25,8 @@ from server.queue.messages import Failure, Result, Task, TaskKind, Verified, Ver
 from server.runtime import build_broker
 from server.settings import Settings
 from server.worker import Worker
+from tests.tolerance import P_TOL, assert_rewards_close
 
-TOL = 1e-4
 QUESTIONS = ["Is there a cat?", "Is the cat red?"]
 
 
@@ -92,7 +92,7 @@ async def test_worker_fails_expired_and_undecodable_tasks_alone(
     expected = [kit.local_p(tiny_verifier, [good[0]], QUESTIONS)[0], kit.local_p(tiny_verifier, [good[1]],
                                                                                   QUESTIONS[:1])[0]]
     for tid, exp in zip(("req:ok0", "req:ok1"), expected, strict=True):
-        assert p_of(results[tid]) == pytest.approx(exp, abs=TOL)
+        assert p_of(results[tid]) == pytest.approx(exp, abs=P_TOL)
     assert await broker.workers() == [], "a stopped worker deregisters"
     assert await broker.queue_depth(TaskKind.verify) == 0
 
@@ -143,7 +143,7 @@ async def test_scores_that_are_not_probabilities_fail_their_item_not_the_worker(
     await run_worker(broker, Overconfident(tiny_verifier), body)
     bad, good = (results[f"o:{n}"] for n in range(2))
     assert failure(bad).code is ErrorCode.verification_failed and "not probabilities" in failure(bad).message
-    assert p_of(good) == pytest.approx(kit.local_p(tiny_verifier, [kit.png_bytes(1)], QUESTIONS)[0], abs=TOL)
+    assert p_of(good) == pytest.approx(kit.local_p(tiny_verifier, [kit.png_bytes(1)], QUESTIONS)[0], abs=P_TOL)
 
 
 class BrokenDelivery(MemoryBroker):
@@ -315,7 +315,7 @@ def test_sigkilled_worker_tasks_are_reclaimed_and_sigterm_drains(
         (group,) = resp.json()["groups"]
         assert all(x is not None for x in group["rewards"]), group
         expected = kit.local_rewards(tiny_verifier, images[r], questions)
-        assert group["rewards"] == pytest.approx(expected, abs=TOL)
+        assert_rewards_close([group["rewards"]], [expected])
     deliveries = {tid: int(client.get(f"dvr:deliveries:{tid}") or 0) for tid in stuck}
     assert set(deliveries.values()) == {2}, f"the dead worker's tasks must be re-delivered once: {deliveries}"
     assert not any(pending(client).values()) and client.xlen("dvr:stream:verify") == 0
@@ -388,7 +388,7 @@ def test_sigterm_with_a_batch_in_flight_finishes_it_then_exits(
     assert worker.wait(60) == 0, worker.log_tail()
     assert response.status_code == 200, response.text
     (reward,) = response.json()["groups"][0]["rewards"]
-    assert reward == pytest.approx(kit.local_rewards(tiny_verifier, [image], questions)[0], abs=TOL)
+    assert_rewards_close([[reward]], [kit.local_rewards(tiny_verifier, [image], questions)])
     assert {int(client.get(f"dvr:deliveries:{tid}") or 0) for tid in stuck} == {1}, "finished, not re-delivered"
     assert not any(pending(client).values()) and not has_pid(worker_ids(api.url), worker.pid)
     assert "Traceback" not in worker.log_tail(20_000)

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from server.supervisor import child_environment, parse_devices
+from tests.tolerance import assert_rewards_close
 
-TOL = 1e-4
 QUESTIONS = [{"id": "cat", "text": "Is there a cat?", "tag": "Existence"},
              {"id": "red", "text": "Is the cat red?", "tag": "Attribute", "depends_on": ["cat"]}]
 
@@ -110,7 +110,7 @@ def test_supervisor_restarts_a_killed_worker_and_nothing_is_lost(
     for r, resp in enumerate(responses):
         assert resp.status_code == 200, resp.text
         (group,) = resp.json()["groups"]
-        assert group["rewards"] == pytest.approx(kit.local_rewards(tiny_verifier, images[r], QUESTIONS), abs=TOL)
+        assert_rewards_close([group["rewards"]], [kit.local_rewards(tiny_verifier, images[r], QUESTIONS)])
     assert pending_total(client) == 0 and client.xlen("dvr:stream:verify") == 0
 
     def restarted() -> set[int] | None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.tolerance import assert_advantages_close, assert_rewards_close
 from trainer_client import (
     AsyncDVRewardClient,
     BadRequest,
@@ -19,6 +20,8 @@ from trainer_client import (
     ScoreResult,
     group_advantages,
 )
+
+pytestmark = pytest.mark.float_sensitive
 
 SIZES = (5, 2, 4, 1)  # groups of different sizes, one bigger than the small chunk size used below
 
@@ -38,37 +41,6 @@ def _groups(make_images) -> list[list[np.ndarray]]:
     return out
 
 
-# Rewards of the same pixels differ by float32 noise (~1e-7) between batch layouts and machines.
-REWARD_TOL = 1e-5
-
-
-def _close(a, b, tol: float = REWARD_TOL) -> bool:
-    return all(
-        len(x) == len(y)
-        and all((math.isnan(u) and math.isnan(v)) or abs(u - v) <= tol for u, v in zip(x, y, strict=True))
-        for x, y in zip(a, b, strict=True)
-    )
-
-
-def _advantages_close(a, b, rewards, std: str = "global") -> bool:
-    """Advantages are reward differences divided by (std + 1e-4): their noise is the rewards' scaled by 1 / std.
-
-    |Δadv| <= (|Δr| + |Δmean| + |adv| * |Δstd|) / (std + eps) <= (2 + |adv|) * REWARD_TOL / (std + eps).
-    """
-    valid = [[r for r in g if not math.isnan(r)] for g in rewards]
-    if std == "global":
-        stds = [_pstd([r for g in valid for r in g])]
-    else:  # a group of one has advantage exactly 0, whatever the noise: only real spreads scale it
-        stds = [_pstd(g) for g in valid if len(g) >= 2]
-    largest = max(abs(x) for g in a for x in g if not math.isnan(x))
-    return _close(a, b, tol=(2 + largest) * REWARD_TOL / (min(stds) + 1e-4))
-
-
-def _pstd(xs) -> float:
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
-
-
 def test_grouping_and_order_match_direct_score(any_service_url, make_images, questions):
     groups = _groups(make_images)
     prompts = [f"prompt {i}" for i in range(len(groups))]
@@ -83,8 +55,8 @@ def test_grouping_and_order_match_direct_score(any_service_url, make_images, que
 
     assert isinstance(got, ScoreResult)
     assert [len(g) for g in got.rewards] == list(SIZES)
-    assert _close(got.rewards, [g["rewards"] for g in want])
-    assert _advantages_close(got.advantages, [g["advantages"] for g in want], got.rewards)
+    assert_rewards_close(got.rewards, [g["rewards"] for g in want])
+    assert_advantages_close(got.advantages, [g["advantages"] for g in want], got.rewards)
     assert [g.prompt for g in got.groups] == prompts
     assert [g.metadata for g in got.groups] == [{"g": i} for i in range(4)]
     assert [[q.id for q in qs] for qs in got.questions] == [[q["id"] for q in questions]] * 4
@@ -105,12 +77,14 @@ def test_chunking_gives_the_same_results(service_url, make_images, questions):
         c = whole.score(prompts, groups, questions=qs, advantages_std="group", clip=1.0)
         d = small.score(prompts, groups, questions=qs, advantages_std="group", clip=1.0)
     assert len(a.request_ids) == 1 and len(b.request_ids) > 2  # the 5-image group was split by images
-    assert _close(a.rewards, b.rewards) and _advantages_close(a.advantages, b.advantages, a.rewards)
-    assert _close(a.sc, b.sc) and _close(a.pq, b.pq)
+    assert_rewards_close(a.rewards, b.rewards)
+    assert_advantages_close(a.advantages, b.advantages, a.rewards)
+    assert_rewards_close(a.sc, b.sc)
+    assert_rewards_close(a.pq, b.pq)
     assert [[im.index for im in g] for g in b.images] == [list(range(n)) for n in SIZES]
     # the default (global) std is over the whole step, so it must be recomputed over all chunks, not per
     # request; the per-group option must survive chunking too
-    assert _advantages_close(c.advantages, d.advantages, c.rewards, std="group")
+    assert_advantages_close(c.advantages, d.advantages, c.rewards, std="group")
     assert max(abs(x) for x in d.flat_advantages()) <= 1.0
 
 
@@ -121,11 +95,12 @@ def test_max_request_bytes_splits_requests(service_url, make_images, questions):
         a = whole.score(["p"] * 4, groups, questions=[questions] * 4)
         b = tiny.score(["p"] * 4, groups, questions=[questions] * 4)
     assert len(b.request_ids) > 4
-    assert _close(a.rewards, b.rewards) and _advantages_close(a.advantages, b.advantages, a.rewards)
+    assert_rewards_close(a.rewards, b.rewards)
+    assert_advantages_close(a.advantages, b.advantages, a.rewards)
     # the split step's advantages are the reference formula over the whole step: the four groups share
     # prompt "p", so they are one GRPO group
     assert b.advantages == group_advantages(b.rewards, keys=["p"] * 4)
-    assert _close(a.advantages, group_advantages(a.rewards, keys=["p"] * 4), tol=1e-9)  # the server's too
+    assert a.advantages == group_advantages(a.rewards, keys=["p"] * 4)  # the server's too: the same arithmetic
 
 
 def test_every_input_image_type(service_url, make_images, questions):
@@ -147,7 +122,7 @@ def test_every_input_image_type(service_url, make_images, questions):
     with DVRewardClient(service_url, image_format="png") as client:  # lossless: bytes and arrays match
         got = client.score(["a red cube"] * len(groups), groups, questions=[questions] * len(groups))
     rewards = [g[0] for g in got.rewards]
-    assert all(abs(r - rewards[0]) < REWARD_TOL for r in rewards), rewards  # same pixels, same reward
+    assert_rewards_close([rewards], [[rewards[0]] * len(rewards)])  # same pixels, same reward
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
@@ -232,7 +207,8 @@ def test_idempotent_retry_after_lost_response(any_service_url, make_images, ques
     assert after - before == 6  # scored once, not twice
     with DVRewardClient(any_service_url) as client:
         again = client.score(["p", "q"], [images[:4], images[4:]], questions=[questions] * 2)
-    assert not again.replayed and _close(again.rewards, got.rewards)
+    assert not again.replayed
+    assert_rewards_close(again.rewards, got.rewards)
 
 
 def test_verify_decompose_health_models(service_url, make_images, truncated_png):
@@ -265,7 +241,8 @@ async def test_async_client_matches_sync(service_url, make_images, questions):
         assert (await client.models()).workers
         v = await client.verify(groups[0][:2], [["Is there a cube?"], ["Is it red?", "Is it big?"]])
     assert len(got.request_ids) > 1
-    assert _close(want.rewards, got.rewards) and _close(want.advantages, got.advantages)
+    assert_rewards_close(got.rewards, want.rewards)
+    assert_advantages_close(got.advantages, want.advantages, want.rewards)
     assert [len(p) for p in v.p] == [1, 2]
 
 

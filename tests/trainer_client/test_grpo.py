@@ -9,6 +9,8 @@ import pytest
 import trainer_client
 from dvreward_protocol.grpo import false_positive_rectification, group_advantages, lone_groups
 
+pytestmark = pytest.mark.float_sensitive
+
 EPS = 1e-4
 
 
