@@ -6,6 +6,7 @@ and gets the same marker as its advantage: it must never be treated as a reward 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Hashable, Sequence
 from typing import Literal, TypeGuard
@@ -18,6 +19,14 @@ StdMode = Literal["group", "global"]
 DEFAULT_STD: StdMode = "global"
 DEFAULT_EPS = 1e-4
 DEFAULT_CLIP = 5.0
+
+
+def group_key(prompt: str | None, source: str | None = None) -> Hashable | None:
+    """What makes images one GRPO group: their prompt (as the reference keys groups), and for editing also the
+    source image (base64 as sent) they were edited from. None: a group of its own."""
+    if prompt is None:
+        return None
+    return prompt if source is None else (prompt, hashlib.sha256(source.encode()).hexdigest())
 
 
 def _valid(r: float | None) -> TypeGuard[float]:
@@ -85,6 +94,26 @@ def _pooled(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable |
     return [vg if k is None else by_key[k] for k, vg in zip(keys, valid, strict=True)]
 
 
+def neutral_rewards(
+    rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None = None,
+) -> list[list[float]]:
+    """Failed images (None or NaN) given the mean of their GRPO group's scored rewards, so their advantage is 0.
+
+    A trainer's tensors take no None and one NaN turns a batch's std into NaN; 0 would train against the
+    image. The group mean is neutral: the sample contributes no gradient. A GRPO group (pooled by key, as
+    `group_advantages` pools) with no scored image gets one constant, the mean of the step's scored rewards.
+    Raises ValueError when nothing in the step was scored: no value can stand in then.
+    """
+    if keys is not None and len(keys) != len(rewards):
+        raise ValueError(f"{len(keys)} keys for {len(rewards)} groups")
+    scored = [r for g in rewards for r in g if _valid(r)]
+    if not scored:
+        raise ValueError("no image of the step was scored: there is no reward to stand in for the failed ones")
+    step_mean = sum(scored) / len(scored)
+    return [[r if _valid(r) else (sum(vg) / len(vg) if vg else step_mean) for r in g]
+            for g, vg in zip(rewards, _pooled(rewards, keys), strict=True)]
+
+
 def lone_groups(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None = None) -> list[int]:
     """Groups whose GRPO group (pooled by key) has exactly one valid reward: advantage 0, nothing to learn."""
     return [g for g, (own, vg) in enumerate(zip(rewards, _pooled(rewards, keys), strict=True))
@@ -117,7 +146,7 @@ def false_positive_rectification(
     return out
 
 
-def lone_image_warnings(rewards: Sequence[Sequence[float | None]], keys: Sequence[str | None]) -> list[Warning]:
+def lone_image_warnings(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None]) -> list[Warning]:
     """One warning per group alone with its prompt; the server's, and a client's that merged a split step."""
     return [Warning(group=g, code="lone_image",
                     message="one scored image for its prompt: its advantage is 0 and it trains nothing")

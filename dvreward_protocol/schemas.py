@@ -30,9 +30,12 @@ class AdvantageOptions(_Model):
 
 
 class ScoreGroup(_Model):
-    prompt: Text | None = Field(None, description="the generation prompt; decomposed unless questions are given")
+    prompt: Text | None = Field(None, description="the generation prompt (or editing instruction); decomposed "
+                                "unless questions are given")
     questions: list[Question] | None = Field(None, description="explicit questions: skip the decomposer")
     images: list[str] = Field(min_length=1, description="base64 PNG / JPEG / WebP (data URLs accepted)")
+    source: str | None = Field(None, description="editing: the image the group's images were edited from (base64); "
+                               "shown before each image, and the prompt is decomposed as an editing instruction")
     metadata: Metadata = Field(default_factory=dict)
 
 
@@ -112,6 +115,7 @@ class ScoreResponse(_Model):
 
 class DecomposeRequest(_Model):
     prompts: list[Text] = Field(min_length=1)
+    editing: bool = Field(False, description="the prompts are editing instructions (as /v1/score groups with a source)")
 
 
 class DecomposeResponse(_Model):

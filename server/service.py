@@ -11,13 +11,13 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-from dvreward_protocol.grpo import group_advantages, lone_image_warnings
+from dvreward_protocol.grpo import group_advantages, group_key, lone_image_warnings
 from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
 from dvreward_protocol.reward import aggregate, check_weights
 from dvreward_protocol.schemas import (
@@ -56,6 +56,17 @@ class ServiceConfig:
     result_ttl_s: float
 
 
+Checked = bytes | ServiceError  # an image's bytes, or why this image alone cannot be scored
+
+
+@dataclass(frozen=True)
+class ScoreImages:
+    """Per group, each image's bytes (or its error), and the group's source image for editing, if any."""
+
+    images: list[list[Checked]]
+    sources: list[Checked | None]
+
+
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
 
@@ -78,13 +89,13 @@ class ScoringService:
         return await once(self.broker, principal, route, key, body, self.config.result_ttl_s, self.deadline(), run)
 
     # ---- decomposition ----------------------------------------------------------------
-    def cache_key(self, prompt: str) -> str:
+    def cache_key(self, prompt: str, editing: bool = False) -> str:
         """What a decomposition depends on; not the verifier's system prompt, which changes no question."""
         c = self.config
-        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.decomposer_templates])
+        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.decomposer_templates] + (["edit"] if editing else []))
         return "decomp:" + hashlib.sha256(raw.encode()).hexdigest()
 
-    async def decompose_one(self, prompt: str, deadline: float) -> tuple[Decomposition, bool]:
+    async def decompose_one(self, prompt: str, deadline: float, editing: bool = False) -> tuple[Decomposition, bool]:
         if not self.config.decomposer:
             raise ServiceError(
                 ErrorCode.bad_request,
@@ -94,19 +105,20 @@ class ScoringService:
 
         async def compute() -> bytes:
             reply = task_id  # one decomposition, its own replies
-            await self.broker.submit([Task(task_id, reply, deadline, DecomposePayload(prompt=prompt))])
+            await self.broker.submit([Task(task_id, reply, deadline, DecomposePayload(prompt=prompt,
+                                                                                      editing=editing))])
             result = (await self.broker.gather(reply, {task_id}, deadline))[task_id]
             return _decomposition(result).model_dump_json().encode()
 
-        raw, cached = await self.broker.singleflight(self.cache_key(prompt), compute, self.config.cache_ttl_s,
-                                                     deadline)
+        raw, cached = await self.broker.singleflight(self.cache_key(prompt, editing), compute,
+                                                     self.config.cache_ttl_s, deadline)
         return Decomposition.model_validate_json(raw), cached
 
-    async def decompose(self, prompts: list[str], request_id: str) -> DecomposeResponse:
+    async def decompose(self, prompts: list[str], request_id: str, editing: bool = False) -> DecomposeResponse:
         t0 = time.perf_counter()
         deadline = self.deadline()
         unique = list(dict.fromkeys(prompts))
-        done = await asyncio.gather(*(self.decompose_one(p, deadline) for p in unique))
+        done = await asyncio.gather(*(self.decompose_one(p, deadline, editing) for p in unique))
         by_prompt = dict(zip(unique, done, strict=True))
         ms = _ms(t0)
         return DecomposeResponse(
@@ -131,19 +143,23 @@ class ScoringService:
         got = await self.broker.gather(reply, {t.task_id for t in tasks}, deadline)
         return [got[t.task_id] for t in tasks]
 
-    async def verify(self, req: VerifyRequest, blobs: list[list[bytes]], request_id: str) -> VerifyResponse:
+    async def verify(self, req: VerifyRequest, blobs: list[list[bytes] | ServiceError],
+                     request_id: str) -> VerifyResponse:
+        """`blobs[i]` is item i's images, or the error that fails that item alone (it is not verified)."""
         t0 = time.perf_counter()
-        results = await self._verify_items(
-            [(b, it.questions) for b, it in zip(blobs, req.items, strict=True)], self.deadline()
-        )
-        out = [
-            VerifyItemResult(p=list(r.value.p), p_source=list(r.value.p_source), error=None)
-            if isinstance(r.value, Verified)
-            else VerifyItemResult(p=None, error=_error_info(r))
-            for r in results
-        ]
+        good = [i for i, b in enumerate(blobs) if not isinstance(b, ServiceError)]
+        results = dict(zip(good, await self._verify_items(
+            [(b, req.items[i].questions) for i in good if not isinstance(b := blobs[i], ServiceError)],
+            self.deadline()), strict=True))
+        out = []
+        for i, b in enumerate(blobs):
+            r: Result | ServiceError = b if isinstance(b, ServiceError) else results[i]
+            if isinstance(r, Result) and isinstance(r.value, Verified):
+                out.append(VerifyItemResult(p=list(r.value.p), p_source=list(r.value.p_source), error=None))
+            else:
+                out.append(VerifyItemResult(p=None, error=_error_info(r)))
         ms = _ms(t0)
-        model, template, system_prompt = self._reported(results)
+        model, template, system_prompt = self._reported(list(results.values()))
         return VerifyResponse(request_id=request_id, model=model, template_version=template,
                               verifier_system_prompt=system_prompt, results=out,
                               timings=Timings(verify_ms=ms, total_ms=ms))
@@ -156,7 +172,8 @@ class ScoringService:
                 else (c.verifier, c.template_version, c.verifier_system_prompt))
 
     # ---- scoring ----------------------------------------------------------------------
-    async def score(self, req: ScoreRequest, blobs: list[list[bytes]], request_id: str) -> ScoreResponse:
+    async def score(self, req: ScoreRequest, checked: ScoreImages, request_id: str) -> ScoreResponse:
+        """Images that cannot be scored (`checked` holds their errors) fail alone; the rest are verified."""
         t0 = time.perf_counter()
         deadline = self.deadline()
         decs = await self._decompositions(req, deadline)
@@ -165,13 +182,23 @@ class ScoringService:
         t1 = time.perf_counter()
         # a group whose decomposition failed sends nothing: its images carry that error instead
         texts = {g: [q.text for q in d[0].questions] for g, d in enumerate(decs) if isinstance(d, tuple)}
-        flat = [(g, i) for g in texts for i in range(len(blobs[g]))]
-        items = [([blobs[g][i]], texts[g]) for g, i in flat]
-        results = dict(zip(flat, await self._verify_items(items, deadline), strict=True))
+        outcomes: dict[tuple[int, int], Result | ServiceError] = {}
+        items: dict[tuple[int, int], tuple[list[bytes], list[str]]] = {}
+        for g in texts:
+            source = checked.sources[g]
+            for i, data in enumerate(checked.images[g]):
+                if isinstance(source, ServiceError):  # a source that cannot be read fails its whole group
+                    outcomes[(g, i)] = source
+                elif isinstance(data, ServiceError):
+                    outcomes[(g, i)] = data
+                else:
+                    items[(g, i)] = ([source, data] if source is not None else [data], texts[g])
+        outcomes.update(zip(items, await self._verify_items(list(items.values()), deadline), strict=True))
         t_ver = _ms(t1)
-        groups = [self._group(g, req, decs[g], [results.get((g, i)) for i in range(len(blobs[g]))])
+        results = {k: r for k, r in outcomes.items() if isinstance(r, Result)}
+        groups = [self._group(g, req, decs[g], [outcomes.get((g, i)) for i in range(len(checked.images[g]))])
                   for g in range(len(req.groups))]
-        keys = [group.prompt for group in req.groups]
+        keys = [group_key(group.prompt, group.source) for group in req.groups]
         adv = group_advantages([gr.rewards for gr in groups], std=req.advantages.std, eps=req.advantages.eps,
                                clip=req.advantages.clip, keys=keys)
         for gr, a in zip(groups, adv, strict=True):
@@ -188,7 +215,7 @@ class ScoringService:
         )
 
     def _group(self, g: int, req: ScoreRequest, dec: tuple[Decomposition, bool | None] | ServiceError,
-               results: list[Result | None]) -> GroupResult:
+               results: list[Result | ServiceError | None]) -> GroupResult:
         group = req.groups[g]
         if isinstance(dec, ServiceError):
             err = ErrorInfo(code=dec.code.value, message=dec.message)
@@ -214,16 +241,17 @@ class ScoringService:
     ) -> list[tuple[Decomposition, bool | None] | ServiceError]:
         """Per group: (decomposition, cached), or the ServiceError that failed it (that group only)."""
         out: dict[int, tuple[Decomposition, bool | None] | ServiceError] = {}
-        pending: dict[str, list[int]] = {}
+        pending: dict[tuple[str, bool], list[int]] = {}  # (prompt, editing) -> groups
         for g, group in enumerate(req.groups):
             if group.questions is not None:
                 out[g] = (_explicit(g, group.prompt, group.questions), None)
             elif group.prompt and group.prompt.strip():
-                pending.setdefault(group.prompt, []).append(g)
+                pending.setdefault((group.prompt, group.source is not None), []).append(g)
             else:
                 raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: give a non-empty `prompt` or `questions`")
         prompts = list(pending)
-        done = await asyncio.gather(*(self.decompose_one(p, deadline) for p in prompts), return_exceptions=True)
+        done = await asyncio.gather(*(self.decompose_one(p, deadline, editing) for p, editing in prompts),
+                                    return_exceptions=True)
         for p, res in zip(prompts, done, strict=True):
             if isinstance(res, BaseException) and not (isinstance(res, ServiceError) and res.code in _PER_GROUP):
                 raise res  # the service or the request, not this prompt, is the problem: the request fails
@@ -242,7 +270,7 @@ def _check_weights(req: ScoreRequest, decs: list[tuple[Decomposition, bool | Non
                 raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: {exc}") from exc
 
 
-def score_warnings(groups: list[GroupResult], keys: list[str | None],
+def score_warnings(groups: list[GroupResult], keys: list[Hashable | None],
                    decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> list[Warning]:
     """Results that scored but will not train as a user may expect, per group."""
     out = [Warning(group=g, code="question_cap", message=w)
@@ -254,8 +282,8 @@ def score_warnings(groups: list[GroupResult], keys: list[str | None],
 _PER_GROUP = (ErrorCode.decomposition_failed, ErrorCode.delivery_limit)
 
 
-def _image_result(index: int, questions: list[Question], r: Result, req: ScoreRequest) -> ImageResult:
-    if not isinstance(r.value, Verified):
+def _image_result(index: int, questions: list[Question], r: Result | ServiceError, req: ScoreRequest) -> ImageResult:
+    if isinstance(r, ServiceError) or not isinstance(r.value, Verified):
         return ImageResult(index=index, reward=None, error=_error_info(r))
     ids = [q.id for q in questions]
     p = dict(zip(ids, r.value.p, strict=True))
@@ -281,7 +309,9 @@ def _explicit(g: int, prompt: str | None, questions: list[Question]) -> Decompos
     return Decomposition(prompt=prompt or "", questions=tuple(questions), pipeline="explicit")
 
 
-def _error_info(r: Result) -> ErrorInfo:
+def _error_info(r: Result | ServiceError) -> ErrorInfo:
+    if isinstance(r, ServiceError):
+        return ErrorInfo(code=r.code.value, message=r.message)
     if r.error is not None:
         return ErrorInfo(code=r.error.code.value, message=r.error.message)
     return ErrorInfo(code=ErrorCode.internal.value, message=f"a worker answered a verification with {r.value!r:.80}")

@@ -213,20 +213,27 @@ class Worker:
         return [out for item in items for out in self._scores([item])]
 
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
-        """The whole batch in one batched generation; a prompt that cannot be decomposed fails alone."""
+        """Batched generation (prompts and editing instructions apart); a prompt that cannot be decomposed fails
+        alone."""
         assert self.decomposer is not None
-        outcomes: Sequence[Decomposition | Exception]
-        prompts = []
+        payloads = []
         for t in tasks:
             assert isinstance(t.payload, DecomposePayload), "the decompose stream holds decompose tasks only"
-            prompts.append(t.payload.prompt)
-        try:
-            outcomes = await asyncio.to_thread(self.decomposer.decompose_each, prompts)
-        except Exception as exc:  # noqa: BLE001 - the whole batch failed: every request hears why
-            log.exception("decomposer batch of %d prompts failed", len(tasks))
-            outcomes = [exc] * len(tasks)
+            payloads.append(t.payload)
+        outcomes: dict[int, Decomposition | Exception] = {}
+        for editing in (False, True):
+            idx = [i for i, p in enumerate(payloads) if p.editing is editing]
+            if not idx:
+                continue
+            try:
+                done: Sequence[Decomposition | Exception] = await asyncio.to_thread(
+                    self.decomposer.decompose_each, [payloads[i].prompt for i in idx], editing=editing)
+            except Exception as exc:  # noqa: BLE001 - the whole batch failed: every request hears why
+                log.exception("decomposer batch of %d prompts failed", len(idx))
+                done = [exc] * len(idx)
+            outcomes.update(zip(idx, done, strict=True))
         out = []
-        for t, o in zip(tasks, outcomes, strict=True):
+        for t, o in zip(tasks, (outcomes[i] for i in range(len(tasks))), strict=True):
             if isinstance(o, Exception):
                 log.warning("decomposition of task %s failed: %s", t.task_id, o)
                 out.append(Result.failure(t.task_id, ErrorCode.decomposition_failed, _reason(o)))

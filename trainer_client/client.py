@@ -41,6 +41,7 @@ from trainer_client.jobs import (
     M,
     OnError,
     QuestionLike,
+    ScoreJob,
     Sent,
     collect,
     encode_work,
@@ -49,6 +50,8 @@ from trainer_client.jobs import (
     not_str_seq,
     policy,
     score_job,
+    set_sources,
+    source_work,
     subrequests,
     verify_job,
 )
@@ -113,10 +116,14 @@ class _Base:
         keys, work = encode_work(job, parts)
         enc = collect(keys, (yield Encode(work)))
         out = []
-        for sub in subrequests(parts, enc, self.max_request_bytes):
+        for sub in subrequests(job, parts, enc, self.max_request_bytes):
             response = yield from self._post(job.path, job.body(sub, enc), uuid.uuid4().hex)
             out.append(Sent(sub, parse(model, response), response.headers.get("Idempotent-Replayed") == "true"))
         return out
+
+    def _encode_sources(self, job: ScoreJob) -> Flow[None]:
+        work = source_work(job)
+        set_sources(job, (yield Encode(work)) if work else [])
 
     def _run(self, job: Job, model: type[M]) -> Flow[list[Sent[M]]]:
         done = yield Gather([self._send(job, model, c) for c in plan_chunks(job.sizes(), self.chunk_images)])
@@ -138,18 +145,22 @@ class _Base:
         details: bool = True,
         on_error: OnError | None = None,
         answer: Answer = "prob",
+        sources: Sequence[Any | None] | None = None,
     ) -> Flow[ScoreResult]:
         """Score groups: images[i] is the group (list or 4-D batch) of prompts[i]; questions[i] skips decomposition.
 
-        Failed images follow `on_error` (client default if None): "nan" gives NaN rewards, "raise" raises
-        ImageFailed (with `.result`). Request-level failures always raise a DVRewardError. Advantages are the
-        reference's by default (population std over the whole step, clipped to ±5), computed over the whole
-        step even when it took several requests; groups with the same prompt form one GRPO group.
-        `answer="binary"` scores each question 1 where yes outweighs no, else 0.
+        Failed images follow `on_error` (client default if None): "nan" gives NaN rewards, "neutral" their GRPO
+        group's mean reward (advantage 0), "raise" raises ImageFailed (with `.result`); `.failures` lists them
+        either way. Request-level failures always raise a DVRewardError. Advantages are the reference's by
+        default (population std over the whole step, clipped to ±5), computed over the whole step even when it
+        took several requests; groups with the same prompt form one GRPO group. `sources[i]` (editing): the
+        image group i was edited from, shown before each of its images; groups are then GRPO groups per prompt
+        and source. `answer="binary"` scores each question 1 where yes outweighs no, else 0.
         """
         t0, how = time.perf_counter(), policy(on_error, self.on_error)
         job = score_job(prompts, images, questions, metadata, aggregation, gating, advantages_std, clip, eps,
-                        tag_weights, details, answer)
+                        tag_weights, details, answer, sources)
+        yield from self._encode_sources(job)
         sent = yield from self._run(job, ScoreResponse)
         return merge_score(job, sent, time.perf_counter() - t0, how)
 

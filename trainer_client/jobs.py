@@ -10,13 +10,13 @@ chunked and unchunked results agree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel
 
-from dvreward_protocol.grpo import StdMode, group_advantages, lone_image_warnings
+from dvreward_protocol.grpo import StdMode, group_advantages, group_key, lone_image_warnings
 from dvreward_protocol.questions import Question
 from dvreward_protocol.reward import Aggregation, Gating
 from dvreward_protocol.schemas import (
@@ -24,6 +24,7 @@ from dvreward_protocol.schemas import (
     Answer,
     GroupResult,
     ImageResult,
+    ModelIds,
     ScoreGroup,
     ScoreRequest,
     ScoreResponse,
@@ -37,9 +38,8 @@ from dvreward_protocol.schemas import (
 from trainer_client.chunks import Part, split_by_bytes
 from trainer_client.encoding import split_group
 from trainer_client.errors import ImageFailed, ImageFailure, ScoringError
-from trainer_client.results import ScoreResult, VerifyResult
+from trainer_client.results import OnError, ScoreResult, VerifyResult
 
-OnError = Literal["raise", "nan"]
 QuestionLike = Question | Mapping[str, Any]
 M = TypeVar("M", bound=BaseModel)
 Encoded = dict[tuple[int, int], list[str]]
@@ -53,10 +53,21 @@ class ScoreJob:
     questions: list[list[Question] | None]
     metadata: list[dict[str, Any]]
     options: dict[str, Any]
+    sources: list[Any | None]  # editing: the image each group was edited from
+    encoded_sources: list[str | None] | None = None  # base64, once per step (`encode_sources`)
     path: str = "/v1/score"
 
     def sizes(self) -> list[int]:
         return [len(g) for g in self.groups]
+
+    def source(self, g: int) -> str | None:
+        assert self.encoded_sources is not None or self.sources[g] is None, "sources are encoded before sending"
+        return self.encoded_sources[g] if self.encoded_sources is not None else None
+
+    @property
+    def keys(self) -> list[Hashable | None]:
+        """Each group's GRPO key, by the service's own rule (prompt, and the source as sent)."""
+        return [group_key(p, self.source(g)) for g, p in enumerate(self.prompts)]
 
     def images(self, g: int, i: int) -> list[Any]:
         return [self.groups[g][i]]
@@ -67,7 +78,7 @@ class ScoreJob:
     def body(self, parts: list[Part], enc: Encoded) -> bytes:
         req = ScoreRequest(groups=[
             ScoreGroup(prompt=self.prompts[p.group], questions=self.questions[p.group], metadata=self.metadata[p.group],
-                       images=[enc[(p.group, i)][0] for i in range(p.start, p.stop)])
+                       images=[enc[(p.group, i)][0] for i in range(p.start, p.stop)], source=self.source(p.group))
             for p in parts
         ], **self.options)
         return req.model_dump_json().encode()
@@ -112,9 +123,9 @@ class Sent(Generic[M]):
 def policy(on_error: str | None, default: OnError) -> OnError:
     if on_error is None:
         return default
-    if on_error in ("raise", "nan"):
+    if on_error in ("raise", "nan", "neutral"):
         return cast(OnError, on_error)
-    raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+    raise ValueError(f"on_error must be 'raise', 'nan' or 'neutral', got {on_error!r}")
 
 
 def not_str_seq(name: str, x: object) -> None:
@@ -135,13 +146,17 @@ def score_job(prompts: Sequence[str | None], images: Sequence[Any],
               questions: Sequence[Sequence[QuestionLike] | None] | None,
               metadata: Sequence[Mapping[str, Any] | None] | None, aggregation: Aggregation | str,
               gating: Gating | str, advantages_std: StdMode, clip: float | None, eps: float,
-              tag_weights: Mapping[str, float] | None, details: bool, answer: Answer) -> ScoreJob:
+              tag_weights: Mapping[str, float] | None, details: bool, answer: Answer,
+              sources: Sequence[Any | None] | None = None) -> ScoreJob:
     not_str_seq("prompts", prompts)
     not_str_seq("images", images)
     n = len(prompts)
     _checked_len("images", images, n)
     _checked_len("questions", questions, n)
     _checked_len("metadata", metadata, n)
+    _checked_len("sources", sources, n)
+    if sources is not None:
+        not_str_seq("sources", sources)
     if n == 0:
         raise ValueError("nothing to score: prompts is empty")
     groups = [split_group(g, f"images[{i}]") for i, g in enumerate(images)]
@@ -156,7 +171,18 @@ def score_job(prompts: Sequence[str | None], images: Sequence[Any],
                "tag_weights": dict(tag_weights) if tag_weights is not None else None,
                "advantages": AdvantageOptions(std=advantages_std, clip=clip, eps=eps), "details": details,
                "answer": answer}
-    return ScoreJob(groups, list(prompts), qs, [dict(m or {}) for m in (metadata or [None] * n)], options)
+    return ScoreJob(groups, list(prompts), qs, [dict(m or {}) for m in (metadata or [None] * n)], options,
+                    list(sources) if sources is not None else [None] * n)
+
+
+def source_work(job: ScoreJob) -> EncodeWork:
+    """The groups' source images to encode (once per step: every request of a group sends the same one)."""
+    return [(s, f"sources[{g}]") for g, s in enumerate(job.sources) if s is not None]
+
+
+def set_sources(job: ScoreJob, encoded: Iterable[str]) -> None:
+    it = iter(encoded)
+    job.encoded_sources = [None if s is None else next(it) for s in job.sources]
 
 
 def verify_job(images: Sequence[Any], questions: Sequence[Sequence[str]] | Sequence[str]) -> VerifyJob:
@@ -191,38 +217,30 @@ def collect(keys: list[tuple[int, int, int]], encoded: Iterable[str]) -> Encoded
     return out
 
 
-def subrequests(parts: list[Part], enc: Encoded, max_request_bytes: int) -> list[list[Part]]:
-    return split_by_bytes(parts, lambda g, i: sum(len(s) for s in enc[(g, i)]) + 64, max_request_bytes)
+def subrequests(job: Job, parts: list[Part], enc: Encoded, max_request_bytes: int) -> list[list[Part]]:
+    """Requests under the byte limit; a group's source counts with each of its images (an upper bound)."""
+    def size(g: int, i: int) -> int:
+        source = job.source(g) if isinstance(job, ScoreJob) else None
+        return sum(len(s) for s in enc[(g, i)]) + len(source or "") + 64
+
+    return split_by_bytes(parts, size, max_request_bytes)
 
 
 # ---- merging answers -------------------------------------------------------------------------
 
 
-def step_warnings(sent: list[Sent[ScoreResponse]]) -> list[Warning]:
-    """The requests' warnings with their group indices mapped to the step's, once each.
-
-    Lone-image warnings are left out: only the whole step can tell (see `lone_image_warnings`).
-    """
-    out: dict[str, Warning] = {}
-    for s in sent:
-        for w in s.response.warnings:
-            if w.code == "lone_image":
-                continue
-            mapped = w.model_copy(update={"group": None if w.group is None else s.parts[w.group].group})
-            out.setdefault(mapped.model_dump_json(), mapped)
-    return list(out.values())
-
-
 def merge_score(job: ScoreJob, sent: list[Sent[ScoreResponse]], wall_s: float, on_error: OnError) -> ScoreResult:
-    first = sent[0].response
-    for s in sent[1:]:
-        if (s.response.models, s.response.template_version) != (first.models, first.template_version):
-            raise ScoringError("chunks of one step were scored by different models or templates "
-                               f"({first.models} vs {s.response.models}); rescore the step", code="inconsistent")
-    if len(sent) == 1:
-        response = first
-    else:
-        response = _merge_groups(job, sent)
+    """The step's result from its requests' answers; advantages always over the whole step."""
+    groups = _assemble(job, sent)
+    warnings = [w for s in sent for w in request_warnings(s.response, [p.group for p in s.parts])]
+    response = step_response(groups, job.keys, [s.response for s in sent], job.options["advantages"], warnings)
+    return score_result(response, [s.response.request_id for s in sent], any(s.replayed for s in sent), wall_s,
+                        on_error, job.keys)
+
+
+def score_result(response: ScoreResponse, request_ids: list[str], replayed: bool, wall_s: float,
+                 on_error: OnError, keys: list[Hashable | None]) -> ScoreResult:
+    """The failures listed once, and raised as ImageFailed when that is the policy."""
     failures = []
     for g, gr in enumerate(response.groups):
         details = {im.index: im for im in gr.images or ()}
@@ -231,14 +249,23 @@ def merge_score(job: ScoreJob, sent: list[Sent[ScoreResponse]], wall_s: float, o
                 err = details[i].error if i in details else None
                 failures.append(ImageFailure(g, i, err.code if err else "failed",
                                              err.message if err else "no reward (request details=True for why)"))
-    result = ScoreResult(response, [s.response.request_id for s in sent], any(s.replayed for s in sent), wall_s,
-                         failures)
+    result = ScoreResult(response, request_ids, replayed, wall_s, failures, on_error, keys)
     if failures and on_error == "raise":
         raise ImageFailed(failures, result, request_id=response.request_id)
     return result
 
 
-def _merge_groups(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> ScoreResponse:
+def request_warnings(response: ScoreResponse, groups: list[int]) -> list[Warning]:
+    """One request's warnings with its group indices mapped to the step's (`groups[i]` is request group i's).
+
+    Lone-image warnings are left out: only the whole step can tell (see `lone_image_warnings`).
+    """
+    return [w.model_copy(update={"group": None if w.group is None else groups[w.group]})
+            for w in response.warnings if w.code != "lone_image"]
+
+
+def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> list[GroupResult]:
+    """Each group of the job, put together from the requests that carried its parts (advantages come later)."""
     n = len(job.groups)
     head: list[GroupResult | None] = [None] * n
     rewards: list[list[float | None]] = [[None] * len(g) for g in job.groups]
@@ -262,27 +289,57 @@ def _merge_groups(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> ScoreRespon
             rewards[g][part.start:part.stop] = gr.rewards
             for im in gr.images or ():
                 images[g][part.start + im.index] = im.model_copy(update={"index": part.start + im.index})
-    opts: AdvantageOptions = job.options["advantages"]
-    # Chunks only saw part of the batch: recompute over the whole step exactly as the server would.
-    adv = group_advantages(rewards, std=opts.std, eps=opts.eps, clip=opts.clip, keys=job.prompts)
-    first = sent[0].response
-    groups = []
+    out = []
     for g, h in enumerate(head):
-        assert h is not None
-        ims = images[g]
-        groups.append(GroupResult.model_construct(
-            prompt=h.prompt, questions=h.questions, rewards=rewards[g], advantages=adv[g],
-            images=[im for im in ims if im is not None] if job.options["details"] else None,
-            decomposition_cached=h.decomposition_cached, metadata=h.metadata,
-        ))
-    t = [s.response.timings for s in sent]
-    timings = Timings(decompose_ms=max(x.decompose_ms for x in t), verify_ms=max(x.verify_ms for x in t),
-                      total_ms=max(x.total_ms for x in t))  # requests ran concurrently: the slowest one
+        assert h is not None, "every group of a job is sent"
+        out.append(h.model_copy(update={
+            "rewards": rewards[g], "advantages": [],
+            "images": [im for im in images[g] if im is not None] if job.options["details"] else None}))
+    return out
+
+
+def _verified(response: ScoreResponse) -> bool:
+    """Whether a worker verified some image of this request: only then do its model ids name the verifier."""
+    return any(r is not None for g in response.groups for r in g.rewards)
+
+
+def step_response(groups: list[GroupResult], keys: list[Hashable | None], responses: list[ScoreResponse],
+                  options: AdvantageOptions, warnings: list[Warning]) -> ScoreResponse:
+    """One response for a step scored by several requests: step-wide advantages, one set of model ids.
+
+    The requests must agree on what matters: those that verified images on the verifier (name and digest)
+    and template version, those that decomposed prompts on the decomposer. A request whose groups all
+    brought their questions reports no decomposer, and one that verified nothing reports the API's
+    defaults; neither makes a step inconsistent.
+    """
+    verified = [r for r in responses if _verified(r)] or responses[:1]
+    decomposed = [r for r in responses if r.models.decomposer is not None]
+    first, dec = verified[0], decomposed[0].models if decomposed else None
+    for r in verified[1:]:
+        if (r.models.verifier, r.template_version) != (first.models.verifier, first.template_version):
+            raise ScoringError("requests of one step were verified by different verifiers or templates "
+                               f"({first.models.verifier} {first.template_version} vs {r.models.verifier} "
+                               f"{r.template_version}); rescore the step", code="inconsistent")
+    for r in decomposed[1:]:
+        d = decomposed[0].models
+        if (r.models.decomposer, r.models.pipeline) != (d.decomposer, d.pipeline):
+            raise ScoringError("requests of one step were decomposed by different decomposers "
+                               f"({d} vs {r.models}); rescore the step", code="inconsistent")
+    rewards = [g.rewards for g in groups]
+    adv = group_advantages(rewards, std=options.std, eps=options.eps, clip=options.clip, keys=keys)
+    unique = {w.model_dump_json(): w for w in warnings}
+    t = [r.timings for r in responses]
     return ScoreResponse.model_construct(
-        request_id=first.request_id, models=first.models, template_version=first.template_version,
-        verifier_system_prompt=first.verifier_system_prompt, aggregation=first.aggregation,
-        gating=first.gating, answer=first.answer, groups=groups,
-        warnings=step_warnings(sent) + lone_image_warnings(rewards, job.prompts), timings=timings,
+        request_id=responses[0].request_id,
+        models=ModelIds(verifier=first.models.verifier, decomposer=dec.decomposer if dec else None,
+                        pipeline=dec.pipeline if dec else None),
+        template_version=first.template_version, verifier_system_prompt=first.verifier_system_prompt,
+        aggregation=first.aggregation, gating=first.gating, answer=first.answer,
+        groups=[g.model_copy(update={"advantages": a}) for g, a in zip(groups, adv, strict=True)],
+        warnings=list(unique.values()) + lone_image_warnings(rewards, keys),
+        # requests ran concurrently: the slowest one
+        timings=Timings(decompose_ms=max(x.decompose_ms for x in t), verify_ms=max(x.verify_ms for x in t),
+                        total_ms=max(x.total_ms for x in t)),
     )
 
 

@@ -1,14 +1,20 @@
-"""Trainer-friendly views of scored responses: a failed image is NaN here, never 0."""
+"""Trainer-friendly views of scored responses: a failed image is NaN or its group's mean here, never 0."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Literal
 
+from dvreward_protocol.grpo import neutral_rewards
 from dvreward_protocol.questions import Question
 from dvreward_protocol.schemas import GroupResult, ImageResult, ModelIds, ScoreResponse, Timings, VerifyResponse
 from trainer_client.errors import ImageFailure
 
 NAN = float("nan")
+# What a failed image becomes: "raise" raises ImageFailed (the result rides on it); "nan" is NaN; "neutral" is
+# the mean of its GRPO group's scored rewards, with advantage 0 (no gradient from it).
+OnError = Literal["raise", "nan", "neutral"]
 
 
 def _nan(x: float | None) -> float:
@@ -17,13 +23,19 @@ def _nan(x: float | None) -> float:
 
 @dataclass
 class ScoreResult:
-    """A scored step: the (merged) wire response plus trainer-friendly views where a failed image is NaN."""
+    """A scored step: the (merged) wire response plus trainer-friendly views of it.
+
+    Failed images are listed in `failures` and appear in the views as `on_error` says: NaN, or (neutral)
+    their group's mean reward, SC and PQ with advantage 0. The wire response keeps null.
+    """
 
     response: ScoreResponse
     request_ids: list[str]
     replayed: bool  # some request was answered from an earlier attempt (Idempotent-Replayed)
     wall_s: float
     failures: list[ImageFailure] = field(default_factory=list)
+    on_error: OnError = "nan"
+    keys: list[Hashable | None] | None = None  # GRPO group keys (prompt, and source for editing); None: prompts
 
     @property
     def request_id(self) -> str:
@@ -34,21 +46,38 @@ class ScoreResult:
         return self.response.groups
 
     @property
+    def prompts(self) -> list[str | None]:
+        return [g.prompt for g in self.groups]
+
+    def _view(self, values: list[list[float | None]]) -> list[list[float]]:
+        if self.on_error == "neutral" and self.failures:
+            return neutral_rewards(values, keys=self.keys if self.keys is not None else self.prompts)
+        return [[_nan(x) for x in g] for g in values]
+
+    @property
     def rewards(self) -> list[list[float]]:
-        """Per group, per image; NaN (never 0) where the image failed."""
-        return [[_nan(r) for r in g.rewards] for g in self.groups]
+        """Per group, per image; a failed image is NaN, or its group's mean with on_error="neutral" (never 0)."""
+        return self._view([list(g.rewards) for g in self.groups])
 
     @property
     def advantages(self) -> list[list[float]]:
-        return [[_nan(a) for a in g.advantages] for g in self.groups]
+        """The step's GRPO advantages; a failed image's is NaN, or exactly 0 with on_error="neutral"."""
+        zero = self.on_error == "neutral"
+        return [[(0.0 if zero else NAN) if a is None else a for a in g.advantages] for g in self.groups]
 
     @property
     def sc(self) -> list[list[float]]:
-        return [[_nan(im.sc) for im in g.images or ()] for g in self.groups]
+        """Mean semantic p per image (empty lists when details=False); failed images as in `rewards`."""
+        return self._view([[im.sc for im in g.images or ()] for g in self.groups])
 
     @property
     def pq(self) -> list[list[float]]:
-        return [[_nan(im.pq) for im in g.images or ()] for g in self.groups]
+        return self._view([[im.pq for im in g.images or ()] for g in self.groups])
+
+    @property
+    def neutral(self) -> list[tuple[int, int]]:
+        """(group, index) of the images given a neutral value in the views (on_error="neutral")."""
+        return [(f.group, f.index) for f in self.failures] if self.on_error == "neutral" else []
 
     @property
     def questions(self) -> list[list[Question]]:

@@ -8,6 +8,7 @@ from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS
 from dvreward_protocol.schemas import ScoreRequest, VerifyRequest
 from server.errors import ErrorCode, ServiceError
 from server.images import ImageInfo, decode_base64, inspect_image
+from server.service import Checked, ScoreImages
 from server.settings import Settings
 
 
@@ -60,19 +61,28 @@ def check_tokens(field: str, infos: list[ImageInfo], questions: list[str], s: Se
                            "(DVREWARD_MAX_BATCH_TOKENS): use fewer or shorter questions, or smaller images")
 
 
-def decode_images(field: str, images: list[str], s: Settings) -> tuple[list[bytes], list[ImageInfo]]:
-    out, infos = [], []
-    for i, text in enumerate(images):
-        data = decode_base64(text, f"{field}[{i}]", s.max_image_bytes)
-        infos.append(inspect_image(data, f"{field}[{i}]", s.max_image_pixels))
-        out.append(data)
-    return out, infos
+def checked_image(field: str, text: str, s: Settings) -> tuple[Checked, ImageInfo | None]:
+    """One image's bytes and header, or the error that fails this image only (never the whole request)."""
+    try:
+        data = decode_base64(text, field, s.max_image_bytes)
+        return data, inspect_image(data, field, s.max_image_pixels)
+    except ServiceError as exc:
+        return exc, None
 
 
-def check_score(req: ScoreRequest, s: Settings) -> list[list[bytes]]:
-    """Validate limits and return the raw bytes of every image, per group."""
+def _item_tokens(field: str, infos: list[ImageInfo | None], questions: list[str], s: Settings) -> None:
+    """The token budget of an item whose images all read (it is the request's questions that overflow it: 413)."""
+    known = [i for i in infos if i is not None]
+    if len(known) == len(infos):
+        check_tokens(field, known, questions, s)
+
+
+def check_score(req: ScoreRequest, s: Settings) -> ScoreImages:
+    """Request-level limits raise (an item the token budget cannot hold too: the request's questions overflow it);
+    an image that cannot be read is that image's error, a source that cannot be read its group's."""
+    n_images = sum(len(g.images) + (g.source is not None) for g in req.groups)
     _too_many("groups", len(req.groups), s.max_groups, "groups")
-    _too_many("images", sum(len(g.images) for g in req.groups), s.max_images, "images in the request")
+    _too_many("images", n_images, s.max_images, "images in the request (sources included)")
     for tag, w in (req.tag_weights or {}).items():
         if tag not in SEMANTIC_TAGS and tag not in QUALITY_ASPECTS:
             raise ServiceError(ErrorCode.bad_request, f"tag_weights[{tag!r}]: not a semantic tag or quality aspect; "
@@ -83,17 +93,25 @@ def check_score(req: ScoreRequest, s: Settings) -> list[list[bytes]]:
         check_prompt(f"groups[{g}].prompt", group.prompt, s)
         if group.questions is not None:
             _too_many(f"groups[{g}].questions", len(group.questions), s.max_questions, "questions")
-    out = []
+    images: list[list[Checked]] = []
+    sources: list[Checked | None] = []
     for g, group in enumerate(req.groups):
-        blobs, infos = decode_images(f"groups[{g}].images", group.images, s)
-        if group.questions is not None:  # decomposed questions are the decomposer's, bounded by its output
-            for i, info in enumerate(infos):
-                check_tokens(f"groups[{g}].images[{i}]", [info], [q.text for q in group.questions], s)
-        out.append(blobs)
-    return out
+        source, source_info = (None, None) if group.source is None else checked_image(
+            f"groups[{g}].source", group.source, s)
+        out: list[Checked] = []
+        for i, text in enumerate(group.images):
+            data, info = checked_image(f"groups[{g}].images[{i}]", text, s)
+            if group.questions is not None:  # decomposed questions are bounded by the decomposer's output
+                shown = [source_info, info] if group.source is not None else [info]
+                _item_tokens(f"groups[{g}].images[{i}]", shown, [q.text for q in group.questions], s)
+            out.append(data)
+        images.append(out)
+        sources.append(source)
+    return ScoreImages(images, sources)
 
 
-def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes]]:
+def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes] | ServiceError]:
+    """Request-level limits raise; an item whose image cannot be scored gets that error as its own."""
     _too_many("images", sum(len(it.images) for it in req.items), s.max_images, "images in the request")
     for i, it in enumerate(req.items):
         _too_many(f"items[{i}].images", len(it.images), s.max_images_per_item, "images shown together")
@@ -102,9 +120,11 @@ def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes]]:
             if not q.strip():
                 raise ServiceError(ErrorCode.bad_request, f"items[{i}].questions[{k}]: question is empty")
             check_prompt(f"items[{i}].questions[{k}]", q, s)
-    out = []
+    out: list[list[bytes] | ServiceError] = []
     for i, it in enumerate(req.items):
-        blobs, infos = decode_images(f"items[{i}].images", it.images, s)
-        check_tokens(f"items[{i}]", infos, list(it.questions), s)
-        out.append(blobs)
+        checked = [checked_image(f"items[{i}].images[{j}]", text, s) for j, text in enumerate(it.images)]
+        blobs = [data for data, _ in checked if not isinstance(data, ServiceError)]
+        _item_tokens(f"items[{i}]", [info for _, info in checked], list(it.questions), s)
+        failed = next((d for d, _ in checked if isinstance(d, ServiceError)), None)
+        out.append(failed if failed is not None else blobs)
     return out

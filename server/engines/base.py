@@ -75,10 +75,13 @@ class Decomposer(Protocol):
     model_id: str
     pipeline: str
 
-    def decompose(self, prompts: Sequence[str]) -> list[Decomposition]:
+    def decompose(self, prompts: Sequence[str], *, editing: bool = False) -> list[Decomposition]:
         """One validated decomposition per prompt, or EngineError saying why not."""
         ...
 
-    def decompose_each(self, prompts: Sequence[str]) -> list[Decomposition | EngineError]:
-        """Per prompt, a decomposition or the EngineError that says why not (batched, failures isolated)."""
+    def decompose_each(self, prompts: Sequence[str], *, editing: bool = False) -> list[Decomposition | EngineError]:
+        """Per prompt, a decomposition or the EngineError that says why not (batched, failures isolated).
+
+        `editing`: the prompts are editing instructions, decomposed with the editing template.
+        """
         ...

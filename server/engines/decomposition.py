@@ -48,6 +48,9 @@ from server.engines.decomposition_schema import (
 )
 
 PIPELINES: tuple[str, ...] = ("fast", "dsg")
+# Editing instructions are decomposed by the editing template in one generation, whatever the pipeline: the
+# DSG stages describe a scene to draw, not a change to make.
+EDIT_PIPELINE = "edit"
 
 T = TypeVar("T")
 Messages = list[dict[str, str]]
@@ -114,6 +117,11 @@ def fast_messages(prompt: str) -> Messages:
                                               aspects=", ".join(QUALITY_ASPECTS)))
 
 
+def edit_messages(instruction: str) -> Messages:
+    return _messages(P.DECOMPOSER_EDIT.format(prompt=instruction, tags=", ".join(SEMANTIC_TAGS),
+                                              aspects=", ".join(QUALITY_ASPECTS)))
+
+
 def dsg_tuples_messages(prompt: str) -> Messages:
     return _messages(P.DSG_TUPLES.format(prompt=prompt))
 
@@ -167,15 +175,18 @@ class PipelineDecomposer:
         self.limits = limits
         self.template_version = P.template_version()
 
-    def decompose(self, prompts: Sequence[str]) -> list[Decomposition]:
+    def decompose(self, prompts: Sequence[str], *, editing: bool = False) -> list[Decomposition]:
         """One validated decomposition per prompt; a prompt that fails every attempt raises EngineError."""
-        results = self.decompose_each(prompts)
+        results = self.decompose_each(prompts, editing=editing)
         errors = {i: str(r) for i, r in enumerate(results) if isinstance(r, EngineError)}
         if errors:
-            raise EngineError(_failure_message(list(prompts), errors, self.max_retries + 1, self.pipeline))
+            raise EngineError(_failure_message(list(prompts), errors, self.max_retries + 1, self._label(editing)))
         return [r for r in results if isinstance(r, Decomposition)]
 
-    def decompose_each(self, prompts: Sequence[str]) -> list[Decomposition | EngineError]:
+    def _label(self, editing: bool) -> str:
+        return EDIT_PIPELINE if editing else self.pipeline
+
+    def decompose_each(self, prompts: Sequence[str], *, editing: bool = False) -> list[Decomposition | EngineError]:
         """Per prompt, a decomposition or the error of its last attempt: one bad prompt fails alone."""
         prompts = list(prompts)
         for n, p in enumerate(prompts):
@@ -183,7 +194,8 @@ class PipelineDecomposer:
                 raise EngineError(f"prompt {n} is empty")
         done: dict[int, Decomposition] = {}
         errors: dict[int, str] = {}
-        attempt = self._fast_attempt if self.pipeline == "fast" else self._dsg_attempt
+        attempt = (self._edit_attempt if editing else self._fast_attempt if self.pipeline == "fast"
+                   else self._dsg_attempt)
         for n in range(self.max_retries + 1):
             todo = [i for i in range(len(prompts)) if i not in done]
             if not todo:
@@ -195,7 +207,7 @@ class PipelineDecomposer:
                 else:
                     errors[i] = result
         return [done[i] if i in done else EngineError(
-                    _failure_message(prompts[i:i + 1], {0: errors[i]}, self.max_retries + 1, self.pipeline))
+                    _failure_message(prompts[i:i + 1], {0: errors[i]}, self.max_retries + 1, self._label(editing)))
                 for i in range(len(prompts))]
 
     def _cap_warnings(self, dec: Decomposition) -> Decomposition:
@@ -206,17 +218,26 @@ class PipelineDecomposer:
                          f"(raise {setting})" for kind, n, cap, setting in caps if cap and n >= cap)
         return dec.model_copy(update={"warnings": warnings}) if warnings else dec
 
-    def _meta(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "model": self.model_id, "template_version": self.template_version}
+    def _meta(self, pipeline: str | None = None) -> dict[str, Any]:
+        return {"pipeline": pipeline or self.pipeline, "model": self.model_id,
+                "template_version": self.template_version}
 
     def _fast_attempt(self, prompts: list[str], attempt: int) -> list[Decomposition | str]:
+        return self._one_generation(prompts, attempt, fast_messages, self.pipeline)
+
+    def _edit_attempt(self, prompts: list[str], attempt: int) -> list[Decomposition | str]:
+        return self._one_generation(prompts, attempt, edit_messages, EDIT_PIPELINE)
+
+    def _one_generation(self, prompts: list[str], attempt: int, messages: Callable[[str], Messages],
+                        pipeline: str) -> list[Decomposition | str]:
+        """Every question of a prompt in one JSON object (the fast pipeline, and editing instructions)."""
         schema = JsonSchema(fast_schema(self.limits))
-        gens = self.backend.generate([(fast_messages(p), schema) for p in prompts], attempt)
+        gens = self.backend.generate([(messages(p), schema) for p in prompts], attempt)
         out: list[Decomposition | str] = []
         for prompt, gen in zip(prompts, gens, strict=True):
             try:
-                text = require_finished(gen, "fast decomposition", self.backend.max_new_tokens)
-                out.append(parse_fast_output(text, prompt, **self._meta()))
+                text = require_finished(gen, f"{pipeline} decomposition", self.backend.max_new_tokens)
+                out.append(parse_fast_output(text, prompt, **self._meta(pipeline)))
             except ValueError as e:
                 out.append(str(e))
         return out

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TEMPLATE_VERSION = "2026-12-01.1"
+TEMPLATE_VERSION = "2026-12-04.1"
 
 # The verifier's default system prompt (a setting: DVREWARD_VERIFIER_SYSTEM_PROMPT). Its contract is the
 # method's: judge strictly, answer with the bare word yes or no, and no when the subject is absent.
@@ -67,6 +67,27 @@ DECOMPOSER_FAST = (
     "\"Existence\", \"depends_on\": []}}, {{\"id\": \"s2\", \"text\": \"Is the cat black?\", \"tag\": "
     "\"Attribute\", \"depends_on\": [\"s1\"]}}], \"quality\": [{{\"id\": \"q1\", \"text\": \"Is the "
     "cat anatomically correct?\", \"aspect\": \"Anatomy\"}}]}}"
+)
+
+DECOMPOSER_EDIT = (
+    "Editing instruction: {prompt}\n\n"
+    "An image was edited by following this instruction; each question will be asked with the original image "
+    "shown first and the edited one second. Write the questions as one JSON object with two lists.\n"
+    "\"semantic\": atomic yes/no questions about the edited image, one fact each, where yes means the edit is "
+    "right. First, one question per change the instruction asks for (was it made, and made as asked); then "
+    "questions that what the instruction does not mention was kept as in the original (the subject, the "
+    "background, the layout, any text, as far as the instruction leaves them alone). Never ask for anything "
+    "the instruction does not imply. Each item has \"id\" (\"s1\", \"s2\", ... in order), \"text\", \"tag\" "
+    "(one of: {tags}) and \"depends_on\" (ids of earlier questions that must be answered yes for this one to "
+    "make sense).\n"
+    "\"quality\": items with \"id\" (\"q1\", \"q2\", ...), \"text\" and \"aspect\", about how well the edit "
+    "is rendered and blended into the image. "
+    + _QUALITY_RULES
+    + "\n\nExample for \"make the car red\": {{\"semantic\": [{{\"id\": \"s1\", \"text\": \"Is the car in "
+    "the edited image red?\", \"tag\": \"Attribute\", \"depends_on\": []}}, {{\"id\": \"s2\", \"text\": \"Is "
+    "the background the same as in the original image?\", \"tag\": \"Environment\", \"depends_on\": []}}], "
+    "\"quality\": [{{\"id\": \"q1\", \"text\": \"Is the new colour applied evenly across the car's body?\", "
+    "\"aspect\": \"Texture\"}}]}}"
 )
 
 # In-context examples for the dsg pipeline: two human-written decompositions of the DSG TIFA160 set

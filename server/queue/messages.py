@@ -38,6 +38,7 @@ class VerifyPayload(_Message):
 class DecomposePayload(_Message):
     kind: Literal[TaskKind.decompose] = TaskKind.decompose
     prompt: str
+    editing: bool = False  # an editing instruction: decomposed with the editing template
 
 
 Payload = Annotated[VerifyPayload | DecomposePayload, Field(discriminator="kind")]

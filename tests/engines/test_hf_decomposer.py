@@ -23,6 +23,7 @@ from server.engines.decomposition import (
     dsg_quality_messages,
     dsg_tag_messages,
     dsg_tuples_messages,
+    edit_messages,
     fast_messages,
     render_chat,
 )
@@ -89,6 +90,19 @@ def test_fast_pipeline_on_tiny_model_yields_valid_decompositions(engine: HFDecom
         assert len(d.semantic) <= SMALL.max_semantic and len(d.quality) <= SMALL.max_quality
         for q in d.semantic:
             assert all(int(p[1:]) < int(q.id[1:]) for p in q.depends_on)
+
+
+def test_editing_instructions_use_the_editing_template_whatever_the_pipeline(engine: HFDecomposer,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    instructions = ["make the car red", "remove the dog"]
+    for pipeline in ("fast", "dsg"):
+        monkeypatch.setattr(engine, "pipeline", pipeline)
+        out = engine.decompose(instructions, editing=True)
+        for instruction, d in zip(instructions, out, strict=True):
+            _assert_valid(d, instruction, "edit", engine)
+    user = edit_messages("make {the} car red")[1]["content"]
+    assert "make {the} car red" in user and "original" in user and "Existence" in user and "Aesthetics" in user
+    assert user != fast_messages("make {the} car red")[1]["content"]
 
 
 def test_lists_at_their_cap_are_reported(engine: HFDecomposer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,23 +85,6 @@ def _chunks(total: int) -> Iterator[bytes]:
 
 # (id, path, request kwargs from the kit, status, error code, substrings of the message)
 CASES: list[tuple[str, str, Callable[[types.SimpleNamespace], Kwargs], int, str, list[str]]] = [
-    ("corrupt-base64", "/v1/score", lambda k: score(k, ["@@not base64!!"]), 422, "bad_image",
-     ["groups[0].images[0]", "base64"]),
-    ("not-an-image", "/v1/score", lambda k: score(k, [k.png_b64(0), k.b64(b"hello")]), 422, "bad_image",
-     ["groups[0].images[1]", "not a readable"]),
-    ("gif-not-accepted", "/v1/score", lambda k: score(k, [k.b64(gif_bytes())]), 422, "bad_image",
-     ["groups[0].images[0]", "PNG, JPEG, WEBP"]),
-    ("bomb-header-100000x100000", "/v1/score", lambda k: score(k, [k.b64(png_header_only(100_000, 100_000))]),
-     422, "bad_image", ["groups[0].images[0]", "decompression bomb"]),
-    ("header-over-pixel-limit", "/v1/score", lambda k: score(k, [k.b64(png_header_only(1200, 1200))]),
-     413, "too_large", ["groups[0].images[0]", "1200x1200", "1000000"]),
-    ("real-zeros-png-over-pixel-limit", "/v1/score", lambda k: score(k, [k.b64(zeros_png(2000))]),
-     413, "too_large", ["groups[0].images[0]", "2000x2000"]),
-    ("empty-string", "/v1/score", lambda k: score(k, [""]), 422, "bad_image", ["groups[0].images[0]", "non-empty"]),
-    ("base64-of-zero-bytes", "/v1/score", lambda k: score(k, [k.png_b64(0), k.b64(b"")]), 422, "bad_image",
-     ["groups[0].images[1]"]),
-    ("data-url-of-zero-bytes", "/v1/score", lambda k: score(k, ["data:image/png;base64,"]), 422, "bad_image",
-     ["groups[0].images[0]", "zero bytes"]),
     ("too-many-images", "/v1/score", lambda k: score(k, [k.png_b64(i) for i in range(7)]), 413, "too_large",
      ["images", "7", "limit is 6"]),
     ("too-many-questions", "/v1/score",
@@ -181,11 +164,6 @@ CASES: list[tuple[str, str, Callable[[types.SimpleNamespace], Kwargs], int, str,
     ("zero-tag-weight-for-every-question", "/v1/score",
      lambda k: {"json": {**score(k)["json"], "tag_weights": {"Existence": 0}}}, 422, "bad_request",
      ["groups[0]", "sum to zero"]),
-    ("image-aspect-ratio-4000-to-1", "/v1/score", lambda k: score(k, [k.png_b64(0), k.b64(thin_png(4000, 1))]),
-     422, "bad_image", ["groups[0].images[1]", "4000x1", "200:1"]),
-    ("verify-image-aspect-ratio-1-to-250", "/v1/verify",
-     lambda k: {"json": {"items": [{"images": [k.b64(thin_png(1, 250))], "questions": ["Is it red?"]}]}}, 422,
-     "bad_image", ["items[0].images[0]", "1x250"]),
     ("body-not-utf8", "/v1/score", lambda k: raw(b'{"groups": "\xff\xfe"}'), 422, "bad_request",
      ["body", "invalid JSON", "UTF-8"]),
     ("body-nested-5000-deep", "/v1/score", lambda k: raw(b"[" * 5000 + b"]" * 5000), 422, "bad_request",
@@ -200,9 +178,6 @@ CASES: list[tuple[str, str, Callable[[types.SimpleNamespace], Kwargs], int, str,
     ("verify-three-images-in-one-item", "/v1/verify",  # one item is one sequence: 64 images took 2.3 GB
      lambda k: {"json": {"items": [{"images": [k.png_b64(0)] * 3, "questions": ["Is it red?"]}]}}, 413, "too_large",
      ["items[0].images", "3 images", "limit is 2"]),
-    ("verify-corrupt-image", "/v1/verify",
-     lambda k: {"json": {"items": [{"images": [k.png_b64(0), "%%%"], "questions": ["Is it red?"]}]}}, 422,
-     "bad_image", ["items[0].images[1]"]),
     ("decompose-empty-prompt", "/v1/decompose", lambda k: {"json": {"prompts": ["a cat", " "]}}, 422,
      "bad_request", ["prompts[1]", "empty"]),
     ("decompose-oversized-prompt", "/v1/decompose", lambda k: {"json": {"prompts": ["b" * 301]}}, 413,
@@ -210,6 +185,43 @@ CASES: list[tuple[str, str, Callable[[types.SimpleNamespace], Kwargs], int, str,
     ("decompose-prompts-not-strings", "/v1/decompose", lambda k: {"json": {"prompts": [1]}}, 422, "bad_request",
      ["prompts.0"]),
 ]
+
+
+# An image that cannot be scored fails alone: the request is a 200, that image is null with its code and reason,
+# and the rest are scored. (id, path, images of group 0 / item 0 as made by the kit, index of the bad one, code,
+# substrings of its message)
+PER_IMAGE: list[tuple[str, str, Callable[[types.SimpleNamespace], list[str]], int, str, list[str]]] = [
+    ("corrupt-base64", "/v1/score", lambda k: [k.png_b64(1), "@@not base64!!"], 1, "bad_image",
+     ["groups[0].images[1]", "base64"]),
+    ("not-an-image", "/v1/score", lambda k: [k.png_b64(0), k.b64(b"hello")], 1, "bad_image",
+     ["groups[0].images[1]", "not a readable"]),
+    ("gif-not-accepted", "/v1/score", lambda k: [k.b64(gif_bytes()), k.png_b64(1)], 0, "bad_image",
+     ["groups[0].images[0]", "PNG, JPEG, WEBP"]),
+    ("bomb-header-100000x100000", "/v1/score", lambda k: [k.b64(png_header_only(100_000, 100_000)), k.png_b64(1)],
+     0, "bad_image", ["groups[0].images[0]", "decompression bomb"]),
+    ("header-over-pixel-limit", "/v1/score", lambda k: [k.b64(png_header_only(1200, 1200)), k.png_b64(1)], 0,
+     "too_large", ["groups[0].images[0]", "1200x1200", "1000000"]),
+    ("real-zeros-png-over-pixel-limit", "/v1/score", lambda k: [k.b64(zeros_png(2000)), k.png_b64(1)], 0,
+     "too_large", ["groups[0].images[0]", "2000x2000"]),
+    ("empty-string", "/v1/score", lambda k: ["", k.png_b64(1)], 0, "bad_image", ["groups[0].images[0]", "non-empty"]),
+    ("base64-of-zero-bytes", "/v1/score", lambda k: [k.png_b64(0), k.b64(b"")], 1, "bad_image",
+     ["groups[0].images[1]"]),
+    ("data-url-of-zero-bytes", "/v1/score", lambda k: ["data:image/png;base64,", k.png_b64(1)], 0, "bad_image",
+     ["groups[0].images[0]", "zero bytes"]),
+    ("image-aspect-ratio-4000-to-1", "/v1/score", lambda k: [k.png_b64(0), k.b64(thin_png(4000, 1))], 1,
+     "bad_image", ["groups[0].images[1]", "4000x1", "200:1"]),
+    ("verify-image-aspect-ratio-1-to-250", "/v1/verify", lambda k: [k.b64(thin_png(1, 250))], 0, "bad_image",
+     ["items[0].images[0]", "1x250"]),
+    ("verify-corrupt-image", "/v1/verify", lambda k: [k.png_b64(0), "%%%"], 0, "bad_image", ["items[0].images[1]"]),
+]
+
+
+def _per_image_request(k: types.SimpleNamespace, path: str, images: list[str]) -> Kwargs:
+    """Score: the images in one group, then a good group; verify: the images as one item, then a good item."""
+    if path == "/v1/score":
+        return {"json": {"groups": [{"questions": Q, "images": images}, {"questions": Q, "images": [k.png_b64(2)]}]}}
+    return {"json": {"items": [{"images": images, "questions": ["Is it red?"]},
+                               {"images": [k.png_b64(2)], "questions": ["Is it red?"]}]}}
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +241,32 @@ def test_bad_input_is_refused_with_a_clear_json_error(
     assert r.headers["content-type"].startswith("application/json")
     error = r.json()["error"]
     assert set(error) == {"code", "message"}
+    assert error["code"] == code, error
+    for needle in needles:
+        assert needle in error["message"], (needle, error["message"])
+
+
+@pytest.mark.parametrize(("path", "make", "bad", "code", "needles"), [c[1:] for c in PER_IMAGE],
+                         ids=[c[0] for c in PER_IMAGE])
+def test_an_image_that_cannot_be_scored_fails_alone(
+    client: httpx.Client, kit: types.SimpleNamespace, path: str, make: Callable[[types.SimpleNamespace], list[str]],
+    bad: int, code: str, needles: list[str],
+) -> None:
+    images = make(kit)
+    r = client.post(path, **_per_image_request(kit, path, images))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    if path == "/v1/score":
+        first, good = body["groups"]
+        assert first["rewards"][bad] is None and first["advantages"][bad] is None
+        error = first["images"][bad]["error"]
+        assert all(x is not None for i, x in enumerate(first["rewards"]) if i != bad), "the others are scored"
+        assert good["rewards"][0] is not None
+    else:
+        first, good = body["results"]
+        assert first["p"] is None
+        error = first["error"]
+        assert good["p"] is not None and good["error"] is None
     assert error["code"] == code, error
     for needle in needles:
         assert needle in error["message"], (needle, error["message"])
@@ -254,6 +292,8 @@ def test_an_image_that_fails_to_decode_in_the_worker_is_an_explicit_per_image_er
 def test_server_still_serves_after_the_bad_inputs(client: httpx.Client, kit: types.SimpleNamespace) -> None:
     for _, path, make, *_ in CASES:  # the whole table once more, back to back
         assert 400 <= client.post(path, **make(kit)).status_code < 500
+    for _, path, make_images, *_ in PER_IMAGE:
+        assert client.post(path, **_per_image_request(kit, path, make_images(kit))).status_code == 200
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     r = client.post("/v1/score", **score(kit, [kit.png_b64(1), kit.png_b64(2)]))

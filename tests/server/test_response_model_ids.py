@@ -9,6 +9,7 @@ from typing import Any
 
 from dvreward_protocol.schemas import ScoreRequest
 from server.runtime import build_broker, build_service, load_decomposer, running
+from server.service import ScoreImages
 from server.settings import Settings
 from server.worker import Worker
 
@@ -26,10 +27,11 @@ async def test_ids_come_from_the_worker_that_did_the_work(redis_url: str, tiny_m
     image = kit.png_bytes(1)
     try:
         async with running(worker):
+            images = ScoreImages([[image]], [None])
             decomposed = await service.score(
-                ScoreRequest.model_validate({"groups": [{"prompt": "a red cat", "images": ["x"]}]}), [[image]], "a")
+                ScoreRequest.model_validate({"groups": [{"prompt": "a red cat", "images": ["x"]}]}), images, "a")
             explicit = await service.score(ScoreRequest.model_validate(
-                {"groups": [{"questions": kit.explicit_questions(), "images": ["x"]}]}), [[image]], "b")
+                {"groups": [{"questions": kit.explicit_questions(), "images": ["x"]}]}), images, "b")
     finally:
         await worker.broker.close()
         await service.broker.close()

@@ -162,12 +162,17 @@ def test_on_error_raise_lists_failures(service_url, make_images, questions, trun
     assert math.isnan(ok.rewards[0][0])
 
 
-def test_request_level_errors_are_typed(service_url, questions):
+def test_request_level_errors_are_typed(service_url, make_images, questions):
+    cycle = [{**questions[0], "depends_on": ["red"]}, *questions[1:]]  # cube -> red -> cube
     with DVRewardClient(service_url) as client:
         with pytest.raises(BadRequest) as info:
-            client.score(["x"], [[b"not an image at all"]], questions=[questions])
-    assert info.value.status == 422 and info.value.code == "bad_image" and info.value.request_id
-    assert "groups[0].images[0]" in info.value.message
+            client.score(["x"], [make_images(1)], questions=[cycle])
+        # an image that cannot be read is not the request's fault: it fails alone
+        alone = client.score(["x"], [[b"not an image at all", make_images(1)[0]]], questions=[questions],
+                             on_error="nan")
+    assert info.value.status == 422 and info.value.code == "bad_request" and info.value.request_id
+    assert "groups[0].questions" in info.value.message and "cycle" in info.value.message
+    assert [(f.index, f.code) for f in alone.failures] == [(0, "bad_image")] and math.isfinite(alone.rewards[0][1])
 
 
 def test_idempotent_retry_after_lost_response(any_service_url, make_images, questions, scored_count):
@@ -256,3 +261,42 @@ def test_wrong_arguments_fail_before_sending(service_url, make_images, questions
             client.score(["a"], [[np.full((3, 8, 8), -0.5, np.float32)]], questions=[questions])
         with pytest.raises(ValueError, match="prompt or explicit questions"):
             client.score([None], [make_images(1)])
+
+
+def test_a_mixed_step_split_over_many_requests_merges(redis_service_url, make_images, questions):
+    """32 groups x 14 images, half with the dataset's questions and half decomposed, sent as >= 7 requests:
+    a request of explicit groups reports no decomposer, one of decomposed groups reports it; both are one step."""
+    n_groups, size = 32, 14
+    flat = make_images(n_groups * size, seed=40, size=24)
+    images = [flat[g * size:(g + 1) * size] for g in range(n_groups)]
+    prompts = [f"a red cube number {g}" for g in range(n_groups)]
+    qs = [questions if g < n_groups // 2 else None for g in range(n_groups)]  # whole requests of each kind
+    with DVRewardClient(redis_service_url, chunk_images=64) as client:
+        got = client.score(prompts, images, questions=qs)
+    assert len(got.request_ids) >= 7
+    assert all(isinstance(r, float) and math.isfinite(r) for r in got.flat_rewards())
+    assert got.models.decomposer is not None and got.models.pipeline == "fast"
+    assert got.advantages == group_advantages(got.rewards, keys=prompts)
+    assert [[q.id for q in g] for g in got.questions[:2]] == [[q["id"] for q in questions]] * 2
+
+
+def test_editing_groups_send_their_source(service_url, make_images, questions):
+    """A source per group is shown before its images; the same instruction on two sources is two GRPO groups,
+    also when the client splits the step and computes the advantages itself."""
+    groups, (src_a, src_b) = _groups(make_images)[:2], make_images(2, seed=77)
+    direct = httpx.post(service_url + "/v1/score", timeout=60, json={"groups": [
+        {"prompt": "make it red", "questions": questions, "source": _png_b64(src),
+         "images": [_png_b64(a) for a in g]} for src, g in ((src_a, groups[0]), (src_b, groups[1]))]})
+    assert direct.status_code == 200, direct.text
+    want = [g["rewards"] for g in direct.json()["groups"]]
+    with DVRewardClient(service_url, image_format="png") as whole, \
+            DVRewardClient(service_url, image_format="png", chunk_images=2) as split:
+        a = whole.score(["make it red"] * 2, groups, questions=[questions] * 2, sources=[src_a, src_b])
+        b = split.score(["make it red"] * 2, groups, questions=[questions] * 2, sources=[src_a, src_b])
+        plain = whole.score(["make it red"] * 2, groups, questions=[questions] * 2)
+    assert_rewards_close(a.rewards, want)
+    assert_rewards_close(b.rewards, want)
+    assert len(b.request_ids) > 2 and b.advantages == group_advantages(b.rewards, keys=b.keys)
+    for g in a.advantages + b.advantages:
+        assert abs(sum(g)) < 1e-9  # each group is its own GRPO group, though the prompts are equal
+    assert plain.rewards != a.rewards, "the sources change what the verifier sees"

@@ -47,9 +47,9 @@ def _reply(body: dict[str, Any], request_id: str, replayed: bool) -> JSONRespons
 async def score(req: ScoreRequest, request_id: RequestId, service: ServiceDep, settings: SettingsDep,
                 metrics: MetricsDep, principal: Principal, idempotency_key: IdemKey = None) -> JSONResponse:
     """Rewards, per-question evidence and GRPO advantages for groups of images."""
-    blobs = await asyncio.to_thread(limits.check_score, req, settings)
+    images = await asyncio.to_thread(limits.check_score, req, settings)
     body, replayed = await service.once(principal, "score", idempotency_key, req,
-                                        lambda: service.score(req, blobs, request_id))
+                                        lambda: service.score(req, images, request_id))
     for g in body["groups"] if not replayed else ():  # a replay scored nothing: count work once
         for r in g["rewards"]:
             metrics.images.labels("ok" if r is not None else "failed").inc()
@@ -67,7 +67,7 @@ async def decompose(req: DecomposeRequest, request_id: RequestId, service: Servi
                     settings: SettingsDep) -> JSONResponse:
     """Prompts to atomic yes/no questions (cached by prompt, pipeline, model and template version)."""
     limits.check_prompts(req.prompts, settings)
-    body = (await service.decompose(req.prompts, request_id)).model_dump(mode="json")
+    body = (await service.decompose(req.prompts, request_id, req.editing)).model_dump(mode="json")
     return _reply(body, request_id, False)
 
 
