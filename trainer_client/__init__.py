@@ -6,7 +6,13 @@ torch, numpy and PIL are imported only when an image of theirs is passed in.
 from dvreward_protocol.grpo import false_positive_rectification, group_advantages
 from dvreward_protocol.questions import Question
 from dvreward_protocol.schemas import ScoreResponse, VerifyResponse
-from trainer_client.adapters import make_flow_grpo_reward_fn, make_trl_reward_func
+from trainer_client.adapters import (
+    make_alphagrpo_reward_fn,
+    make_alphagrpo_score_fn,
+    make_flow_grpo_reward_fn,
+    make_trl_reward_func,
+    make_trl_reward_funcs,
+)
 from trainer_client.client import DEFAULT_TIMEOUT, AsyncDVRewardClient, DVRewardClient
 from trainer_client.errors import (
     BadRequest,
@@ -47,6 +53,9 @@ __all__ = [
     "VerifyResult",
     "false_positive_rectification",
     "group_advantages",
+    "make_alphagrpo_reward_fn",
+    "make_alphagrpo_score_fn",
     "make_flow_grpo_reward_fn",
     "make_trl_reward_func",
+    "make_trl_reward_funcs",
 ]

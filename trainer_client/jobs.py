@@ -231,15 +231,15 @@ def subrequests(job: Job, parts: list[Part], enc: Encoded, max_request_bytes: in
 
 def merge_score(job: ScoreJob, sent: list[Sent[ScoreResponse]], wall_s: float, on_error: OnError) -> ScoreResult:
     """The step's result from its requests' answers; advantages always over the whole step."""
-    groups = _assemble(job, sent)
+    groups, by_image = _assemble(job, sent)
     warnings = [w for s in sent for w in request_warnings(s.response, [p.group for p in s.parts])]
     response = step_response(groups, job.keys, [s.response for s in sent], job.options["advantages"], warnings)
     return score_result(response, [s.response.request_id for s in sent], any(s.replayed for s in sent), wall_s,
-                        on_error, job.keys)
+                        on_error, job.keys, by_image)
 
 
 def score_result(response: ScoreResponse, request_ids: list[str], replayed: bool, wall_s: float,
-                 on_error: OnError, keys: list[Hashable | None]) -> ScoreResult:
+                 on_error: OnError, keys: list[Hashable | None], image_requests: list[list[str]]) -> ScoreResult:
     """The failures listed once, and raised as ImageFailed when that is the policy."""
     failures = []
     for g, gr in enumerate(response.groups):
@@ -249,7 +249,7 @@ def score_result(response: ScoreResponse, request_ids: list[str], replayed: bool
                 err = details[i].error if i in details else None
                 failures.append(ImageFailure(g, i, err.code if err else "failed",
                                              err.message if err else "no reward (request details=True for why)"))
-    result = ScoreResult(response, request_ids, replayed, wall_s, failures, on_error, keys)
+    result = ScoreResult(response, request_ids, replayed, wall_s, failures, on_error, keys, image_requests)
     if failures and on_error == "raise":
         raise ImageFailed(failures, result, request_id=response.request_id)
     return result
@@ -264,12 +264,14 @@ def request_warnings(response: ScoreResponse, groups: list[int]) -> list[Warning
             for w in response.warnings if w.code != "lone_image"]
 
 
-def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> list[GroupResult]:
-    """Each group of the job, put together from the requests that carried its parts (advantages come later)."""
+def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> tuple[list[GroupResult], list[list[str]]]:
+    """Each group of the job, put together from the requests that carried its parts (advantages come later),
+    and per image the id of the request that scored it."""
     n = len(job.groups)
     head: list[GroupResult | None] = [None] * n
     rewards: list[list[float | None]] = [[None] * len(g) for g in job.groups]
     images: list[list[ImageResult | None]] = [[None] * len(g) for g in job.groups]
+    by_image: list[list[str]] = [[""] * len(g) for g in job.groups]
     for s in sent:
         if len(s.response.groups) != len(s.parts):
             raise ScoringError(f"request {s.response.request_id}: sent {len(s.parts)} groups, got "
@@ -287,6 +289,7 @@ def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> list[GroupResul
                                    "got different questions; pass explicit questions or raise chunk_images",
                                    code="inconsistent")
             rewards[g][part.start:part.stop] = gr.rewards
+            by_image[g][part.start:part.stop] = [s.response.request_id] * size
             for im in gr.images or ():
                 images[g][part.start + im.index] = im.model_copy(update={"index": part.start + im.index})
     out = []
@@ -295,7 +298,7 @@ def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> list[GroupResul
         out.append(h.model_copy(update={
             "rewards": rewards[g], "advantages": [],
             "images": [im for im in images[g] if im is not None] if job.options["details"] else None}))
-    return out
+    return out, by_image
 
 
 def _verified(response: ScoreResponse) -> bool:

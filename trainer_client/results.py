@@ -36,6 +36,7 @@ class ScoreResult:
     failures: list[ImageFailure] = field(default_factory=list)
     on_error: OnError = "nan"
     keys: list[Hashable | None] | None = None  # GRPO group keys (prompt, and source for editing); None: prompts
+    image_request_ids: list[list[str]] | None = None  # per group, per image: the request that scored it
 
     @property
     def request_id(self) -> str:

@@ -62,13 +62,14 @@ def test_trl_reward_func_decomposes_prompts(client, make_images):
 def test_flow_grpo_reward_fn(client, make_images, questions):
     import torch
 
-    fn = make_flow_grpo_reward_fn(client)
+    fn = make_flow_grpo_reward_fn(client, weight=0.5)
     images = np.stack(make_images(6, seed=13))                       # NHWC uint8
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # NCHW float in [0, 1]
     prompts = ["a red cube", "a blue ball"] * 3                       # groups formed from equal prompts
     metadata = [{"questions": questions, "tag": i} for i in range(6)]
-    scores, info = fn(tensor, prompts, metadata)
-    assert set(scores) == {"dvreward", "sc", "pq"}
+    scores, info = fn(tensor, prompts, metadata, only_strict=True)   # Flow-GRPO's own call
+    assert set(scores) == {"dvreward", "dvreward_sc", "dvreward_pq", "avg"}
+    assert scores["avg"] == [0.5 * r for r in scores["dvreward"]]
     assert all(len(v) == 6 and all(isinstance(x, float) for x in v) for v in scores.values())
     assert all(0 < r < 1 for r in scores["dvreward"])
     assert len(info["advantages"]) == 6 and info["failed"] == []
@@ -82,12 +83,19 @@ def test_flow_grpo_reward_fn(client, make_images, questions):
     assert_rewards_close([scores["dvreward"]], [scores_np["dvreward"]])
 
 
-def test_flow_grpo_reward_fn_failed_image_is_nan(client, make_images, questions, truncated_png):
-    fn = make_flow_grpo_reward_fn(client, name="reward")
+def test_flow_grpo_reward_fn_failed_image(client, make_images, questions, truncated_png):
     imgs = make_images(3) + [truncated_png]
-    scores, info = fn(imgs, ["x"] * 4, [{"questions": questions}] * 4)
-    assert math.isnan(scores["reward"][3]) and info["failed"] == [3] and math.isnan(info["advantages"][3])
-    assert all(math.isfinite(r) for r in scores["reward"][:3])
+    neutral, info = make_flow_grpo_reward_fn(client, name="reward")(imgs, ["x"] * 4, [{"questions": questions}] * 4)
+    scored = neutral["reward"][:3]
+    # the default stands in the group's mean for it: advantage 0, and the lists convert to tensors
+    assert neutral["reward"][3] == sum(scored) / 3 and neutral["reward"][3] != 0.0
+    assert neutral["reward_sc"][3] == sum(neutral["reward_sc"][:3]) / 3 and info["advantages"][3] == 0.0
+    assert info["failed"] == [3] and info["failures"][0]["index"] == 3 and info["failures"][0]["code"] == "bad_image"
+    nan, info = make_flow_grpo_reward_fn(client, name="reward", on_error="nan")(imgs, ["x"] * 4,
+                                                                               [{"questions": questions}] * 4)
+    assert math.isnan(nan["reward"][3]) and info["failed"] == [3] and math.isnan(info["advantages"][3])
+    assert all(math.isfinite(r) for r in nan["reward"][:3])
+    assert_rewards_close([nan["reward"][:3]], [scored])
 
 
 # The AlphaGRPO data format: precomputed questions in each sample's metadata, strings or objects.

@@ -7,7 +7,7 @@ import math
 import pytest
 
 import trainer_client
-from dvreward_protocol.grpo import false_positive_rectification, group_advantages, lone_groups
+from dvreward_protocol.grpo import false_positive_rectification, group_advantages, lone_groups, neutral_rewards
 
 pytestmark = pytest.mark.float_sensitive
 
@@ -294,3 +294,26 @@ def test_fpr_mismatched_group_count_rejected():
 def test_fpr_mismatched_group_size_rejected():
     with pytest.raises(ValueError, match="group 1: 1 refined images but 2 start images"):
         false_positive_rectification([[0.1], [0.2]], [[0.1], [0.2, 0.3]])
+
+
+# --- neutral_rewards ---------------------------------------------------------------------------
+
+
+def test_neutral_rewards_give_a_failed_image_its_groups_mean():
+    nan = float("nan")
+    # group 0: [.2, None, .6] -> mean of the scored .4; group 1: all failed -> the step's mean (.2 + .6 + .1) / 3
+    out = neutral_rewards([[0.2, None, 0.6], [nan, None], [0.1]])
+    assert out[0] == [0.2, pytest.approx(0.4), 0.6] and out[1] == [pytest.approx(0.3)] * 2 and out[2] == [0.1]
+    # pooled by key, as group_advantages pools: groups 0 and 2 share prompt "a": mean (.2 + .6 + .1) / 3
+    pooled = neutral_rewards([[0.2, None, 0.6], [None], [0.1]], keys=["a", "b", "a"])
+    assert pooled[0][1] == pytest.approx(0.3) and pooled[1] == [pytest.approx(0.3)]
+    # the neutral value's advantage is 0 under the group's own mean, and nothing else moves
+    (adv,) = group_advantages([out[0]], std="group")
+    assert adv[1] == pytest.approx(0.0, abs=1e-12) and adv[0] == pytest.approx(-adv[2])
+
+
+def test_neutral_rewards_need_one_scored_image():
+    with pytest.raises(ValueError, match="no image of the step was scored"):
+        neutral_rewards([[None, float("nan")], [None]])
+    with pytest.raises(ValueError, match="2 keys for 1 groups"):
+        neutral_rewards([[0.5]], keys=["a", "b"])
