@@ -29,7 +29,8 @@ def group_key(prompt: str | None, source: str | None = None) -> Hashable | None:
     return prompt if source is None else (prompt, hashlib.sha256(source.encode()).hexdigest())
 
 
-def _valid(r: float | None) -> TypeGuard[float]:
+def is_scored(r: float | None) -> TypeGuard[float]:
+    """A reward that exists: not None (failed on the wire) and not NaN (failed, as on_error="nan" returns it)."""
     return r is not None and not math.isnan(r)
 
 
@@ -61,17 +62,17 @@ def group_advantages(
         raise ValueError(f"{len(keys)} keys for {len(rewards)} groups")
     for g in rewards:
         for r in g:
-            if _valid(r) and not math.isfinite(r):
+            if is_scored(r) and not math.isfinite(r):
                 raise ValueError(f"reward {r} is not finite; pass None or NaN for a failed image")
     pooled = _pooled(rewards, keys)
-    global_std = _std([r for g in rewards for r in g if _valid(r)])  # each image once, pooled or not
+    global_std = _std([r for g in rewards for r in g if is_scored(r)])  # each image once, pooled or not
     out: list[list[float | None]] = []
     for g, vg in zip(rewards, pooled, strict=True):
         mean = sum(vg) / len(vg) if vg else 0.0
         s = _std(vg) if std == "group" else global_std
         adv: list[float | None] = []
         for r in g:
-            if not _valid(r):
+            if not is_scored(r):
                 adv.append(r)  # None stays None, NaN stays NaN
                 continue
             a = 0.0 if max(vg) == min(vg) else (r - mean) / (s + eps)
@@ -84,7 +85,7 @@ def group_advantages(
 
 def _pooled(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None) -> list[list[float]]:
     """Per group, the valid rewards of its GRPO group: its own, or all groups' with the same key."""
-    valid = [[r for r in g if _valid(r)] for g in rewards]
+    valid = [[r for r in g if is_scored(r)] for g in rewards]
     if keys is None:
         return valid
     by_key: dict[Hashable, list[float]] = {}
@@ -106,18 +107,18 @@ def neutral_rewards(
     """
     if keys is not None and len(keys) != len(rewards):
         raise ValueError(f"{len(keys)} keys for {len(rewards)} groups")
-    scored = [r for g in rewards for r in g if _valid(r)]
+    scored = [r for g in rewards for r in g if is_scored(r)]
     if not scored:
         raise ValueError("no image of the step was scored: there is no reward to stand in for the failed ones")
     step_mean = sum(scored) / len(scored)
-    return [[r if _valid(r) else (sum(vg) / len(vg) if vg else step_mean) for r in g]
+    return [[r if is_scored(r) else (sum(vg) / len(vg) if vg else step_mean) for r in g]
             for g, vg in zip(rewards, _pooled(rewards, keys), strict=True)]
 
 
 def lone_groups(rewards: Sequence[Sequence[float | None]], keys: Sequence[Hashable | None] | None = None) -> list[int]:
     """Groups whose GRPO group (pooled by key) has exactly one valid reward: advantage 0, nothing to learn."""
     return [g for g, (own, vg) in enumerate(zip(rewards, _pooled(rewards, keys), strict=True))
-            if len(vg) == 1 and any(_valid(r) for r in own)]
+            if len(vg) == 1 and any(is_scored(r) for r in own)]
 
 
 def false_positive_rectification(
@@ -134,11 +135,11 @@ def false_positive_rectification(
     for gi, (rg, sg) in enumerate(zip(refined, start, strict=True)):
         if len(rg) != len(sg):
             raise ValueError(f"group {gi}: {len(rg)} refined images but {len(sg)} start images")
-        valid_start = [s for s in sg if _valid(s)]
+        valid_start = [s for s in sg if is_scored(s)]
         floor = min(valid_start) if valid_start else None
         row: list[float | None] = []
         for r, s in zip(rg, sg, strict=True):
-            if not _valid(r) or not _valid(s) or floor is None:
+            if not is_scored(r) or not is_scored(s) or floor is None:
                 row.append(r)
             else:
                 row.append(r if r > s else floor)

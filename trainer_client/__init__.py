@@ -3,8 +3,9 @@
 torch, numpy and PIL are imported only when an image of theirs is passed in.
 """
 
-from dvreward_protocol.grpo import false_positive_rectification, group_advantages
+from dvreward_protocol.grpo import false_positive_rectification, group_advantages, neutral_rewards
 from dvreward_protocol.questions import Question
+from dvreward_protocol.reflection import feedback, select_for_refinement
 from dvreward_protocol.schemas import ScoreResponse, VerifyResponse
 from trainer_client.adapters import (
     make_alphagrpo_reward_fn,
@@ -28,7 +29,8 @@ from trainer_client.errors import (
     Unauthorized,
     Unavailable,
 )
-from trainer_client.results import ScoreResult, VerifyResult
+from trainer_client.results import RefinedResult, ScoreResult, VerifyResult
+from trainer_client.submit import GroupScore
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -37,11 +39,13 @@ __all__ = [
     "ConnectionFailed",
     "DVRewardClient",
     "DVRewardError",
+    "GroupScore",
     "ImageFailed",
     "ImageFailure",
     "PayloadTooLarge",
     "Question",
     "RateLimited",
+    "RefinedResult",
     "ScoreResponse",
     "ScoreResult",
     "ScoringError",
@@ -52,10 +56,13 @@ __all__ = [
     "VerifyResponse",
     "VerifyResult",
     "false_positive_rectification",
+    "feedback",
     "group_advantages",
     "make_alphagrpo_reward_fn",
     "make_alphagrpo_score_fn",
     "make_flow_grpo_reward_fn",
     "make_trl_reward_func",
     "make_trl_reward_funcs",
+    "neutral_rewards",
+    "select_for_refinement",
 ]

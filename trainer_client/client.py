@@ -12,17 +12,20 @@ only in how they carry out its effects, with threads or with asyncio.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import httpx
 
 from dvreward_protocol.grpo import DEFAULT_CLIP, DEFAULT_EPS, DEFAULT_STD, StdMode
+from dvreward_protocol.reflection import rectify
 from dvreward_protocol.reward import Aggregation, Gating
 from dvreward_protocol.schemas import (
     Answer,
@@ -33,7 +36,7 @@ from dvreward_protocol.schemas import (
     VerifyResponse,
 )
 from trainer_client.chunks import Part, plan_chunks
-from trainer_client.encoding import EncodeOptions, ImageFormat, encode_base64
+from trainer_client.encoding import EncodeOptions, ImageFormat, encode_base64, split_group
 from trainer_client.errors import ServerError, Unavailable
 from trainer_client.flow import Backoff, Effect, Encode, Flow, Gather, Send, Sleep, parse, request
 from trainer_client.jobs import (
@@ -55,7 +58,16 @@ from trainer_client.jobs import (
     subrequests,
     verify_job,
 )
-from trainer_client.results import ScoreResult, VerifyResult
+from trainer_client.results import RefinedResult, ScoreResult, VerifyResult
+from trainer_client.submit import (
+    Batcher,
+    GroupOptions,
+    GroupScore,
+    StepOptions,
+    Submission,
+    group_scores,
+    merge_step,
+)
 
 # Generous read timeout: a step waits for the service's own deadline (120 s by default) plus queueing.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=120.0, pool=60.0)
@@ -84,9 +96,14 @@ class _Base:
         encode_workers: int | None = None,
         on_error: OnError = "raise",
         headers: Mapping[str, str] | None = None,
+        submit_window_s: float = 0.005,
     ) -> None:
+        """`submit_window_s`: how long a submitted group waits for others to share its request."""
         if max_retries < 0 or chunk_images < 1 or max_concurrency < 1 or max_request_bytes < 1:
             raise ValueError("max_retries must be >= 0; chunk_images, max_concurrency, max_request_bytes >= 1")
+        if not 0 <= submit_window_s <= 10:
+            raise ValueError(f"submit_window_s must be in [0, 10] seconds, got {submit_window_s}")
+        self.submit_window_s = submit_window_s
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.backoff = Backoff(max_retries, backoff_base, backoff_max)
@@ -181,6 +198,39 @@ class _Base:
         body = DecomposeRequest(prompts=list(prompts)).model_dump_json().encode()
         return parse(DecomposeResponse, (yield from self._post("/v1/decompose", body)))
 
+    def _score_refined(self, stage1: ScoreResult, refined: Sequence[Any], starts: Sequence[int | Sequence[int]],
+                       advantages_std: StdMode = DEFAULT_STD, clip: float | None = DEFAULT_CLIP,
+                       eps: float = DEFAULT_EPS, details: bool = True) -> Flow[RefinedResult]:
+        """The reflection round's second stage: refined[g] are refinements of stage-1 images starts[g] (one index
+        for all, or one per refinement), scored against group g's stage-1 questions with its options.
+
+        Returns the rectified rewards (false positive rectification), `improved` flags, advantages over them
+        and `any_improved`. Pick the images to refine with `select_for_refinement(stage1.rewards)`.
+        """
+        groups = [split_group(r, f"refined[{g}]") for g, r in enumerate(refined)]
+        if len(groups) != len(stage1.groups) or len(starts) != len(groups):
+            raise ValueError(f"{len(groups)} refined groups and {len(starts)} starts for {len(stage1.groups)} "
+                             "stage-1 groups: give one of each per group")
+        first = [[s] * len(g) if isinstance(s, int) else list(s) for s, g in zip(starts, groups, strict=True)]
+        for g, (idx, imgs) in enumerate(zip(first, groups, strict=True)):
+            if len(idx) != len(imgs) or not all(0 <= i < len(stage1.groups[g].rewards) for i in idx):
+                raise ValueError(f"starts[{g}]: one stage-1 image index per refined image, within the group")
+        r = stage1.response
+        result = yield from self._score(stage1.prompts, groups, questions=stage1.questions, on_error="nan",
+                                        aggregation=r.aggregation, gating=r.gating, answer=r.answer, details=details,
+                                        advantages_std=advantages_std, clip=clip, eps=eps)
+        start = [[stage1.rewards[g][i] for i in idx] for g, idx in enumerate(first)]
+        return RefinedResult(result, start, rectify(result.rewards, start, result.keys, advantages_std, eps, clip))
+
+    def _score_batch(self, batch: list[Submission[Any]]) -> Flow[list[GroupScore]]:
+        """Submitted groups with equal options, in one call (split into requests as any step is)."""
+        sources = [s.source for s in batch]
+        result = yield from self._score(
+            [s.prompt for s in batch], [s.images for s in batch], questions=[s.questions for s in batch],
+            metadata=[s.metadata for s in batch], on_error="nan",
+            sources=sources if any(x is not None for x in sources) else None, **batch[0].options.score_kwargs())
+        return group_scores(result)
+
     def _health(self) -> Flow[dict[str, Any]]:
         """GET /healthz once (a probe, so no retries): the API process is alive; says nothing about workers."""
         return (yield from request(Send("GET", "/healthz"), None)).json()
@@ -204,6 +254,16 @@ class _Base:
     def _models(self) -> Flow[ModelsResponse]:
         """Live workers and the models they serve."""
         return parse(ModelsResponse, (yield from request(Send("GET", "/v1/models"), self.backoff)))
+
+
+def submission(prompt: str | None, images: Any, questions: Sequence[QuestionLike] | None,
+               metadata: Mapping[str, Any] | None, source: Any | None, options: GroupOptions, future: T,
+               ) -> Submission[T]:
+    """A submitted group, checked now (a bad argument raises in the caller, not later in its future)."""
+    job = score_job([prompt], [images], [questions], [metadata], options.aggregation, options.gating, DEFAULT_STD,
+                    DEFAULT_CLIP, DEFAULT_EPS, options.score_kwargs()["tag_weights"], options.details, options.answer,
+                    [source])
+    return Submission(prompt, job.groups[0], questions, metadata, source, options, future)
 
 
 def _public(flow: Callable[..., Any], call: Callable[..., Any]) -> None:
@@ -242,6 +302,11 @@ class DVRewardClient(_Base):
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self._headers,
                                   limits=self._limits, transport=transport)
         self._request_pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="dvreward-request")
+        self._submit_pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="dvreward-submit")
+        self._batcher: Batcher[concurrent.futures.Future[GroupScore]] = Batcher(self.chunk_images)
+        self._submit_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
         self._sleep: Callable[[float], None] = time.sleep
 
     def __enter__(self) -> DVRewardClient:
@@ -251,11 +316,72 @@ class DVRewardClient(_Base):
         self.close()
 
     def close(self) -> None:
+        """Submitted groups are sent and answered first: nothing submitted is dropped."""
+        self._closed = True
+        self._flush()
+        self._submit_pool.shutdown(wait=True)
         self._http.close()
         self._request_pool.shutdown(wait=False, cancel_futures=True)
         self._encode_pool.shutdown(wait=False, cancel_futures=True)
 
+    def submit(self, prompt: str | None, images: Any, questions: Sequence[QuestionLike] | None = None, *,
+               metadata: Mapping[str, Any] | None = None, source: Any | None = None,
+               aggregation: Aggregation | str = Aggregation.geometric, gating: Gating | str = Gating.none,
+               tag_weights: Mapping[str, float] | None = None, details: bool = True,
+               answer: Answer = "prob") -> concurrent.futures.Future[GroupScore]:
+        """Score one group as soon as it is generated; returns at once with a future of its GroupScore.
+
+        Groups submitted within `submit_window_s` share a request (up to `chunk_images` images, sent at once
+        when reached). A request-level failure is the future's exception; failed images are listed in the
+        GroupScore. Advantages need the whole step: collect the step's groups with `step()`.
+        """
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        future: concurrent.futures.Future[GroupScore] = concurrent.futures.Future()
+        sub = submission(prompt, images, questions, metadata, source,
+                         GroupOptions.of(aggregation, gating, tag_weights, details, answer), future)
+        with self._submit_lock:
+            full = self._batcher.add(sub)
+            if not full and self._timer is None:
+                self._timer = threading.Timer(self.submit_window_s, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+        if full:
+            self._flush()
+        return sub.future
+
+    def step(self, *, aggregation: Aggregation | str = Aggregation.geometric, gating: Gating | str = Gating.none,
+             tag_weights: Mapping[str, float] | None = None, details: bool = True, answer: Answer = "prob",
+             advantages_std: StdMode = DEFAULT_STD, clip: float | None = DEFAULT_CLIP, eps: float = DEFAULT_EPS,
+             on_error: OnError | None = None) -> Step:
+        """A GRPO step scored while it is generated: `step.submit(...)` each group, then `step.result()`."""
+        return Step(self, GroupOptions.of(aggregation, gating, tag_weights, details, answer),
+                    StepOptions(advantages_std, clip, eps), policy(on_error, self.on_error))
+
+    def _flush(self) -> None:
+        with self._submit_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            batches = self._batcher.take()
+        for batch in batches:
+            self._submit_pool.submit(self._complete, batch)
+
+    def _complete(self, batch: list[Submission[concurrent.futures.Future[GroupScore]]]) -> None:
+        live = [s for s in batch if s.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            scores = self._drive(self._score_batch(live))
+        except Exception as exc:  # noqa: BLE001 - every submission of the failed batch hears why
+            for s in live:
+                s.future.set_exception(exc)
+            return
+        for s, score in zip(live, scores, strict=True):
+            s.future.set_result(score)
+
     score = _blocking(_Base._score)
+    score_refined = _blocking(_Base._score_refined)
     verify = _blocking(_Base._verify)
     decompose = _blocking(_Base._decompose)
     health = _blocking(_Base._health)
@@ -309,6 +435,9 @@ class AsyncDVRewardClient(_Base):
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self._headers,
                                        limits=self._limits, transport=transport)
         self._sleep: Callable[[float], Any] = asyncio.sleep
+        self._batcher: Batcher[asyncio.Future[GroupScore]] = Batcher(self.chunk_images)
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> AsyncDVRewardClient:
         return self
@@ -317,10 +446,61 @@ class AsyncDVRewardClient(_Base):
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Submitted groups are sent and answered first: nothing submitted is dropped."""
+        self._flush()
+        await asyncio.gather(*self._running, return_exceptions=True)
         await self._http.aclose()
         self._encode_pool.shutdown(wait=False, cancel_futures=True)
 
+    def submit(self, prompt: str | None, images: Any, questions: Sequence[QuestionLike] | None = None, *,
+               metadata: Mapping[str, Any] | None = None, source: Any | None = None,
+               aggregation: Aggregation | str = Aggregation.geometric, gating: Gating | str = Gating.none,
+               tag_weights: Mapping[str, float] | None = None, details: bool = True,
+               answer: Answer = "prob") -> asyncio.Future[GroupScore]:
+        """As DVRewardClient.submit, from a running event loop; await the returned future."""
+        loop = asyncio.get_running_loop()
+        sub = submission(prompt, images, questions, metadata, source,
+                         GroupOptions.of(aggregation, gating, tag_weights, details, answer), loop.create_future())
+        if self._batcher.add(sub):
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.submit_window_s, self._flush)
+        return sub.future
+
+    def step(self, *, aggregation: Aggregation | str = Aggregation.geometric, gating: Gating | str = Gating.none,
+             tag_weights: Mapping[str, float] | None = None, details: bool = True, answer: Answer = "prob",
+             advantages_std: StdMode = DEFAULT_STD, clip: float | None = DEFAULT_CLIP, eps: float = DEFAULT_EPS,
+             on_error: OnError | None = None) -> AsyncStep:
+        """As DVRewardClient.step; `await step.result()`."""
+        return AsyncStep(self, GroupOptions.of(aggregation, gating, tag_weights, details, answer),
+                         StepOptions(advantages_std, clip, eps), policy(on_error, self.on_error))
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for batch in self._batcher.take():
+            task = asyncio.ensure_future(self._complete(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _complete(self, batch: list[Submission[asyncio.Future[GroupScore]]]) -> None:
+        live = [s for s in batch if not s.future.cancelled()]
+        if not live:
+            return
+        try:
+            scores = await self._drive(self._score_batch(live))
+        except Exception as exc:  # noqa: BLE001 - every submission of the failed batch hears why
+            for s in live:
+                if not s.future.done():
+                    s.future.set_exception(exc)
+            return
+        for s, score in zip(live, scores, strict=True):
+            if not s.future.done():
+                s.future.set_result(score)
+
     score = _awaitable(_Base._score)
+    score_refined = _awaitable(_Base._score_refined)
     verify = _awaitable(_Base._verify)
     decompose = _awaitable(_Base._decompose)
     health = _awaitable(_Base._health)
@@ -367,3 +547,54 @@ class AsyncDVRewardClient(_Base):
         finally:
             for t in tasks:  # a failed or cancelled flow stops the others; no-op once all are done
                 t.cancel()
+
+
+# ---- steps -------------------------------------------------------------------------------------
+class _StepBase(Generic[T]):
+    def __init__(self, client: Any, group: GroupOptions, options: StepOptions, on_error: OnError) -> None:
+        self._client, self._group, self._options, self._on_error = client, group, options, on_error
+        self._futures: list[T] = []
+        self._t0 = time.perf_counter()
+
+    def submit(self, prompt: str | None, images: Any, questions: Sequence[QuestionLike] | None = None, *,
+               metadata: Mapping[str, Any] | None = None, source: Any | None = None) -> T:
+        """Send this group now (it shares a request with groups submitted within the client's window)."""
+        future = self._client.submit(prompt, images, questions, metadata=metadata, source=source,
+                                     **self._group.score_kwargs())
+        self._futures.append(future)
+        return future
+
+    def _merge(self, scored: list[GroupScore]) -> ScoreResult:
+        return merge_step(scored, self._options, self._on_error, time.perf_counter() - self._t0)
+
+
+class Step(_StepBase[concurrent.futures.Future[GroupScore]]):
+    """One GRPO step submitted group by group; `result()` waits for the last and merges them."""
+
+    def __enter__(self) -> Step:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:  # the step failed while generating: nothing will read its rewards
+            for f in self._futures:
+                f.cancel()
+
+    def result(self, timeout: float | None = None) -> ScoreResult:
+        """The step's ScoreResult, groups in submission order, advantages over the whole step (the same as one
+        `score()` call on the same groups); failed images follow the step's on_error."""
+        return self._merge([f.result(timeout) for f in self._futures])
+
+
+class AsyncStep(_StepBase[asyncio.Future[GroupScore]]):
+    """Step for AsyncDVRewardClient: `await step.result()`."""
+
+    async def __aenter__(self) -> AsyncStep:
+        return self
+
+    async def __aexit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            for f in self._futures:
+                f.cancel()
+
+    async def result(self) -> ScoreResult:
+        return self._merge(list(await asyncio.gather(*self._futures)))

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, cast
 from pydantic import BaseModel
 
 from dvreward_protocol.grpo import StdMode, group_advantages, group_key, lone_image_warnings
-from dvreward_protocol.questions import Question
+from dvreward_protocol.questions import DecompositionError, Question, validate_questions
 from dvreward_protocol.reward import Aggregation, Gating
 from dvreward_protocol.schemas import (
     AdvantageOptions,
@@ -167,6 +167,11 @@ def score_job(prompts: Sequence[str | None], images: Sequence[Any],
     for i, (p, q) in enumerate(zip(prompts, qs, strict=True)):
         if not q and not (isinstance(p, str) and p.strip()):
             raise ValueError(f"group {i}: give a non-empty prompt or explicit questions")
+        if q:
+            try:
+                validate_questions(q)
+            except DecompositionError as exc:
+                raise ValueError(f"questions[{i}]: {exc}") from None
     options = {"aggregation": Aggregation(aggregation), "gating": Gating(gating),
                "tag_weights": dict(tag_weights) if tag_weights is not None else None,
                "advantages": AdvantageOptions(std=advantages_std, clip=clip, eps=eps), "details": details,

@@ -8,6 +8,7 @@ from typing import Literal
 
 from dvreward_protocol.grpo import neutral_rewards
 from dvreward_protocol.questions import Question
+from dvreward_protocol.reflection import FEEDBACK_TEMPLATE, Rectified, feedback
 from dvreward_protocol.schemas import GroupResult, ImageResult, ModelIds, ScoreResponse, Timings, VerifyResponse
 from trainer_client.errors import ImageFailure
 
@@ -110,6 +111,38 @@ class ScoreResult:
             text = {q.id: q.text for q in g.questions}
             out.append([[text[q] for q in im.failed] for im in g.images or ()])
         return out
+
+    def feedback(self, template: str = FEEDBACK_TEMPLATE) -> list[list[str]]:
+        """Per image, its failed questions in order as one text for a reflection prompt ("" if none failed);
+        `template` (our wording by default) receives them as {failed}."""
+        return [[feedback(texts, template) for texts in g] for g in self.failed_questions()]
+
+
+@dataclass
+class RefinedResult:
+    """Refinements scored against their stage-1 questions, then rectified: a refinement that does not beat its
+    starting image gets the lowest starting reward of its group. Failed images are NaN."""
+
+    result: ScoreResult  # the refinements as scored, before rectification
+    start: list[list[float]]  # each refinement's starting (stage-1) reward
+    rectified: Rectified
+
+    @property
+    def rewards(self) -> list[list[float]]:
+        return [[_nan(r) for r in g] for g in self.rectified.rewards]
+
+    @property
+    def advantages(self) -> list[list[float]]:
+        return [[_nan(a) for a in g] for g in self.rectified.advantages]
+
+    @property
+    def improved(self) -> list[list[bool]]:
+        return self.rectified.improved
+
+    @property
+    def any_improved(self) -> bool:
+        """False when no refinement improved on its start: the reference skips such a step."""
+        return self.rectified.any_improved
 
 
 @dataclass

@@ -165,13 +165,15 @@ def test_on_error_raise_lists_failures(service_url, make_images, questions, trun
 def test_request_level_errors_are_typed(service_url, make_images, questions):
     cycle = [{**questions[0], "depends_on": ["red"]}, *questions[1:]]  # cube -> red -> cube
     with DVRewardClient(service_url) as client:
-        with pytest.raises(BadRequest) as info:
+        with pytest.raises(ValueError, match=r"questions\[0\]: dependency cycle"):  # found before sending
             client.score(["x"], [make_images(1)], questions=[cycle])
+        with pytest.raises(BadRequest) as info:
+            client.score(["x"], [make_images(1)], questions=[questions], tag_weights={"Smell": 1.0})
         # an image that cannot be read is not the request's fault: it fails alone
         alone = client.score(["x"], [[b"not an image at all", make_images(1)[0]]], questions=[questions],
                              on_error="nan")
     assert info.value.status == 422 and info.value.code == "bad_request" and info.value.request_id
-    assert "groups[0].questions" in info.value.message and "cycle" in info.value.message
+    assert "tag_weights['Smell']" in info.value.message
     assert [(f.index, f.code) for f in alone.failures] == [(0, "bad_image")] and math.isfinite(alone.rewards[0][1])
 
 
