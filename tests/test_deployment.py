@@ -51,6 +51,27 @@ def test_compose_environment_values_are_valid_settings(monkeypatch: pytest.Monke
         Settings()  # raises on a value of the wrong type
 
 
+def test_compose_api_is_open_to_no_one_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API listens on all of its container's addresses: with no keys given (the default), anonymous access is
+    allowed deliberately (with the comment saying why) and the port is published on the host's loopback only; and
+    `dvreward api`'s own check accepts exactly that configuration, and refuses it without the setting."""
+    from server.preflight import exposure_problem
+
+    api = COMPOSE["services"]["api"]
+    host = api["command"][api["command"].index("--host") + 1]
+    assert host == "0.0.0.0" and api["environment"]["DVREWARD_API_KEYS"] == "${DVREWARD_API_KEYS:-}"
+    assert api["environment"]["DVREWARD_ALLOW_ANONYMOUS"] == "true"
+    assert api["ports"] and all(str(p).startswith("127.0.0.1:") for p in api["ports"]), api["ports"]
+    lines = (ROOT / "docker-compose.yml").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("DVREWARD_ALLOW_ANONYMOUS:"))
+    assert lines[at - 1].strip().startswith("#"), "allowing anonymous access needs its reason beside it"
+    monkeypatch.setenv("DVREWARD_API_KEYS", "")
+    monkeypatch.setenv("DVREWARD_ALLOW_ANONYMOUS", "true")
+    s = Settings()
+    assert exposure_problem(host, s.api_keys, s.allow_anonymous) is None
+    assert exposure_problem(host, s.api_keys, False) is not None
+
+
 def test_compose_shape() -> None:
     services = COMPOSE["services"]
     assert "healthcheck" in services["redis"] and services["redis"]["volumes"], "redis needs health and persistence"

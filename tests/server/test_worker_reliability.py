@@ -188,7 +188,7 @@ async def test_a_hung_engine_makes_the_worker_leave_and_its_tasks_go_to_others(
     """Past the batch timeout the worker stops renewing, leaves /readyz's registry and ends with WorkerHung."""
     from server.worker import WorkerHung
 
-    settings = Settings(redis_url=redis_url, queue_prefix="hung", visibility_timeout_s=0.5)
+    settings = Settings(redis_url=redis_url, queue_prefix="hung", visibility_timeout_s=0.5, heartbeat_s=0.1)
     api, stuck, other = (build_broker(settings, name) for name in ("api", "stuck", "other"))
     engine = Hangs()
     worker = Worker(stuck, engine, None, template_version="test", batch_size=4, batch_wait=0.01, heartbeat_s=0.2,
@@ -257,7 +257,7 @@ def test_sigkilled_worker_tasks_are_reclaimed_and_sigterm_drains(
     redis_url: str, services: Callable[..., Any], tiny_models: dict[str, Path], tiny_verifier: Any,
     kit: types.SimpleNamespace, request: pytest.FixtureRequest,
 ) -> None:
-    common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=1, request_timeout_s=90)
+    common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=0.9, request_timeout_s=90)
     api = services("api", "api", kit.service_env(**common), http=True)
     worker_env = kit.service_env(**common, verifier=tiny_models["verifier"], decomposer="", batch_size=2,
                                  batch_wait_ms=5)
@@ -331,8 +331,8 @@ def test_dvreward_worker_exits_with_status_3_when_a_batch_runs_past_the_batch_ti
     services: Callable[..., Any], redis_url: str, tiny_models: dict[str, Path], kit: types.SimpleNamespace,
 ) -> None:
     """A 1 ms batch timeout makes every batch 'hung': the process must exit (not wait for its engine thread)."""
-    env = kit.service_env(redis_url=redis_url, heartbeat_s=0.5, batch_timeout_s=0.001, verifier=tiny_models["verifier"],
-                          decomposer="")
+    env = kit.service_env(redis_url=redis_url, heartbeat_s=0.5, batch_timeout_s=0.001, batch_wait_ms=0,
+                          verifier=tiny_models["verifier"], decomposer="")
     worker = services("worker-hung", "worker", env)
     client = redis.Redis.from_url(redis_url)
     try:
@@ -392,3 +392,4 @@ def test_sigterm_with_a_batch_in_flight_finishes_it_then_exits(
     assert {int(client.get(f"dvr:deliveries:{tid}") or 0) for tid in stuck} == {1}, "finished, not re-delivered"
     assert not any(pending(client).values()) and not has_pid(worker_ids(api.url), worker.pid)
     assert "Traceback" not in worker.log_tail(20_000)
+
