@@ -14,6 +14,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.dev",
     "server.commands.importer",
     "server.commands.service",
+    "server.commands.health",
     "server.commands.score",
     "server.commands.decompose",
     "server.commands.evaluate",

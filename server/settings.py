@@ -107,17 +107,18 @@ class Settings(BaseSettings):
         "", description="verifier checkpoint: local dir or hub id (unset: the device's default; empty is refused)"
     )
     decomposer: str | None = Field(
-        None, description="decomposer checkpoint: local dir or hub id (unset: by device; empty string disables)"
+        None, description="decomposer checkpoint: local dir or hub id (unset: the device's default; empty: none, "
+        "requests give their questions)"
     )
     pipeline: Literal["fast", "dsg"] = Field(defaults.PIPELINE, description="decomposition pipeline")
     decomposer_max_new_tokens: int = Field(
         1024, ge=1, description="longest decomposer output; a longer one is a failed decomposition, never cut short"
     )
     decomposer_max_semantic: int = Field(
-        16, ge=1, le=64, description="most semantic questions per prompt; a list at the cap is reported"
+        16, ge=1, le=64, description="most semantic questions per prompt; a list at the cap is reported in `warnings`"
     )
     decomposer_max_quality: int = Field(
-        8, ge=0, le=64, description="most quality questions per prompt; a list at the cap is reported"
+        8, ge=0, le=64, description="most quality questions per prompt; a list at the cap is reported in `warnings`"
     )
     device: str = Field(defaults.DEVICE, description="torch device of the engines, e.g. cpu or cuda:0")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(defaults.DTYPE, description="engine dtype")
@@ -186,14 +187,19 @@ class Settings(BaseSettings):
     )
 
     # queue
-    redis_url: str | None = Field(None, description="Redis URL; unset runs the embedded in-process queue")
+    redis_url: str | None = Field(
+        None, description="Redis URL (redis://, rediss:// or unix://), which must answer at startup; unset runs the "
+        "embedded in-process queue"
+    )
     queue_prefix: str = Field("dvr", min_length=1, description="prefix of every Redis key")
     max_queue: int = Field(4096, ge=1, description="queued verification items beyond which requests get 429")
     batch_size: int = Field(32, ge=1, description="most items a worker takes into one batch")
-    batch_wait_ms: int = Field(10, ge=0, description="how long a worker waits to fill a batch")
+    batch_wait_ms: int = Field(
+        10, ge=0, description="how long a worker waits to fill a batch; shorter than the batch timeout"
+    )
     visibility_timeout_s: float = Field(
         60.0, gt=0, le=YEAR_S,
-        description="a claimed task idle this long is re-delivered; above 3 x heartbeat_s + the batch wait",
+        description="a claimed task idle this long is re-delivered; above 3 heartbeats + the batch wait",
     )
     max_deliveries: int = Field(3, ge=1, description="deliveries after which a task fails with an error")
     result_ttl_s: int = Field(600, ge=1, le=YEAR_S, description="TTL of results, replies and idempotency records")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -28,6 +29,16 @@ from server.queue.base import Broker, collect_batch
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
 
 log = logging.getLogger("dvreward.worker")
+
+
+def new_worker_id() -> str:
+    """host-pid-random: one host's workers differ by pid (a supervisor's children), a restart by the suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def runs_on(worker_id: str, host: str) -> bool:
+    """Whether `worker_id` (from new_worker_id) names a worker on `host`; host names may hold '-' themselves."""
+    return re.fullmatch(rf"{re.escape(host)}-\d+-[0-9a-f]{{6}}", worker_id) is not None
 
 
 class WorkerHung(RuntimeError):
@@ -62,7 +73,7 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.batch_timeout_s = batch_timeout_s
         self.max_image_pixels = max_image_pixels
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = worker_id or new_worker_id()
         self.verifier_id = public_ids[0] or (verifier.model_id if verifier else "")
         self.decomposer_id = public_ids[1] or (decomposer.model_id if decomposer else None)
         self.info = WorkerInfo(

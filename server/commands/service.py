@@ -86,6 +86,8 @@ def shown_default(default: Any) -> str:
     """A default as `--help` and the README's settings table show it."""
     if default is None or default == "":
         return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
     if isinstance(default, list):
         return ",".join(map(str, default)) or "none"
     return str(default)
