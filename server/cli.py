@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # Each module exposes `register(subparsers)`, adding its subcommand(s) with
 # `set_defaults(func=...)`; the func takes the parsed args and returns an exit code.
@@ -13,14 +14,33 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.dev",
     "server.commands.importer",
     "server.commands.service",
+    "server.commands.health",
     "server.commands.score",
     "server.commands.decompose",
     "server.commands.evaluate",
 )
 
 
+DESCRIPTION = """\
+DVReward: decompositional verifiable rewards for reinforcement learning of image generators. Serve the
+scoring API (`serve`, or `api` and `worker` over Redis), or decompose prompts, score images and evaluate
+benchmarks without a server."""
+
+EPILOG = """\
+Every setting of `serve`, `api` and `worker` is also a DVREWARD_<NAME> environment variable (see
+`dvreward serve --help`). `dvreward eval --server` reads its Bearer key from DVREWARD_API_KEY."""
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A mistyped flag or value is one line and exit 2, like every other startup error (argparse would print
+    the usage of every settings flag first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dvreward", description=__doc__)
+    parser = OneLineErrors(prog="dvreward", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -1,15 +1,22 @@
-"""Checks run before anything heavy loads: a busy port or a mistyped model is found in a second, not
-after minutes of loading a 7B checkpoint, and is reported as one line per problem."""
+"""Checks run before anything heavy loads: a busy port, an unreachable Redis or a mistyped model is found
+in seconds, not after minutes of loading a 7B checkpoint, and is reported as one line per problem."""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from server.engines.loading import hub_offline, is_local
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 
 class StartupError(Exception):
@@ -42,6 +49,60 @@ def port_problem(host: str, port: int) -> str | None:
                 return f"port {port} on {host} is already in use: stop what holds it or pass --port N"
             return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
+
+
+def _is_loopback(host: str) -> bool | None:
+    """Whether every address `host` names is a loopback one; None when it does not resolve (the port check
+    reports that)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return None
+    return all(ipaddress.ip_address(str(info[4][0]).partition("%")[0]).is_loopback for info in infos)
+
+
+def exposure_problem(host: str, api_keys: Sequence[str], allow_anonymous: bool) -> str | None:
+    """An API without keys that other machines can reach serves anyone: only when the operator says so."""
+    if api_keys or allow_anonymous or _is_loopback(host) in (True, None):
+        return None
+    return (f"--host {host} is reachable from other machines and no API keys are set, so anyone could score: "
+            "set DVREWARD_API_KEYS (--api-keys k1,k2), bind --host 127.0.0.1, or set DVREWARD_ALLOW_ANONYMOUS=true "
+            "to serve without authentication deliberately")
+
+
+def redis_problem(url: str, within_s: float) -> str | None:
+    """Redis answers PING within `within_s` seconds (a refused connection is retried until then: it may be
+    starting); what was tried, and how it failed, otherwise."""
+    import redis
+    from redis.exceptions import AuthenticationError, AuthorizationError
+
+    from server.settings import masked_url
+
+    deadline = time.monotonic() + within_s
+    client = redis.Redis.from_url(url, socket_connect_timeout=within_s, socket_timeout=within_s, retry=None)
+    attempts = 0
+    try:
+        while True:
+            attempts += 1
+            try:
+                client.ping()
+                return None
+            except (AuthenticationError, AuthorizationError, redis.ResponseError) as exc:
+                reason = f"it refused: {exc}"  # answered, so waiting would not help
+                break
+            except (redis.RedisError, OSError) as exc:
+                reason = (str(exc) or type(exc).__name__).rstrip(".")
+                if time.monotonic() + 0.2 >= deadline:
+                    break
+                time.sleep(0.2)
+    finally:
+        client.close()
+    return (f"Redis at {masked_url(url)} did not answer PING (tried {attempts} time(s) for {within_s:g} s, "
+            f"DVREWARD_REDIS_TIMEOUT_S): {reason}; start it, or fix --redis-url / DVREWARD_REDIS_URL")
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -78,11 +139,15 @@ def model_problem(role: str, ref: str) -> str | None:
         return f"--{role} {ref}: not a local directory, and the hub could not be reached ({reason}); {hint}"
 
 
-def check(*, models: dict[str, str | None] | None = None, listen: tuple[str, int] | None = None) -> None:
-    """Raise StartupError listing every problem found; nothing is loaded."""
+def check(s: Settings, *, models: dict[str, str | None] | None = None, listen: bool = False,
+          redis: bool = False) -> None:
+    """Raise StartupError listing every problem found; nothing is loaded. `listen`: the API's address (free, and
+    not open to anyone without keys); `redis`: the queue answers."""
     problems = []
-    if listen is not None:
-        problems.append(port_problem(*listen))
+    if listen:
+        problems += [port_problem(s.host, s.port), exposure_problem(s.host, s.api_keys, s.allow_anonymous)]
+    if redis and s.redis_url:
+        problems.append(redis_problem(s.redis_url, s.redis_timeout_s))
     for role, ref in (models or {}).items():
         if ref:
             problems.append(model_problem(role, ref))

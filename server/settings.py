@@ -10,8 +10,9 @@ import json
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.engines import defaults
@@ -34,7 +35,8 @@ def default_models(device: str) -> tuple[str, str]:
 
 # ---- list settings: `a,b` and `["a", "b"]` both parse (environment and flags alike) ----------------
 def parse_list(value: Any) -> Any:
-    """A comma-separated string or a JSON list; pydantic-settings alone accepts only JSON."""
+    """A comma-separated string or a JSON list; pydantic-settings alone accepts only JSON. An empty or blank
+    string is the empty list; empty entries are kept, for `no_empty_entries` to refuse."""
     if not isinstance(value, str):
         return value
     text = value.strip()
@@ -43,31 +45,80 @@ def parse_list(value: Any) -> Any:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"starts with '[' but is not a JSON list ({exc.msg}); or give a,b,c") from None
-    return [part.strip() for part in text.split(",") if part.strip()]
+    return [part.strip() for part in text.split(",")] if text else []
 
 
-StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list)]
+def no_empty_entries(values: list[str]) -> list[str]:
+    """`,` or `a,${UNSET}` would otherwise be read as fewer entries, or none (for API keys: no authentication)."""
+    blank = [i for i, v in enumerate(values) if not v.strip()]
+    if blank:
+        raise ValueError(f"entry {blank[0] + 1} of {len(values)} is empty (a stray comma, or an unset variable?); "
+                         "give every entry, or leave the whole setting unset")
+    return [v.strip() for v in values]
 
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list), AfterValidator(no_empty_entries)]
+
+# Durations are positive and at most a year: a longer one is a unit slip (milliseconds given as seconds).
+YEAR_S = 365 * 24 * 3600
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What makes `url` unusable as a Redis URL (redis-py would fail at the first command, or silently pick
+    defaults), or None. The URL in the message has its password masked."""
+    from redis.connection import parse_url
+
+    shown = masked_url(url)
+    hint = "e.g. redis://127.0.0.1:6379/0, rediss://:PASSWORD@HOST:6380/0 or unix:///run/redis.sock"
+    try:
+        parse_url(url)
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{shown!r} is not a Redis URL ({exc}); {hint}"
+    if parts.scheme.lower() == "unix":
+        return None if parts.path else f"{shown!r} names no socket path; {hint}"
+    if not parts.hostname:
+        return f"{shown!r} names no host; {hint}"
+    if port == 0:
+        return f"{shown!r}: port 0 is not a port Redis listens on; {hint}"
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return f"{shown!r}: the path must be a database number (/0), not {parts.path!r}; {hint}"
+    return None
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ***, so that it can be printed and logged."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DVREWARD_", extra="ignore")
+    # Infinity and NaN pass every bound they are compared with (or none), so no setting takes them.
+    model_config = SettingsConfigDict(env_prefix="DVREWARD_", extra="ignore", allow_inf_nan=False)
 
     # models
     # Unset means "the device's default model"; an empty string means "none", which only the decomposer allows.
-    verifier: str = Field("", description="verifier checkpoint: local dir or hub id (unset: by device)")
+    verifier: str = Field(
+        "", description="verifier checkpoint: local dir or hub id (unset: the device's default; empty is refused)"
+    )
     decomposer: str | None = Field(
-        None, description="decomposer checkpoint: local dir or hub id (unset: by device; empty string disables)"
+        None, description="decomposer checkpoint: local dir or hub id (unset: the device's default; empty: none, "
+        "requests give their questions)"
     )
     pipeline: Literal["fast", "dsg"] = Field(defaults.PIPELINE, description="decomposition pipeline")
     decomposer_max_new_tokens: int = Field(
         1024, ge=1, description="longest decomposer output; a longer one is a failed decomposition, never cut short"
     )
     decomposer_max_semantic: int = Field(
-        16, ge=1, le=64, description="most semantic questions per prompt; a list at the cap is reported"
+        16, ge=1, le=64, description="most semantic questions per prompt; a list at the cap is reported in `warnings`"
     )
     decomposer_max_quality: int = Field(
-        8, ge=0, le=64, description="most quality questions per prompt; a list at the cap is reported"
+        8, ge=0, le=64, description="most quality questions per prompt; a list at the cap is reported in `warnings`"
     )
     device: str = Field(defaults.DEVICE, description="torch device of the engines, e.g. cpu or cuda:0")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(defaults.DTYPE, description="engine dtype")
@@ -84,7 +135,9 @@ class Settings(BaseSettings):
     max_pixels: int | None = Field(
         None, gt=0, description="largest image area fed to the verifier (unset: the checkpoint's own)"
     )
-    max_batch_tokens: int = Field(defaults.MAX_BATCH_TOKENS, description="token budget of one verifier forward pass")
+    max_batch_tokens: int = Field(
+        defaults.MAX_BATCH_TOKENS, ge=1, description="token budget of one verifier forward pass"
+    )
     batched_vision: bool = Field(
         defaults.BATCHED_VISION, description="vision window attention in one call (same result, faster)"
     )
@@ -116,7 +169,7 @@ class Settings(BaseSettings):
         defaults.REMOTE_CONCURRENCY, ge=1, description="openai engine: most requests in flight per role"
     )
     remote_timeout_s: float = Field(
-        defaults.REMOTE_TIMEOUT_S, gt=0, description="openai engine: timeout of one request"
+        defaults.REMOTE_TIMEOUT_S, gt=0, le=YEAR_S, description="openai engine: timeout of one request"
     )
     remote_retries: int = Field(
         defaults.REMOTE_RETRIES, ge=0,
@@ -134,41 +187,58 @@ class Settings(BaseSettings):
     )
 
     # queue
-    redis_url: str | None = Field(None, description="Redis URL; unset runs the embedded in-process queue")
-    queue_prefix: str = Field("dvr", description="prefix of every Redis key")
-    max_queue: int = Field(4096, description="queued verification items beyond which requests get 429")
-    batch_size: int = Field(32, description="most items a worker takes into one batch")
-    batch_wait_ms: int = Field(10, description="how long a worker waits to fill a batch")
-    visibility_timeout_s: float = Field(60.0, description="a claimed task idle this long is re-delivered")
-    max_deliveries: int = Field(3, description="deliveries after which a task fails with an error")
-    result_ttl_s: int = Field(600, description="TTL of results, replies and idempotency records")
-    cache_ttl_s: int = Field(7 * 24 * 3600, description="TTL of cached decompositions")
-    heartbeat_s: float = Field(2.0, description="worker heartbeat period; a worker silent 3x this is dead")
+    redis_url: str | None = Field(
+        None, description="Redis URL (redis://, rediss:// or unix://), which must answer at startup; unset runs the "
+        "embedded in-process queue"
+    )
+    queue_prefix: str = Field("dvr", min_length=1, description="prefix of every Redis key")
+    max_queue: int = Field(4096, ge=1, description="queued verification items beyond which requests get 429")
+    batch_size: int = Field(32, ge=1, description="most items a worker takes into one batch")
+    batch_wait_ms: int = Field(
+        10, ge=0, description="how long a worker waits to fill a batch; shorter than the batch timeout"
+    )
+    visibility_timeout_s: float = Field(
+        60.0, gt=0, le=YEAR_S,
+        description="a claimed task idle this long is re-delivered; above 3 heartbeats + the batch wait",
+    )
+    max_deliveries: int = Field(3, ge=1, description="deliveries after which a task fails with an error")
+    result_ttl_s: int = Field(600, ge=1, le=YEAR_S, description="TTL of results, replies and idempotency records")
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=YEAR_S, description="TTL of cached decompositions")
+    heartbeat_s: float = Field(
+        2.0, ge=0.1, le=YEAR_S, description="worker heartbeat period; a worker silent 3x this is dead"
+    )
 
     # API
-    host: str = Field("127.0.0.1", description="bind address")
-    port: int = Field(8000, description="bind port")
+    host: str = Field("127.0.0.1", min_length=1, description="bind address")
+    port: int = Field(8000, ge=1, le=65535, description="bind port")
     api_keys: StrList = Field(
-        default_factory=list, description="accepted Bearer keys, comma-separated or a JSON list; empty = no auth"
+        default_factory=list, description="accepted Bearer keys, comma-separated or a JSON list (no empty entry); "
+        "none: no authentication, which a non-loopback --host refuses unless allow_anonymous"
     )
-    request_timeout_s: float = Field(120.0, description="deadline of one request; past it the API answers 504")
-    max_body_bytes: int = Field(64 * 1024 * 1024, description="largest request body")
-    max_images: int = Field(512, description="most images in one request")
-    max_image_bytes: int = Field(8 * 1024 * 1024, description="largest encoded image")
-    max_image_pixels: int = Field(4096 * 4096, description="largest decoded image area (bombs are refused)")
-    max_questions: int = Field(64, description="most questions per group")
-    max_prompt_chars: int = Field(2000, description="longest prompt")
-    max_groups: int = Field(128, description="most groups in one request")
+    allow_anonymous: bool = Field(
+        False, description="serve without API keys on a non-loopback --host (anyone who reaches it may score)"
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, le=YEAR_S, description="deadline of one request; past it the API answers 504"
+    )
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest request body")
+    max_images: int = Field(512, ge=1, description="most images in one request")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image area (bombs are refused)")
+    max_questions: int = Field(64, ge=1, description="most questions per group")
+    max_prompt_chars: int = Field(2000, ge=1, description="longest prompt")
+    max_groups: int = Field(128, ge=1, description="most groups in one request")
 
     # bounds against slow clients, frozen dependencies, stuck engines and oversized items
     body_timeout_s: float = Field(
-        30.0, gt=0, description="a request whose headers or body do not fully arrive within this gets 408"
+        30.0, gt=0, le=YEAR_S, description="a request whose headers or body do not fully arrive within this gets 408"
     )
     redis_timeout_s: float = Field(
-        3.0, gt=0, description="a Redis command unanswered this long means Redis is down (503)"
+        3.0, gt=0, le=YEAR_S, description="a Redis command unanswered this long means Redis is down (503)"
     )
     batch_timeout_s: float = Field(
-        600.0, gt=0, description="a batch the engine has not finished in this long marks the worker hung: it exits"
+        600.0, gt=0, le=YEAR_S,
+        description="a batch the engine has not finished in this long marks the worker hung: it exits",
     )
     max_images_per_item: int = Field(2, ge=1, description="most images shown together in one /v1/verify item")
     public_verifier: str | None = Field(
@@ -177,6 +247,29 @@ class Settings(BaseSettings):
     public_decomposer: str | None = Field(
         None, description="model name reported for the decomposer (unset: its hub id, or a local dir's name)"
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_form(cls, url: str | None) -> str | None:
+        problem = redis_url_problem(url) if url else None
+        if problem:
+            raise ValueError(problem)
+        return url
+
+    @model_validator(mode="after")
+    def _claims_outlive_renewals(self) -> Settings:
+        """A claimed task is renewed every heartbeat once its batch runs, not while the batch is being filled:
+        its claim must outlast the batch wait and two missed renewals, or another worker takes it too."""
+        wait = self.batch_wait_ms / 1000
+        if self.visibility_timeout_s <= 3 * self.heartbeat_s + wait:
+            raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s:g}) must exceed 3 x heartbeat_s "
+                             f"+ batch_wait_ms ({3 * self.heartbeat_s:g} s + {wait:g} s): a claimed task would be "
+                             "re-delivered to another worker while this one still works on it")
+        if wait >= self.batch_timeout_s:
+            raise ValueError(f"batch_wait_ms ({self.batch_wait_ms}) must be shorter than batch_timeout_s "
+                             f"({self.batch_timeout_s:g}): a stopping worker may wait that long for the last tasks "
+                             "of a batch, and stops within its batch timeout")
+        return self
 
     @model_validator(mode="after")
     def _pixel_range(self) -> Settings:

@@ -3,7 +3,8 @@
 One loop per task kind owns its batch (a batch the engine fails is retried item by item, so
 only the item at fault gets the error), a heartbeat keeps the worker visible to /readyz and
 /v1/models, and a stop event drains: the batch in hand is finished and delivered, nothing new
-is claimed.
+is claimed. Stopping is bounded in every state: filling a batch ends at once, a batch ends within the
+batch timeout, and results that cannot be delivered while stopping are left to re-delivery.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -27,6 +29,16 @@ from server.queue.base import Broker, collect_batch
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
 
 log = logging.getLogger("dvreward.worker")
+
+
+def new_worker_id() -> str:
+    """host-pid-random: one host's workers differ by pid (a supervisor's children), a restart by the suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def runs_on(worker_id: str, host: str) -> bool:
+    """Whether `worker_id` (from new_worker_id) names a worker on `host`; host names may hold '-' themselves."""
+    return re.fullmatch(rf"{re.escape(host)}-\d+-[0-9a-f]{{6}}", worker_id) is not None
 
 
 class WorkerHung(RuntimeError):
@@ -61,7 +73,7 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.batch_timeout_s = batch_timeout_s
         self.max_image_pixels = max_image_pixels
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = worker_id or new_worker_id()
         self.verifier_id = public_ids[0] or (verifier.model_id if verifier else "")
         self.decomposer_id = public_ids[1] or (decomposer.model_id if decomposer else None)
         self.info = WorkerInfo(
@@ -111,23 +123,17 @@ class Worker:
 
         while not stop.is_set():
             try:
-                batch = await collect_batch(fetch, self.batch_size, self.batch_wait if self.batch_wait > 0 else 0.001)
+                batch = await collect_batch(fetch, self.batch_size, max(self.batch_wait, 0.001), stop)
             except ServiceError as exc:
                 log.warning("claiming %s tasks failed (%s); retrying in 1 s", kind.value, exc.message)
-                await asyncio.sleep(1.0)
+                await _pause(stop, 1.0)
                 continue
-            if not batch:
+            live = [t for t in batch if not t.expired]
+            expired = [(t, Result.failure(t.task_id, ErrorCode.expired, "request deadline passed"))
+                       for t in batch if t.expired]
+            if not await self._deliver_all(stop, expired) or not live:
                 continue
-            live = []
-            for t in batch:
-                if t.expired:
-                    expired = Result.failure(t.task_id, ErrorCode.expired, "request deadline passed")
-                    await self._deliver(stop, t, expired)
-                else:
-                    live.append(t)
-            if live:
-                for t, r in zip(live, await self._leased(live, handle(live)), strict=True):
-                    await self._deliver(stop, t, r)
+            await self._deliver_all(stop, list(zip(live, await self._leased(live, handle(live)), strict=True)))
 
     async def _leased(self, tasks: list[Task], work: Awaitable[list[Result]]) -> list[Result]:
         """Run the batch while renewing its claim, so a long batch is not re-delivered to another worker."""
@@ -150,19 +156,22 @@ class Worker:
         finally:
             renewer.cancel()
 
-    async def _deliver(self, stop: asyncio.Event, task: Task, result: Result) -> None:
-        """Keep the result until the queue is back; once stopping, leave the task to re-delivery."""
-        while True:
-            try:
-                await self.broker.complete(task, result)
-                return
-            except ServiceError as exc:
-                if stop.is_set():
-                    log.warning("stopping with %s undelivered (%s); it stays pending and is re-delivered",
-                                task.task_id, exc.message)
-                    return
-                log.warning("delivering %s failed (%s); retrying in 1 s", task.task_id, exc.message)
-                await asyncio.sleep(1.0)
+    async def _deliver_all(self, stop: asyncio.Event, done: list[tuple[Task, Result]]) -> bool:
+        """Keep each result until the queue is back; once stopping, one failure leaves the rest of the batch to
+        re-delivery (one Redis timeout each would hold the stop for the whole batch). False if anything is left."""
+        for n, (task, result) in enumerate(done):
+            while True:
+                try:
+                    await self.broker.complete(task, result)
+                    break
+                except ServiceError as exc:
+                    if stop.is_set():
+                        log.warning("stopping with %d results undelivered (%s); their tasks stay pending and are "
+                                    "re-delivered", len(done) - n, exc.message)
+                        return False
+                    log.warning("delivering %s failed (%s); retrying in 1 s", task.task_id, exc.message)
+                    await _pause(stop, 1.0)
+        return True
 
     async def _verify(self, tasks: list[Task]) -> list[Result]:
         return await asyncio.to_thread(self._verify_sync, tasks)
@@ -241,6 +250,14 @@ class Worker:
                 named = o.model_copy(update={"model": self.decomposer_id})
                 out.append(Result(task_id=t.task_id, value=Decomposed(decomposition=named)))
         return out
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, unless the worker is told to stop first."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return
 
 
 def _reason(exc: Exception) -> str:

@@ -6,6 +6,7 @@ import argparse
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -51,6 +52,103 @@ def test_compose_environment_values_are_valid_settings(monkeypatch: pytest.Monke
         Settings()  # raises on a value of the wrong type
 
 
+def test_compose_api_is_open_to_no_one_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API listens on all of its container's addresses: with no keys given (the default), anonymous access is
+    allowed deliberately (with the comment saying why) and the port is published on the host's loopback only; and
+    `dvreward api`'s own check accepts exactly that configuration, and refuses it without the setting."""
+    from server.preflight import exposure_problem
+
+    api = COMPOSE["services"]["api"]
+    host = api["command"][api["command"].index("--host") + 1]
+    assert host == "0.0.0.0" and api["environment"]["DVREWARD_API_KEYS"] == "${DVREWARD_API_KEYS:-}"
+    assert api["environment"]["DVREWARD_ALLOW_ANONYMOUS"] == "true"
+    assert api["ports"] and all(str(p).startswith("127.0.0.1:") for p in api["ports"]), api["ports"]
+    lines = (ROOT / "docker-compose.yml").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("DVREWARD_ALLOW_ANONYMOUS:"))
+    assert lines[at - 1].strip().startswith("#"), "allowing anonymous access needs its reason beside it"
+    monkeypatch.setenv("DVREWARD_API_KEYS", "")
+    monkeypatch.setenv("DVREWARD_ALLOW_ANONYMOUS", "true")
+    s = Settings()
+    assert exposure_problem(host, s.api_keys, s.allow_anonymous) is None
+    assert exposure_problem(host, s.api_keys, False) is not None
+
+
+def _gpu_reservations() -> dict[str, dict[str, Any]]:
+    return {name: spec["deploy"]["resources"]["reservations"]["devices"][0]
+            for name, spec in COMPOSE["services"].items() if "deploy" in spec}
+
+
+def _default(value: str) -> str:
+    """A compose `${VAR:-default}` as it reads with VAR unset."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_compose_pins_each_single_gpu_service_to_its_own_gpu() -> None:
+    """`count: 1` put verifier-server and worker-remote both on GPU 0 (where the vLLM server takes 90%)."""
+    gpus = _gpu_reservations()
+    assert gpus["worker"]["count"] == "all"  # one process per GPU, by the supervisor
+    for name, spec in gpus.items():
+        assert spec["capabilities"] == ["gpu"]
+        if name != "worker":
+            assert "count" not in spec and len(spec["device_ids"]) == 1, f"{name}: pin its GPU with device_ids"
+    by_profile: dict[str, list[str]] = {}
+    for name, spec in COMPOSE["services"].items():
+        if name in gpus and name != "worker":
+            by_profile.setdefault(spec["profiles"][0], []).append(_default(gpus[name]["device_ids"][0]))
+    assert sorted(by_profile["remote"]) == ["0", "1"], by_profile
+
+
+def test_compose_pins_the_vllm_image_to_a_version_the_engine_supports() -> None:
+    from packaging.version import Version
+
+    image = COMPOSE["services"]["verifier-server"]["image"]
+    name, _, tag = image.partition(":")
+    assert name == "vllm/vllm-openai" and re.fullmatch(r"v\d+\.\d+\.\d+", tag), f"{image}: pin a release"
+    floor = re.search(r'vllm = \["vllm>=([\d.]+)"\]', (ROOT / "pyproject.toml").read_text())
+    assert floor and Version(tag[1:]) >= Version(floor.group(1)), "the server must have logprob_token_ids"
+
+
+def test_images_run_as_an_unprivileged_user() -> None:
+    for dockerfile in sorted((ROOT / "docker").glob("*Dockerfile")):
+        text = dockerfile.read_text()
+        users = re.findall(r"^USER\s+(\S+)", text, re.M)
+        assert users and users[-1] not in ("root", "0"), f"{dockerfile.name} runs as root"
+        cmd = text.index("\nCMD ")
+        assert text.rindex("\nUSER ") < cmd
+    worker = (ROOT / "docker" / "worker.Dockerfile").read_text()
+    owned = re.search(r"chown (\S+?):\S+ /models", worker)
+    assert owned and owned.group(1) == re.findall(r"^USER\s+(\S+)", worker, re.M)[-1]
+    assert worker.index("chown") < worker.index("VOLUME"), "a volume's content is fixed at VOLUME"
+
+
+def test_a_volume_is_shared_only_by_images_of_one_user() -> None:
+    """The vLLM image runs as root; a cache it creates first would be root's, unwritable for the workers."""
+    mounted: dict[str, set[str]] = {}
+    for spec in COMPOSE["services"].values():
+        image = spec["build"]["dockerfile"] if "build" in spec else spec["image"]
+        for volume in spec.get("volumes", []):
+            mounted.setdefault(volume.split(":")[0], set()).add(image)
+    assert all(len(images) == 1 for images in mounted.values()), mounted
+
+
+def test_workers_have_a_healthcheck_that_is_a_real_command() -> None:
+    text = (ROOT / "docker" / "worker.Dockerfile").read_text()
+    check = re.search(r"^HEALTHCHECK .*CMD (\[.*\])$", text, re.M)
+    assert check, "worker.Dockerfile has no exec-form HEALTHCHECK"
+    _check_command(yaml.safe_load(check.group(1)))
+    for name, spec in COMPOSE["services"].items():
+        if spec.get("build", {}).get("dockerfile") == "docker/worker.Dockerfile":
+            assert not spec.get("healthcheck", {}).get("disable"), name
+
+
+def test_readme_gives_gpu_memory_per_configuration() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**GPU memory.**"):]
+    section = section[:section.index("\n\n", section.index("|"))]
+    for needle in ("`docker compose up`", "`--profile vllm`", "`--profile remote`", "Qwen3-VL-30B-A3B"):
+        assert needle in section, needle
+
+
 def test_compose_shape() -> None:
     services = COMPOSE["services"]
     assert "healthcheck" in services["redis"] and services["redis"]["volumes"], "redis needs health and persistence"
@@ -60,10 +158,8 @@ def test_compose_shape() -> None:
     assert any(v.endswith(":/models") for v in worker["volumes"]), "workers share a model cache volume"
     for svc in ("api", "worker"):
         assert services[svc]["depends_on"]["redis"]["condition"] == "service_healthy"
-    gpus = worker["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpus["capabilities"] == ["gpu"]
     # compose does not spread `count: 1` over GPUs: one container takes them all, one process per GPU
-    assert gpus["count"] == "all" and worker["command"][-2:] == ["--devices", "all"]
+    assert _gpu_reservations()["worker"]["count"] == "all" and worker["command"][-2:] == ["--devices", "all"]
 
 
 @pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "worker.Dockerfile"])
@@ -81,10 +177,43 @@ def test_api_image_has_no_torch() -> None:
     assert "torch" not in install and "[server]" not in install
 
 
-def test_readme_documents_every_setting() -> None:
+def test_readme_settings_table_is_the_generated_one() -> None:
+    """Written by hand it listed the decomposer caps twice, pointed "(see below)" up and showed `''` for a
+    setting that may never be empty; now `dvreward dev settings-table` writes it from Settings."""
+    from server.settings_table import markdown
+
     readme = (ROOT / "README.md").read_text()
-    for name in Settings.model_fields:
-        assert f"`DVREWARD_{name.upper()}`" in readme, f"README's settings table lacks DVREWARD_{name.upper()}"
+    table = re.search(r"<!-- settings-table[^>]*-->\n(.*?)<!-- /settings-table -->", readme, re.S)
+    assert table, "README.md has no settings table between <!-- settings-table --> markers"
+    assert table.group(1) == markdown(), "regenerate it: dvreward dev settings-table"
+    rows = [line.split(" | ")[0].strip("| `") for line in markdown().splitlines()[2:]]
+    assert rows == [f"DVREWARD_{name.upper()}" for name in Settings.model_fields], "each setting once, in order"
+    anchors = re.findall(r"\]\(#([a-z0-9-]+)\)", table.group(1))
+    headings = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", readme, re.M)}
+    assert anchors and set(anchors) <= headings, "the table's links point at headings of the README"
+
+
+def test_every_dvreward_variable_the_code_reads_is_documented() -> None:
+    """`dvreward eval` read DVREWARD_API_KEY, which the README never named."""
+    readme = (ROOT / "README.md").read_text()
+    read = set()
+    reads = re.compile(r"(?:environ\.get\(|environ\[|getenv\()\s*[\"'](DVREWARD_[A-Z_]+)")
+    for package in ("server", "trainer_client", "dvreward_protocol"):
+        for path in (ROOT / package).rglob("*.py"):
+            read |= set(reads.findall(path.read_text()))
+    assert "DVREWARD_API_KEY" in read
+    assert [name for name in sorted(read) if f"`{name}`" not in readme] == []
+
+
+def test_dvreward_help_is_written_for_users(capsys: pytest.CaptureFixture[str]) -> None:
+    """It showed the CLI module's docstring, written for developers."""
+    import server.cli
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join((server.cli.__doc__ or "").split()) not in text
+    assert "rewards for reinforcement learning of image generators" in text and "DVREWARD_API_KEY" in text
 
 
 def test_pixels_default_to_the_checkpoints_everywhere() -> None:

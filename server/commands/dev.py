@@ -1,4 +1,5 @@
-"""`dvreward dev ...`: developer tooling (tiny random models for offline runs and tests)."""
+"""`dvreward dev ...`: developer tooling (tiny random models for offline runs and tests, the README's settings
+table)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ def _tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_table(args: argparse.Namespace) -> int:
+    from server.settings_table import markdown
+
+    print(markdown(), end="")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="dev_command", required=True)
     p = dev.add_parser("tiny-models", help="write a tiny random verifier and decomposer to DIR")
@@ -25,3 +33,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=VERIFIER_ARCHS, default=VERIFIER_ARCHS[0],
                    help="verifier architecture")
     p.set_defaults(func=_tiny_models)
+    p = dev.add_parser("settings-table", help="print the README's settings table (markdown), generated from Settings")
+    p.set_defaults(func=_settings_table)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from server.preflight import StartupError, check, settings_problems
-from server.settings import Settings
+from server.settings import Settings, masked_url
 
 if TYPE_CHECKING:
     from server.engines.base import Decomposer, Verifier
@@ -31,8 +31,9 @@ WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "dec
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
                     "vllm_max_model_len"}
-API_SETTINGS = {"host", "port", "api_keys", "max_body_bytes", "max_images", "max_image_bytes", "max_questions",
-               "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item"}
+API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "max_body_bytes", "max_images", "max_image_bytes",
+                "max_questions", "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s",
+                "max_images_per_item"}
 
 
 EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
@@ -76,14 +77,17 @@ def add_settings_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:
             continue
         typ, extra = _arg_type(field.annotation)
         env = f"DVREWARD_{name.upper()}"
-        default = _shown(field.get_default(call_default_factory=True))
+        default = shown_default(field.get_default(call_default_factory=True))
         p.add_argument(flag(name), dest=name, type=typ, default=None,
                        help=f"{field.description} (env {env}; default {default})", **extra)
 
 
-def _shown(default: Any) -> str:
+def shown_default(default: Any) -> str:
+    """A default as `--help` and the README's settings table show it."""
     if default is None or default == "":
         return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
     if isinstance(default, list):
         return ",".join(map(str, default)) or "none"
     return str(default)
@@ -125,9 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     _logging()
     s = settings_from(args)
-    check(models=loaded_models(s), listen=(s.host, s.port))
+    check(s, models=loaded_models(s), listen=True, redis=True)
     app = build_app(s, _load_engines(s))
-    queue = f"Redis at {s.redis_url}" if s.redis_url else "the embedded in-process queue"
+    queue = f"Redis at {masked_url(s.redis_url)}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
     uvicorn.run(app, host=s.host, port=s.port, log_level="info", http=with_header_deadline(s.body_timeout_s))
     return 0
@@ -145,7 +149,7 @@ def _api(args: argparse.Namespace) -> int:
         print("dvreward api needs --redis-url (or DVREWARD_REDIS_URL); for one process use `dvreward serve`",
               file=sys.stderr)
         return 2
-    check(listen=(s.host, s.port))
+    check(s, listen=True, redis=True)
     uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info",
                 http=with_header_deadline(s.body_timeout_s))
     return 0
@@ -162,7 +166,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     if args.devices:
         return _supervise(args)
-    check(models=loaded_models(s))
+    check(s, models=loaded_models(s), redis=True)
     worker = build_worker(s, build_broker(s), *_load_engines(s))
 
     async def main() -> None:
@@ -201,7 +205,7 @@ def _supervise(args: argparse.Namespace) -> int:
         raise StartupError([str(exc)]) from None
     given = _given(args)
     s = settings_from(argparse.Namespace(**given, device=devices[0]))  # default models depend on the device
-    check(models=loaded_models(s))  # before any child starts: a bad reference is exit 2, not a restart loop
+    check(s, models=loaded_models(s), redis=True)  # before any child starts: exit 2, not a restart loop
     env = dict(os.environ)
     for name, value in given.items():
         env[f"DVREWARD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)

@@ -105,9 +105,11 @@ def singleflight_value(raw: bytes) -> bytes:
 
 
 async def collect_batch(
-    fetch: Callable[[int, float], Awaitable[list[Any]]], max_size: int, max_wait: float
+    fetch: Callable[[int, float], Awaitable[list[Any]]], max_size: int, max_wait: float,
+    stop: asyncio.Event | None = None,
 ) -> list[Any]:
-    """Fill a batch up to max_size, waiting at most max_wait once the first item has arrived.
+    """Fill a batch up to max_size, waiting at most max_wait once the first item has arrived, and no longer
+    once `stop` is set (a steady trickle of tasks would otherwise hold a stopping worker for max_wait).
 
     `fetch(n, timeout)` returns up to n items, blocking up to timeout seconds for the first.
     The first call blocks for max_wait too, so an idle worker loops at that period.
@@ -116,7 +118,7 @@ async def collect_batch(
     if not batch:
         return batch
     end = time.monotonic() + max_wait
-    while len(batch) < max_size:
+    while len(batch) < max_size and not (stop is not None and stop.is_set()):
         left = end - time.monotonic()
         if left <= 0:
             break

@@ -57,9 +57,10 @@ def busy_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def test_port_in_use_is_found_before_serving(busy_port: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_port_in_use_is_found_before_serving(busy_port: int, redis_url: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert port_problem("127.0.0.1", busy_port) is not None
-    assert main(["api", "--redis-url", "redis://127.0.0.1:1/0", "--port", str(busy_port)]) == 2
+    assert main(["api", "--redis-url", redis_url, "--port", str(busy_port)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"port {busy_port}" in line and "already in use" in line and "--port" in line
 
@@ -92,9 +93,9 @@ def test_every_problem_is_reported_before_any_model_loads(tiny_models: dict[str,
     assert "loading verifier" not in out.stderr and "Traceback" not in out.stderr
 
 
-def test_a_checkpoint_that_fails_to_load_is_one_line(tmp_path: Path) -> None:
+def test_a_checkpoint_that_fails_to_load_is_one_line(tmp_path: Path, redis_url: str) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "no_such_architecture"}')
-    out = _cli("worker", "--redis-url", "redis://127.0.0.1:1/0", "--verifier", str(tmp_path), "--decomposer", "")
+    out = _cli("worker", "--redis-url", redis_url, "--verifier", str(tmp_path), "--decomposer", "")
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "cannot load the verifier" in errors[0], out.stderr

@@ -171,7 +171,7 @@ def test_workers_on_other_hosts_survive_a_cut_link(
         refused = on_hub(anonymous)
         assert refused.startswith("refused") and "auth" in refused.lower(), refused
 
-        common = dict(visibility_timeout_s=3, heartbeat_s=1, request_timeout_s=150)
+        common = dict(visibility_timeout_s=3, heartbeat_s=0.9, request_timeout_s=150)
         api_env = kit.service_env(**common, redis_url=f"redis://:{PASSWORD}@127.0.0.1:{REDIS_PORT}/0")
         api = hosts.start("hub", "api", [sys.executable, "-m", "server.cli", "api", "--host", "127.0.0.1",
                                          "--port", str(API_PORT)], api_env)

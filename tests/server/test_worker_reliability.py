@@ -188,7 +188,7 @@ async def test_a_hung_engine_makes_the_worker_leave_and_its_tasks_go_to_others(
     """Past the batch timeout the worker stops renewing, leaves /readyz's registry and ends with WorkerHung."""
     from server.worker import WorkerHung
 
-    settings = Settings(redis_url=redis_url, queue_prefix="hung", visibility_timeout_s=0.5)
+    settings = Settings(redis_url=redis_url, queue_prefix="hung", visibility_timeout_s=0.5, heartbeat_s=0.1)
     api, stuck, other = (build_broker(settings, name) for name in ("api", "stuck", "other"))
     engine = Hangs()
     worker = Worker(stuck, engine, None, template_version="test", batch_size=4, batch_wait=0.01, heartbeat_s=0.2,
@@ -257,7 +257,7 @@ def test_sigkilled_worker_tasks_are_reclaimed_and_sigterm_drains(
     redis_url: str, services: Callable[..., Any], tiny_models: dict[str, Path], tiny_verifier: Any,
     kit: types.SimpleNamespace, request: pytest.FixtureRequest,
 ) -> None:
-    common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=1, request_timeout_s=90)
+    common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=0.9, request_timeout_s=90)
     api = services("api", "api", kit.service_env(**common), http=True)
     worker_env = kit.service_env(**common, verifier=tiny_models["verifier"], decomposer="", batch_size=2,
                                  batch_wait_ms=5)
@@ -331,8 +331,8 @@ def test_dvreward_worker_exits_with_status_3_when_a_batch_runs_past_the_batch_ti
     services: Callable[..., Any], redis_url: str, tiny_models: dict[str, Path], kit: types.SimpleNamespace,
 ) -> None:
     """A 1 ms batch timeout makes every batch 'hung': the process must exit (not wait for its engine thread)."""
-    env = kit.service_env(redis_url=redis_url, heartbeat_s=0.5, batch_timeout_s=0.001, verifier=tiny_models["verifier"],
-                          decomposer="")
+    env = kit.service_env(redis_url=redis_url, heartbeat_s=0.5, batch_timeout_s=0.001, batch_wait_ms=0,
+                          verifier=tiny_models["verifier"], decomposer="")
     worker = services("worker-hung", "worker", env)
     client = redis.Redis.from_url(redis_url)
     try:
@@ -392,3 +392,45 @@ def test_sigterm_with_a_batch_in_flight_finishes_it_then_exits(
     assert {int(client.get(f"dvr:deliveries:{tid}") or 0) for tid in stuck} == {1}, "finished, not re-delivered"
     assert not any(pending(client).values()) and not has_pid(worker_ids(api.url), worker.pid)
     assert "Traceback" not in worker.log_tail(20_000)
+
+
+def test_sigterm_while_redis_is_frozen_after_a_claim_ends_within_the_batch_timeout(
+    private_redis: Any, services: Callable[..., Any], tiny_models: dict[str, Path], kit: types.SimpleNamespace,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Redis freezes once the worker holds a batch: stopping may not cost one Redis timeout per undelivered
+    result (32 here), and what was not delivered stays pending for re-delivery."""
+    n, batch_timeout_s = 32, 20.0
+    env = kit.service_env(redis_url=private_redis.url, verifier=tiny_models["verifier"], decomposer="", batch_size=n,
+                          redis_timeout_s=1, heartbeat_s=0.5, batch_timeout_s=batch_timeout_s)
+    worker = services("worker", "worker", env)
+    client = redis.Redis.from_url(private_redis.url, socket_timeout=10)
+    request.addfinalizer(client.close)
+    kit.wait_for(lambda: client.hlen("dvr:workers") or not worker.alive(), kit.STARTUP_S, "the worker to register",
+                 interval=0.2)
+    assert worker.alive(), worker.log_tail()
+
+    async def submit() -> None:
+        broker = build_broker(Settings(redis_url=private_redis.url))
+        try:
+            await broker.submit([Task(f"f:{i}", "f", time.time() + 600, ask(QUESTIONS),
+                                      [kit.png_bytes(i, (128, 128))]) for i in range(n)])
+        finally:
+            await broker.close()
+
+    worker.signal(signal.SIGSTOP)  # all tasks wait in the stream, so that one claim takes them all
+    asyncio.run(submit())
+    worker.signal(signal.SIGCONT)
+    kit.wait_for(lambda: len(stranded_tasks(client)) == n, 60, "the worker to start the whole batch", interval=0.002)
+    assert private_redis.proc is not None
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(batch_timeout_s) == 0, worker.log_tail()
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+    log = worker.log_tail(20_000)
+    assert "results undelivered" in log and "Traceback" not in log, log
+    answered = sum(int(client.exists(f"dvr:done:f:{i}")) for i in range(n))
+    assert answered + sum(pending(client).values()) == n, "every task is answered or pending for re-delivery"
+    assert answered < n, "Redis froze before the batch was delivered"

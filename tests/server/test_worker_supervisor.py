@@ -70,7 +70,7 @@ def test_supervisor_restarts_a_killed_worker_and_nothing_is_lost(
     redis_url: str, services: Callable[..., Any], tiny_models: dict[str, Path], tiny_verifier: Any,
     kit: types.SimpleNamespace, request: pytest.FixtureRequest,
 ) -> None:
-    common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=1, request_timeout_s=120)
+    common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=0.9, request_timeout_s=120)
     api = services("api", "api", kit.service_env(**common), http=True)
     sup = services("supervisor", "worker", kit.service_env(**common, batch_size=2, batch_wait_ms=5),
                    "--devices", "cpu,cpu", "--verifier", str(tiny_models["verifier"]), "--decomposer", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import types
 from collections.abc import Awaitable, Callable
 
@@ -79,3 +80,19 @@ async def test_a_full_first_fetch_needs_no_second(script: Callable[..., Script])
     s = script([[1, 2, 3, 4], [5]])
     assert await collect_batch(s.fetch(), max_size=3, max_wait=1.0) == [1, 2, 3]
     assert len(s.calls) == 1
+
+
+async def test_a_stop_ends_the_filling_at_once(script: Callable[..., Script]) -> None:
+    """A stopping worker takes what it holds: a steady trickle of tasks cannot keep it filling for max_wait."""
+    stop = asyncio.Event()
+    s = script([[i] for i in range(100)], cost=0.1)
+    fetch = s.fetch()
+
+    async def fetch_then_stop(n: int, timeout: float) -> list[int]:
+        items = await fetch(n, timeout)
+        if len(s.calls) == 3:
+            stop.set()
+        return items
+
+    assert await collect_batch(fetch_then_stop, max_size=50, max_wait=60.0, stop=stop) == [0, 1, 2]
+    assert len(s.calls) == 3
