@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -30,8 +31,8 @@ def settings_problems(exc: ValidationError) -> list[str]:
     return lines
 
 
-def port_problem(host: str, port: int) -> str | None:
-    """Bind the address the way uvicorn will (SO_REUSEADDR), then let it go."""
+def port_problem(host: str, port: int, flag: str = "--port") -> str | None:
+    """Bind the address the way uvicorn will (SO_REUSEADDR), then let it go; `flag` is the setting to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -39,7 +40,7 @@ def port_problem(host: str, port: int) -> str | None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return f"port {port} on {host} is already in use: stop what holds it or pass --port N"
+                return f"port {port} on {host} is already in use: stop what holds it or pass {flag} N"
             return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
 
@@ -78,11 +79,9 @@ def model_problem(role: str, ref: str) -> str | None:
         return f"--{role} {ref}: not a local directory, and the hub could not be reached ({reason}); {hint}"
 
 
-def check(*, models: dict[str, str | None] | None = None, listen: tuple[str, int] | None = None) -> None:
-    """Raise StartupError listing every problem found; nothing is loaded."""
-    problems = []
-    if listen is not None:
-        problems.append(port_problem(*listen))
+def check(*, models: dict[str, str | None] | None = None, listen: Sequence[tuple[str, int, str]] = ()) -> None:
+    """Raise StartupError listing every problem found; nothing is loaded. `listen`: (host, port, flag) each."""
+    problems = [port_problem(*address) for address in listen]
     for role, ref in (models or {}).items():
         if ref:
             problems.append(model_problem(role, ref))

@@ -144,9 +144,13 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(600, description="TTL of results, replies and idempotency records")
     cache_ttl_s: int = Field(7 * 24 * 3600, description="TTL of cached decompositions")
     heartbeat_s: float = Field(2.0, description="worker heartbeat period; a worker silent 3x this is dead")
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="a worker's own port for Prometheus /metrics and /readyz, on --host (0: none); "
+        "worker --devices gives its i-th worker this port + i"
+    )
 
     # API
-    host: str = Field("127.0.0.1", description="bind address")
+    host: str = Field("127.0.0.1", description="bind address (of the API, and of a worker's metrics port)")
     port: int = Field(8000, description="bind port")
     api_keys: StrList = Field(
         default_factory=list, description="accepted Bearer keys, comma-separated or a JSON list; empty = no auth"
