@@ -7,7 +7,7 @@ COPY server ./server
 COPY trainer_client ./trainer_client
 COPY dvreward_protocol ./dvreward_protocol
 RUN pip install ".[api]"
-RUN useradd --create-home --uid 1000 dvreward
+RUN useradd --create-home --uid 10001 dvreward
 USER dvreward
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \

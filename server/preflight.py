@@ -37,8 +37,8 @@ def settings_problems(exc: ValidationError) -> list[str]:
     return lines
 
 
-def port_problem(host: str, port: int) -> str | None:
-    """Bind the address the way uvicorn will (SO_REUSEADDR), then let it go."""
+def port_problem(host: str, port: int, flag: str = "--port") -> str | None:
+    """Bind the address the way uvicorn will (SO_REUSEADDR), then let it go; `flag` is the setting to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -46,7 +46,7 @@ def port_problem(host: str, port: int) -> str | None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return f"port {port} on {host} is already in use: stop what holds it or pass --port N"
+                return f"port {port} on {host} is already in use: stop what holds it or pass {flag} N"
             return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
 
@@ -139,13 +139,13 @@ def model_problem(role: str, ref: str) -> str | None:
         return f"--{role} {ref}: not a local directory, and the hub could not be reached ({reason}); {hint}"
 
 
-def check(s: Settings, *, models: dict[str, str | None] | None = None, listen: bool = False,
-          redis: bool = False) -> None:
-    """Raise StartupError listing every problem found; nothing is loaded. `listen`: the API's address (free, and
-    not open to anyone without keys); `redis`: the queue answers."""
-    problems = []
-    if listen:
-        problems += [port_problem(s.host, s.port), exposure_problem(s.host, s.api_keys, s.allow_anonymous)]
+def check(s: Settings, *, models: dict[str, str | None] | None = None,
+          listen: Sequence[tuple[str, int, str]] = (), api: bool = False, redis: bool = False) -> None:
+    """Raise StartupError listing every problem found; nothing is loaded. `listen`: (host, port, flag) each
+    address to bind; `api`: the API's address is not open to anyone without keys; `redis`: the queue answers."""
+    problems = [port_problem(*address) for address in listen]
+    if api:
+        problems.append(exposure_problem(s.host, s.api_keys, s.allow_anonymous))
     if redis and s.redis_url:
         problems.append(redis_problem(s.redis_url, s.redis_timeout_s))
     for role, ref in (models or {}).items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 from server.engines.loading import public_id, public_name
@@ -17,6 +17,7 @@ from server.queue.base import Broker
 from server.service import ScoringService, ServiceConfig
 from server.settings import Settings, decomposer_limits
 from server.worker import Worker
+from server.worker_metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -42,6 +43,16 @@ def build_broker(settings: Settings, consumer: str | None = None) -> Broker:
         max_deliveries=settings.max_deliveries, timeout=settings.redis_timeout_s,
         max_task_age=settings.request_timeout_s + TRIM_GRACE_S, consumer=consumer,
     )
+
+
+def load_engines(settings: Settings, metrics: WorkerMetrics) -> tuple[Verifier, Decomposer | None]:
+    """A worker's engines, each one's loading timed into `metrics`."""
+    with metrics.loading("verifier"):
+        verifier = load_verifier(settings)
+    if not settings.decomposer:
+        return verifier, None
+    with metrics.loading("decomposer"):
+        return verifier, load_decomposer(settings)
 
 
 def load_verifier(settings: Settings) -> Verifier:
@@ -123,7 +134,7 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
 
 
 def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
-                 decomposer: Decomposer | None) -> Worker:
+                 decomposer: Decomposer | None, metrics: WorkerMetrics | None = None) -> Worker:
     """Results name the models publicly (name and checkpoint digest); their paths only go to the log."""
     ids = (public_id(settings.verifier, settings.public_verifier) if verifier else None,
            public_id(settings.decomposer, settings.public_decomposer) if decomposer and settings.decomposer else None)
@@ -134,19 +145,27 @@ def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
         batch_size=settings.batch_size,
         batch_wait=settings.batch_wait_ms / 1000, heartbeat_s=settings.heartbeat_s,
         batch_timeout_s=settings.batch_timeout_s,
-        max_image_pixels=settings.max_image_pixels, public_ids=ids,
+        max_image_pixels=settings.max_image_pixels, public_ids=ids, metrics=metrics,
     )
 
 
-def running(worker: Worker) -> AbstractAsyncContextManager[None]:
-    """Runs the worker for the duration of the block, then drains it."""
+def worker_port(worker: Worker, settings: Settings) -> AbstractAsyncContextManager[None]:
+    """The worker's /metrics and /readyz on its own port (DVREWARD_WORKER_METRICS_PORT; 0: none)."""
+    from server.worker_http import serving, worker_app
+
+    return serving(worker_app(worker.metrics, worker.readiness), settings.host, settings.worker_metrics_port)
+
+
+def running(worker: Worker, settings: Settings | None = None) -> AbstractAsyncContextManager[None]:
+    """Runs the worker (and its metrics port, given settings) for the duration of the block, then drains it."""
 
     @asynccontextmanager
     async def ctx() -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop), name="dvreward-worker")
         try:
-            yield
+            async with worker_port(worker, settings) if settings else nullcontext():
+                yield
         finally:
             stop.set()
             await task
@@ -154,7 +173,8 @@ def running(worker: Worker) -> AbstractAsyncContextManager[None]:
     return ctx()
 
 
-def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decomposer | None] | None) -> FastAPI:
+def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decomposer | None] | None,
+              worker_metrics: WorkerMetrics | None = None) -> FastAPI:
     """The API; with engines it also runs a worker in-process (the embedded default)."""
     from server.api.app import create_app
 
@@ -162,5 +182,5 @@ def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decompo
     service = build_service(settings, broker)
     if worker_engines is None:
         return create_app(settings, service)
-    worker = build_worker(settings, broker, *worker_engines)
-    return create_app(settings, service, background=lambda: running(worker))
+    worker = build_worker(settings, broker, *worker_engines, metrics=worker_metrics)
+    return create_app(settings, service, background=lambda: running(worker, settings))

@@ -207,9 +207,14 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         2.0, ge=0.1, le=YEAR_S, description="worker heartbeat period; a worker silent 3x this is dead"
     )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="a worker's own port for Prometheus /metrics and /readyz, on --host (0: none); "
+        "worker --devices gives its i-th worker this port + i"
+    )
 
     # API
-    host: str = Field("127.0.0.1", min_length=1, description="bind address")
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="bind address (of the API, and of a worker's metrics port)")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     api_keys: StrList = Field(
         default_factory=list, description="accepted Bearer keys, comma-separated or a JSON list (no empty entry); "

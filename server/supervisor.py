@@ -45,6 +45,15 @@ def parse_devices(text: str, gpu_count: Callable[[], int]) -> list[str]:
     return out
 
 
+def worker_ports(base: int, n: int) -> list[int]:
+    """Each supervised worker's metrics port: base + its index, so every process is scraped apart (0: none)."""
+    if base == 0:
+        return [0] * n
+    if base + n - 1 > 65535:
+        raise ValueError(f"--worker-metrics-port {base}: {n} workers need ports up to {base + n - 1}, past 65535")
+    return [base + i for i in range(n)]
+
+
 def child_environment(device: str, base: Mapping[str, str]) -> tuple[dict[str, str], str]:
     """(environment, --device) of the worker for `device`: a GPU worker sees only its own GPU."""
     env = dict(base)
@@ -116,11 +125,13 @@ class Supervisor:
         return 0 if all(c == 0 for c in codes) else 1
 
 
-def supervise(devices: Sequence[str], base_env: Mapping[str, str]) -> int:
-    """Run `dvreward worker` once per device with the same settings (passed on in the environment)."""
+def supervise(devices: Sequence[str], base_env: Mapping[str, str], ports: Sequence[int]) -> int:
+    """Run `dvreward worker` once per device with the same settings (passed on in the environment), each
+    with its own metrics port from `ports` (kept across restarts)."""
     slots = []
-    for device in devices:
+    for device, port in zip(devices, ports, strict=True):
         env, flag = child_environment(device, base_env)
+        env["DVREWARD_WORKER_METRICS_PORT"] = str(port)
         slots.append(Slot(device, [sys.executable, "-m", "server.cli", "worker", "--device", flag], env))
     sup = Supervisor(slots)
 

@@ -27,6 +27,7 @@ from server.errors import ErrorCode, ServiceError
 from server.images import load_image
 from server.queue.base import Broker, collect_batch
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
+from server.worker_metrics import WorkerMetrics
 
 log = logging.getLogger("dvreward.worker")
 
@@ -61,6 +62,7 @@ class Worker:
         max_image_pixels: int,
         worker_id: str | None = None,
         public_ids: tuple[str | None, str | None] = (None, None),
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """`public_ids` (verifier, decomposer) are the names results report; by default the engines' ids."""
         if verifier is None and decomposer is None:
@@ -86,8 +88,21 @@ class Worker:
             started_at=time.time(),
             heartbeat_at=time.time(),
         )
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.info.labels(self.worker_id, self.verifier_id, self.decomposer_id or "").set(1)
+        self._stop: asyncio.Event | None = None  # set by run(): the worker takes tasks until it is set
+        self._unregistered: str | None = "its first heartbeat has not reached the queue yet"
+
+    def readiness(self) -> str | None:
+        """Why this worker cannot take tasks now, or None: its loops run and the queue has its heartbeat."""
+        if self._stop is None:
+            return "not running yet"
+        if self._stop.is_set():
+            return "draining: finishing the batch in hand, then exiting"
+        return self._unregistered
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         loops = [self._heartbeat(stop)]
         if self.verifier is not None:
             loops.append(self._loop(stop, TaskKind.verify, self._verify))
@@ -108,8 +123,10 @@ class Worker:
             self.info.heartbeat_at = time.time()
             try:
                 await self.broker.heartbeat(self.info, ttl=3 * self.heartbeat_s)
+                self._unregistered = None
             except ServiceError as exc:
                 log.warning("heartbeat failed: %s", exc.message)
+                self._unregistered = f"its heartbeat did not reach the queue: {exc.message}"
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.heartbeat_s)
             except TimeoutError:
@@ -131,9 +148,16 @@ class Worker:
             live = [t for t in batch if not t.expired]
             expired = [(t, Result.failure(t.task_id, ErrorCode.expired, "request deadline passed"))
                        for t in batch if t.expired]
+            for t, r in expired:
+                self.metrics.outcome(t, r)
             if not await self._deliver_all(stop, expired) or not live:
                 continue
-            await self._deliver_all(stop, list(zip(live, await self._leased(live, handle(live)), strict=True)))
+            start = time.perf_counter()
+            results = await self._leased(live, handle(live))
+            self.metrics.batch(kind, len(live), time.perf_counter() - start)
+            for t, r in zip(live, results, strict=True):
+                self.metrics.outcome(t, r)
+            await self._deliver_all(stop, list(zip(live, results, strict=True)))
 
     async def _leased(self, tasks: list[Task], work: Awaitable[list[Result]]) -> list[Result]:
         """Run the batch while renewing its claim, so a long batch is not re-delivered to another worker."""

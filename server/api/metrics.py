@@ -1,8 +1,15 @@
-"""Prometheus metrics of the API process."""
+"""Prometheus metrics of the API process, and the queue's gauges read at scrape time."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import asyncio
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.errors import ServiceError
+from server.queue.base import Broker
+
+QUEUE_STATS_TIMEOUT_S = 1.0  # a scrape must not hang on a frozen Redis; the gauges are left out instead
 
 
 class Metrics:
@@ -22,3 +29,30 @@ class Metrics:
                                 "details)", ["source"], registry=self.registry)
         self.cache = Counter("dvreward_decomposition_cache_total", "decomposition cache lookups", ["result"],
                              registry=self.registry)
+
+
+async def queue_exposition(broker: Broker) -> bytes:
+    """The queue's length, pending entries and lag per stream, read from the broker now (an HPA scales workers
+    on them through a Prometheus adapter). A queue that does not answer is `dvreward_queue_up 0` and no
+    gauges, never stale or zero ones; an unknown lag is left out alone."""
+    registry = CollectorRegistry()
+    up = Gauge("dvreward_queue_up", "1 when the queue answered this scrape, else 0", registry=registry)
+    try:
+        async with asyncio.timeout(QUEUE_STATS_TIMEOUT_S):
+            stats = await broker.queue_stats()
+    except (ServiceError, TimeoutError):
+        up.set(0)
+        return generate_latest(registry)
+    up.set(1)
+    length = Gauge("dvreward_queue_length", "tasks queued or being worked on (Redis: XLEN)", ["stream"],
+                   registry=registry)
+    pending = Gauge("dvreward_queue_pending", "tasks claimed by a worker and not completed (the group's "
+                    "pending entries)", ["stream"], registry=registry)
+    lag = Gauge("dvreward_queue_lag", "tasks not yet delivered to any worker (the consumer group's lag; left "
+                "out while Redis cannot count it)", ["stream"], registry=registry)
+    for kind, s in stats.items():
+        length.labels(kind.value).set(s.length)
+        pending.labels(kind.value).set(s.pending)
+        if s.lag is not None:
+            lag.labels(kind.value).set(s.lag)
+    return generate_latest(registry)

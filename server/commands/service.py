@@ -19,19 +19,21 @@ from server.settings import Settings, masked_url
 
 if TYPE_CHECKING:
     from server.engines.base import Decomposer, Verifier
+    from server.worker_metrics import WorkerMetrics
 
 # Settings only one side acts on; the other command does not offer them as flags (the API reports the
 # system prompt its workers report, its own only when no image was scored). `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys. The
 # verifier's layout, pixel range and token budget are on both: the API refuses items they cannot hold.
+# `host` too: the API listens on it, a worker serves its metrics port there.
 WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decomposer_max_new_tokens",
                    "batched_vision", "verifier_system_prompt", "verifier_system_prompt_file", "decomposer_max_semantic",
-                   "decomposer_max_quality", "batch_timeout_s"}
+                   "decomposer_max_quality", "batch_timeout_s", "worker_metrics_port"}
 WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "decomposer_url", "verifier_api_key",
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
                     "vllm_max_model_len"}
-API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "max_body_bytes", "max_images", "max_image_bytes",
+API_SETTINGS = {"port", "api_keys", "allow_anonymous", "max_body_bytes", "max_images", "max_image_bytes",
                 "max_questions", "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s",
                 "max_images_per_item"}
 
@@ -106,15 +108,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise StartupError(settings_problems(exc)) from None
 
 
-def _load_engines(s: Settings) -> tuple[Verifier, Decomposer | None]:
+def _load_engines(s: Settings, metrics: WorkerMetrics) -> tuple[Verifier, Decomposer | None]:
     """Loading errors (a corrupt checkpoint) are one line too."""
     from server.engines.base import EngineError
-    from server.runtime import load_decomposer, load_verifier
+    from server.runtime import load_engines
 
     try:
-        return load_verifier(s), load_decomposer(s)
+        return load_engines(s, metrics)
     except EngineError as exc:
         raise StartupError([str(exc)]) from None
+
+
+def _metrics_ports(s: Settings, ports: list[int]) -> list[tuple[str, int, str]]:
+    """The workers' metrics ports to check before anything loads (0: none)."""
+    return [(s.host, port, "--worker-metrics-port") for port in ports if port]
 
 
 def _logging() -> None:
@@ -126,11 +133,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.api.protocol import with_header_deadline
     from server.runtime import build_app
+    from server.worker_metrics import WorkerMetrics
 
     _logging()
     s = settings_from(args)
-    check(s, models=loaded_models(s), listen=True, redis=True)
-    app = build_app(s, _load_engines(s))
+    check(s, models=loaded_models(s), api=True, redis=True,
+          listen=[(s.host, s.port, "--port"), *_metrics_ports(s, [s.worker_metrics_port])])
+    metrics = WorkerMetrics(s.device)
+    app = build_app(s, _load_engines(s, metrics), metrics)
     queue = f"Redis at {masked_url(s.redis_url)}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
     uvicorn.run(app, host=s.host, port=s.port, log_level="info", http=with_header_deadline(s.body_timeout_s))
@@ -149,15 +159,16 @@ def _api(args: argparse.Namespace) -> int:
         print("dvreward api needs --redis-url (or DVREWARD_REDIS_URL); for one process use `dvreward serve`",
               file=sys.stderr)
         return 2
-    check(s, listen=True, redis=True)
+    check(s, listen=[(s.host, s.port, "--port")], api=True, redis=True)
     uvicorn.run(build_app(s, None), host=s.host, port=s.port, log_level="info",
                 http=with_header_deadline(s.body_timeout_s))
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from server.runtime import build_broker, build_worker
+    from server.runtime import build_broker, build_worker, worker_port
     from server.worker import WorkerHung
+    from server.worker_metrics import WorkerMetrics
 
     _logging()
     s = settings_from(args)
@@ -166,8 +177,9 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     if args.devices:
         return _supervise(args)
-    check(s, models=loaded_models(s), redis=True)
-    worker = build_worker(s, build_broker(s), *_load_engines(s))
+    check(s, models=loaded_models(s), listen=_metrics_ports(s, [s.worker_metrics_port]), redis=True)
+    metrics = WorkerMetrics(s.device)
+    worker = build_worker(s, build_broker(s), *_load_engines(s, metrics), metrics=metrics)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -176,7 +188,8 @@ def _worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         logging.getLogger("dvreward").info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
         try:
-            await worker.run(stop)
+            async with worker_port(worker, s):
+                await worker.run(stop)
         except* WorkerHung:
             # The hung engine thread can be neither stopped nor joined (interpreter exit would wait for it).
             os._exit(EXIT_HUNG)
@@ -189,7 +202,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _supervise(args: argparse.Namespace) -> int:
     """One worker process per device, each given the flags of this command (as environment)."""
-    from server.supervisor import parse_devices, supervise
+    from server.supervisor import parse_devices, supervise, worker_ports
 
     if args.device is not None:
         raise StartupError(["give --device (one worker) or --devices (one per device), not both"])
@@ -199,17 +212,19 @@ def _supervise(args: argparse.Namespace) -> int:
 
         return torch.cuda.device_count()
 
+    given = _given(args)
     try:
         devices = parse_devices(args.devices, gpu_count)
+        s = settings_from(argparse.Namespace(**given, device=devices[0]))  # default models depend on the device
+        ports = worker_ports(s.worker_metrics_port, len(devices))
     except ValueError as exc:
         raise StartupError([str(exc)]) from None
-    given = _given(args)
-    s = settings_from(argparse.Namespace(**given, device=devices[0]))  # default models depend on the device
-    check(s, models=loaded_models(s), redis=True)  # before any child starts: exit 2, not a restart loop
+    # before any child starts: a bad reference, a busy port or no Redis is exit 2, not a restart loop
+    check(s, models=loaded_models(s), listen=_metrics_ports(s, ports), redis=True)
     env = dict(os.environ)
     for name, value in given.items():
         env[f"DVREWARD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return supervise(devices, env)
+    return supervise(devices, env, ports)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

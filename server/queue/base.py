@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dvreward_protocol.schemas import WorkerInfo
@@ -13,6 +14,20 @@ from server.errors import ErrorCode, ServiceError
 from server.queue.messages import Result, Task, TaskKind
 
 Compute = Callable[[], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One task kind's queue as an autoscaler sees it (Redis: XLEN and the consumer group's XINFO GROUPS).
+
+    `length`: tasks queued or claimed and not yet completed (completed ones leave the stream); `pending`:
+    claimed and not completed; `lag`: not yet delivered to any worker, or None where the backend cannot say
+    (Redis before 7, or Redis 7 right after a newer task completed before an older one).
+    """
+
+    length: int
+    pending: int
+    lag: int | None
 
 
 class TaskQueue(Protocol):
@@ -31,6 +46,10 @@ class TaskQueue(Protocol):
 
     async def queue_depth(self, kind: TaskKind) -> int:
         """Tasks counted against the queue bound: queued, or claimed and not yet completed."""
+        ...
+
+    async def queue_stats(self) -> dict[TaskKind, QueueStats]:
+        """Every kind's queue, read now (for /metrics and autoscaling)."""
         ...
 
 

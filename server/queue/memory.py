@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
-from server.queue.base import Compute, queue_full, too_many, wait_until
+from server.queue.base import Compute, QueueStats, queue_full, too_many, wait_until
 from server.queue.messages import Result, Task, TaskKind
 
 MAX_CACHED_VALUES = 10_000  # the single-flight cache's bound: decompositions and idempotency records
@@ -134,6 +134,11 @@ class MemoryBroker:
 
     def _depth(self, kind: TaskKind) -> int:
         return self._queues[kind].qsize() + len(self._claimed[kind])
+
+    async def queue_stats(self) -> dict[TaskKind, QueueStats]:
+        """The same three numbers Redis gives: waiting tasks are the lag, claimed ones are pending."""
+        return {k: QueueStats(length=self._depth(k), pending=len(self._claimed[k]), lag=self._queues[k].qsize())
+                for k in TaskKind}
 
     async def close(self) -> None:
         return None

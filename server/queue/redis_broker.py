@@ -28,6 +28,7 @@ from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError, validation_problems
 from server.queue.base import (
     Compute,
+    QueueStats,
     queue_full,
     remaining,
     singleflight_message,
@@ -385,6 +386,29 @@ class RedisBroker:
     @_unavailable
     async def queue_depth(self, kind: TaskKind) -> int:
         return int(await self.redis.xlen(self.keys.stream(kind)))
+
+    @_unavailable
+    async def queue_stats(self) -> dict[TaskKind, QueueStats]:
+        """XLEN and the consumer group's XINFO GROUPS entry, read together (MULTI) per stream."""
+        out = {}
+        for kind in TaskKind:
+            stream = self.keys.stream(kind)
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    length, groups = await pipe.xlen(stream).xinfo_groups(stream).execute()
+            except ResponseError as exc:
+                if "no such key" not in str(exc):
+                    raise
+                out[kind] = QueueStats(length=0, pending=0, lag=0)  # no stream: nothing was queued, or it expired idle
+                continue
+            group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+            if group is None:  # Redis lost the group (restarted empty): the next claim makes it at 0, so all wait
+                out[kind] = QueueStats(length=int(length), pending=0, lag=int(length))
+            else:
+                lag = group.get("lag")  # absent before Redis 7; nil when Redis cannot count it
+                out[kind] = QueueStats(length=int(length), pending=int(group["pending"]),
+                                       lag=None if lag is None else int(lag))
+        return out
 
     async def close(self) -> None:
         await self.redis.aclose()

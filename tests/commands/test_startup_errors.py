@@ -110,3 +110,16 @@ def test_worker_devices_mistakes_are_one_line(flags: list[str], says: str, capsy
     assert main(["worker", "--redis-url", "redis://127.0.0.1:1/0", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert says in line
+
+
+@pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]], ids=["worker", "supervisor"])
+def test_a_busy_worker_metrics_port_is_found_before_any_model_loads(
+    devices: list[str], busy_port: int, tiny_models: dict[str, Path], redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A worker's metrics port is checked like the API's; the supervisor checks every child's (base + index)."""
+    base = busy_port - len(devices) // 2  # with two workers, the second one's port is the busy one
+    assert main(["worker", "--redis-url", redis_url, "--verifier", str(tiny_models["verifier"]),
+                 "--decomposer", "", "--worker-metrics-port", str(base), *devices]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"port {busy_port}" in line and "already in use" in line and "--worker-metrics-port" in line

@@ -1,9 +1,11 @@
 """`dvreward worker --devices`: device parsing, and on CPU over real Redis two supervised worker processes,
-one SIGKILLed while it holds tasks: it is restarted, its tasks are re-claimed, nothing is lost."""
+each on its own metrics port, one SIGKILLed while it holds tasks: it is restarted on the same port, its tasks
+are re-claimed, nothing is lost."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import types
@@ -16,7 +18,8 @@ import httpx
 import pytest
 import redis
 
-from server.supervisor import child_environment, parse_devices
+from server.preflight import port_problem
+from server.supervisor import child_environment, parse_devices, worker_ports
 from tests.tolerance import assert_rewards_close
 
 QUESTIONS = [{"id": "cat", "text": "Is there a cat?", "tag": "Existence"},
@@ -31,6 +34,24 @@ def test_devices_parse() -> None:
     for bad, says in (("all", "no GPU"), ("", "at least one"), ("gpu0", "not a GPU index")):
         with pytest.raises(ValueError, match=says):
             parse_devices(bad, lambda: 0)
+
+
+def test_each_worker_gets_its_own_metrics_port() -> None:
+    assert worker_ports(9188, 3) == [9188, 9189, 9190]
+    assert worker_ports(0, 2) == [0, 0], "0: no metrics port for any"
+    with pytest.raises(ValueError, match="past 65535"):
+        worker_ports(65535, 2)
+
+
+def metrics_pid(port: int) -> int | None:
+    """The pid in the worker id that the worker on `port` reports, or None while its port is closed."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return None
+    found = re.search(r'dvreward_worker_info\{[^}]*worker_id="[^"]*-(\d+)-[0-9a-f]+"', text)
+    assert found, text
+    return int(found.group(1))
 
 
 def test_each_gpu_worker_sees_only_its_gpu() -> None:
@@ -72,16 +93,23 @@ def test_supervisor_restarts_a_killed_worker_and_nothing_is_lost(
 ) -> None:
     common = dict(redis_url=redis_url, visibility_timeout_s=3, heartbeat_s=0.9, request_timeout_s=120)
     api = services("api", "api", kit.service_env(**common), http=True)
+    base = kit.free_port()
+    while base == 65535 or port_problem("127.0.0.1", base + 1) is not None:  # the supervisor takes base and base + 1
+        base = kit.free_port()
+    ports = [base, base + 1]
     sup = services("supervisor", "worker", kit.service_env(**common, batch_size=2, batch_wait_ms=5),
-                   "--devices", "cpu,cpu", "--verifier", str(tiny_models["verifier"]), "--decomposer", "")
+                   "--devices", "cpu,cpu", "--verifier", str(tiny_models["verifier"]), "--decomposer", "",
+                   "--worker-metrics-port", str(base))
     api.wait_http("/healthz")
 
     def both_up() -> set[int] | None:
         assert sup.alive(), sup.log_tail()
         kids = children(sup.pid)
-        return kids if len(kids) == 2 and registered_pids(api.url) == kids else None
+        served = {metrics_pid(port) for port in ports}
+        return kids if len(kids) == 2 and registered_pids(api.url) == kids == served else None
 
     first, second = sorted(kit.wait_for(both_up, kit.STARTUP_S, "two supervised workers to register", 0.2))
+    by_pid = {metrics_pid(port): port for port in ports}
 
     n_requests, n_images = 6, 4
     images = [[kit.png_bytes(100 + 10 * r + i, (64, 64)) for i in range(n_images)] for r in range(n_requests)]
@@ -117,8 +145,10 @@ def test_supervisor_restarts_a_killed_worker_and_nothing_is_lost(
         kids = both_up()
         return kids if kids and first not in kids and second in kids else None
 
-    kit.wait_for(restarted, kit.STARTUP_S, "the killed worker to be restarted and registered", 0.2)
+    (reborn,) = kit.wait_for(restarted, kit.STARTUP_S, "the killed worker to be restarted and registered", 0.2) \
+        - {second}
     assert "restarting" in sup.log_tail(50_000)
+    assert metrics_pid(by_pid[first]) == reborn and metrics_pid(by_pid[second]) == second, "each keeps its port"
 
     sup.signal(signal.SIGTERM)
     assert sup.wait(60) == 0, sup.log_tail()

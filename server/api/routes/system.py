@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dvreward_protocol.schemas import ErrorResponse, ModelsResponse
 from server.api.deps import Authorized, BrokerDep, MetricsDep
+from server.api.metrics import queue_exposition
 from server.errors import ErrorCode, ServiceError
 
 router = APIRouter()
@@ -22,9 +24,15 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
+RequireWorker = Annotated[bool, Query(description="false: ready once the queue answers, with or without a live "
+                                     "worker (where workers scale to zero, the API must queue the work that wakes "
+                                     "them)")]
+
+
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
-async def readyz(broker: BrokerDep) -> dict:
-    """Ready when the queue answers (within a second) and at least one live worker has its models loaded."""
+async def readyz(broker: BrokerDep, require_worker: RequireWorker = True) -> dict:
+    """Ready when the queue answers (within a second) and, unless require_worker=false, at least one live worker
+    has its models loaded."""
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await broker.ping()
@@ -32,7 +40,7 @@ async def readyz(broker: BrokerDep) -> dict:
     except TimeoutError as exc:
         raise ServiceError(ErrorCode.unavailable, f"the queue did not answer within {READY_TIMEOUT_S:g} s",
                            retry_after=2.0) from exc
-    if not workers:
+    if not workers and require_worker:
         raise ServiceError(ErrorCode.unavailable, "no live worker: start `dvreward worker` (models may be loading)",
                            retry_after=5.0)
     return {"status": "ready", "workers": len(workers)}
@@ -45,5 +53,5 @@ async def models(broker: BrokerDep) -> ModelsResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(m: MetricsDep) -> Response:
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(m: MetricsDep, broker: BrokerDep) -> Response:
+    return Response(generate_latest(m.registry) + await queue_exposition(broker), media_type=CONTENT_TYPE_LATEST)

@@ -423,6 +423,23 @@ async def test_ping(make_broker: MakeBroker) -> None:
     await make_broker().ping()
 
 
+async def test_queue_stats_count_queued_claimed_and_undelivered_tasks(make_broker: MakeBroker) -> None:
+    """What /metrics and an autoscaler read: length (queued + claimed), pending (claimed), lag (undelivered)."""
+    broker = make_broker()
+    assert await broker.queue_stats() == {k: base.QueueStats(length=0, pending=0, lag=0) for k in TaskKind}
+    await broker.submit([make_task(f"qs:v{i}", "qs") for i in range(5)]
+                        + [make_task("qs:d0", "qs", DecomposePayload(prompt="p"))])
+    stats = await broker.queue_stats()
+    assert stats[TaskKind.verify] == base.QueueStats(length=5, pending=0, lag=5)
+    assert stats[TaskKind.decompose] == base.QueueStats(length=1, pending=0, lag=1)
+    first, second = sorted(await claim_n(broker, TaskKind.verify, 2), key=lambda t: t.task_id)
+    assert (await broker.queue_stats())[TaskKind.verify] == base.QueueStats(length=5, pending=2, lag=3)
+    await broker.complete(first, verified(first.task_id, 0.5))
+    await broker.complete(second, verified(second.task_id, 0.5))
+    assert (await broker.queue_stats())[TaskKind.verify] == base.QueueStats(length=3, pending=0, lag=3)
+    assert (await broker.queue_stats())[TaskKind.decompose] == base.QueueStats(length=1, pending=0, lag=1)
+
+
 # ---- Redis only --------------------------------------------------------------------------------
 @pytest.fixture
 def redis_brokers(redis_url: str, open_broker: Callable[..., Any]) -> Callable[..., RedisBroker]:
@@ -432,6 +449,24 @@ def redis_brokers(redis_url: str, open_broker: Callable[..., Any]) -> Callable[.
         return broker
 
     return make
+
+
+async def test_redis_lag_is_unknown_not_zero_when_redis_cannot_count_it(
+    redis_brokers: Callable[..., RedisBroker],
+) -> None:
+    """Completed tasks leave the stream (XDEL). When the newest delivered one goes while older ones stay and
+    others wait, Redis 7 answers a nil lag (KEDA reads it as 0): the stats say unknown, never 0."""
+    api, older, newer = redis_brokers("api"), redis_brokers("older"), redis_brokers("newer")
+    await api.submit([make_task(f"lag:v{i}", "lag") for i in range(2)])
+    (held,) = await claim_n(older, TaskKind.verify, 1)
+    (done,) = await claim_n(newer, TaskKind.verify, 1)
+    await api.submit([make_task("lag:v2", "lag")])
+    await newer.complete(done, verified(done.task_id, 0.5))
+    stats = (await api.queue_stats())[TaskKind.verify]
+    assert stats == base.QueueStats(length=2, pending=1, lag=None)
+    (last,) = await claim_n(newer, TaskKind.verify, 1)  # a later delivery makes the lag countable again
+    assert last.task_id == "lag:v2" and held.task_id == "lag:v0"
+    assert (await api.queue_stats())[TaskKind.verify] == base.QueueStats(length=2, pending=2, lag=0)
 
 
 async def test_redis_redelivers_a_dead_consumers_task_via_xautoclaim(
