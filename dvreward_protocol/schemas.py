@@ -46,7 +46,8 @@ class ScoreRequest(_Model):
     tag_weights: dict[str, float] | None = None
     advantages: AdvantageOptions = Field(default_factory=AdvantageOptions)
     answer: Answer = Field(
-        "prob", description="prob: p = P(yes)/(P(yes)+P(no)); binary: 1 where yes outweighs no, else 0"
+        "prob", description="prob: p = P(yes)/(P(yes)+P(no)); binary: the reference's dvreward_binary, 1 where "
+        "the greedy answer (up to 10 tokens; lower-cased, stripped, without . , ? !) is yes, else 0"
     )
     details: bool = Field(True, description="include per-image, per-question p")
 
@@ -66,7 +67,11 @@ class ImageResult(_Model):
         None, description="question id -> how p was read: logits (exact), top_k (top-20 log-probabilities) or "
         "text (neither answer in the top-20: the generated word, 1 or 0)"
     )
-    failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p < 0.5)")
+    answers: dict[str, str] | None = Field(
+        None, description="binary: question id -> the greedy answer that decided its 1 or 0"
+    )
+    failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p <= 0.5; binary: "
+                              "the greedy answer is not yes)")
     error: ErrorInfo | None = None
 
 

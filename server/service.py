@@ -34,7 +34,7 @@ from dvreward_protocol.schemas import (
     VerifyResponse,
     Warning,
 )
-from server.core.scoring import answered_yes
+from server.core.scoring import answered_yes, greedy_yes
 from server.errors import ErrorCode, ServiceError
 from server.idempotency import once
 from server.queue.base import Broker
@@ -129,12 +129,13 @@ class ScoringService:
         )
 
     # ---- verification -----------------------------------------------------------------
-    async def _verify_items(self, items: list[tuple[list[bytes], list[str]]], deadline: float) -> list[Result]:
+    async def _verify_items(self, items: list[tuple[list[bytes], list[str]]], deadline: float,
+                            greedy: bool = False) -> list[Result]:
         """One task per item; ids and the reply key come from a fresh run id, never from the client."""
         run = uuid.uuid4().hex
         reply = run
         tasks = [
-            Task(f"{run}:v{i}", reply, deadline, VerifyPayload(questions=tuple(qs)), blobs)
+            Task(f"{run}:v{i}", reply, deadline, VerifyPayload(questions=tuple(qs), greedy=greedy), blobs)
             for i, (blobs, qs) in enumerate(items)
         ]
         if not tasks:
@@ -193,7 +194,8 @@ class ScoringService:
                     outcomes[(g, i)] = data
                 else:
                     items[(g, i)] = ([source, data] if source is not None else [data], texts[g])
-        outcomes.update(zip(items, await self._verify_items(list(items.values()), deadline), strict=True))
+        outcomes.update(zip(items, await self._verify_items(list(items.values()), deadline, req.answer == "binary"),
+                            strict=True))
         t_ver = _ms(t1)
         results = {k: r for k, r in outcomes.items() if isinstance(r, Result)}
         groups = [self._group(g, req, decs[g], [outcomes.get((g, i)) for i in range(len(checked.images[g]))])
@@ -287,11 +289,18 @@ def _image_result(index: int, questions: list[Question], r: Result | ServiceErro
         return ImageResult(index=index, reward=None, error=_error_info(r))
     ids = [q.id for q in questions]
     p = dict(zip(ids, r.value.p, strict=True))
-    scores = {q: float(answered_yes(v)) for q, v in p.items()} if req.answer == "binary" else p
+    answers = None
+    if req.answer == "binary":
+        if r.value.answers is None:
+            raise ValueError("the worker sent no greedy answers for a binary reward")
+        answers = dict(zip(ids, r.value.answers, strict=True))
+        scores = {q: float(greedy_yes(a)) for q, a in answers.items()}
+    else:
+        scores = p
     b = aggregate(questions, scores, req.aggregation, req.gating, req.tag_weights)
+    failed = [q for q in ids if (scores[q] != 1.0 if answers is not None else not answered_yes(p[q]))]
     return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p,
-                       p_source=dict(zip(ids, r.value.p_source, strict=True)),
-                       failed=[q.id for q in questions if not answered_yes(p[q.id])])
+                       p_source=dict(zip(ids, r.value.p_source, strict=True)), answers=answers, failed=failed)
 
 
 def _decomposer_of(decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> dict[str, str | None]:

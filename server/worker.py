@@ -204,18 +204,19 @@ class Worker:
         """Decode and score off the event loop; an undecodable or unscorable item fails alone."""
         assert self.verifier is not None
         results: dict[int, Result] = {}
-        items: list[VerifyItem] = []
-        owners: list[int] = []
+        items: dict[bool, list[VerifyItem]] = {False: [], True: []}  # by greedy: asked for greedy answers or not
+        owners: dict[bool, list[int]] = {False: [], True: []}
         for i, t in enumerate(tasks):
             assert isinstance(t.payload, VerifyPayload), "the verify stream holds verify tasks only"
             try:
                 images = tuple(load_image(b, self.max_image_pixels) for b in t.blobs)
-                items.append(VerifyItem(images, t.payload.questions))
-                owners.append(i)
+                items[t.payload.greedy].append(VerifyItem(images, t.payload.questions))
+                owners[t.payload.greedy].append(i)
             except (ValueError, ServiceError) as exc:
                 results[i] = Result.failure(t.task_id, ErrorCode.bad_image, str(exc))
-        for i, outcome in zip(owners, self._scores(items), strict=True):
-            results[i] = self._verified(tasks[i].task_id, outcome)
+        for greedy in (False, True):
+            for i, outcome in zip(owners[greedy], self._scores(items[greedy], greedy), strict=True):
+                results[i] = self._verified(tasks[i].task_id, outcome)
         return [results[i] for i in range(len(tasks))]
 
     def _verified(self, task_id: str, outcome: ItemScores | Exception) -> Result:
@@ -225,25 +226,26 @@ class Worker:
             return Result.failure(task_id, ErrorCode.verification_failed, _reason(outcome))
         try:
             value = Verified(p=outcome.p, p_source=outcome.source, model=self.verifier_id,
-                             template_version=self.info.template_version, system_prompt=self.verifier.system_prompt)
+                             template_version=self.info.template_version, system_prompt=self.verifier.system_prompt,
+                             answers=outcome.answers)
         except ValidationError as exc:
             return Result.failure(task_id, ErrorCode.verification_failed,
                                   f"the verifier returned scores that are not probabilities: {exc}")
         return Result(task_id=task_id, value=value)
 
-    def _scores(self, items: list[VerifyItem]) -> list[ItemScores | Exception]:
+    def _scores(self, items: list[VerifyItem], greedy: bool) -> list[ItemScores | Exception]:
         """The batch in one call; if it fails, item by item, so one bad item cannot fail other requests."""
         assert self.verifier is not None
         if not items:
             return []
         try:
-            return list(self.verifier.verify_each(items))
+            return list(self.verifier.verify_each(items, greedy=greedy))
         except Exception as exc:  # noqa: BLE001 - retried alone below, or reported to the request
             if len(items) == 1:
                 log.warning("verification failed: %s", exc)
                 return [exc]
             log.warning("verifier batch of %d items failed (%s); retrying them one by one", len(items), exc)
-        return [out for item in items for out in self._scores([item])]
+        return [out for item in items for out in self._scores([item], greedy)]
 
     async def _decompose(self, tasks: list[Task]) -> list[Result]:
         """Batched generation (prompts and editing instructions apart); a prompt that cannot be decomposed fails

@@ -58,20 +58,34 @@ def plain_chat_p() -> Any:
             out.extend([t] * next(counts) if t == pad else [t])
         return out
 
-    def plain_p(model: Any, tokenizer: Any, image_processor: Any, system_prompt: str, images: list[Any],
-                question: str) -> float:
+    def inputs(model: Any, tokenizer: Any, image_processor: Any, system_prompt: str, images: list[Any],
+               question: str) -> dict[str, Any]:
         vis = image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         pad = model.config.image_token_id
         ids = expanded(template_ids(tokenizer, system_prompt, len(images), question), pad, vis["image_grid_thw"],
                        image_processor.merge_size)
         x = torch.tensor([ids])
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "pixel_values": vis["pixel_values"],
+                "image_grid_thw": vis["image_grid_thw"], "mm_token_type_ids": (x == pad).int()}
+
+    def plain_p(model: Any, tokenizer: Any, image_processor: Any, system_prompt: str, images: list[Any],
+                question: str) -> float:
         with torch.inference_mode():
-            out = model(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=vis["pixel_values"],
-                        image_grid_thw=vis["image_grid_thw"], mm_token_type_ids=(x == pad).int())
+            out = model(**inputs(model, tokenizer, image_processor, system_prompt, images, question))
         prob = torch.softmax(out.logits[0, -1].double(), dim=-1)
         yes, no = answer_sets(tokenizer)
         return float(prob[yes].sum() / (prob[yes].sum() + prob[no].sum()))
 
+    def answer(model: Any, tokenizer: Any, image_processor: Any, system_prompt: str, images: list[Any],
+               question: str) -> str:
+        """The chat call at temperature 0 with at most 10 new tokens, as the reference asks for its binary answer;
+        the text is what a chat API returns as content (special tokens left out)."""
+        x = inputs(model, tokenizer, image_processor, system_prompt, images, question)
+        with torch.inference_mode():
+            out = model.generate(**x, max_new_tokens=10, do_sample=False)
+        return tokenizer.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    plain_p.answer = answer  # type: ignore[attr-defined]
     plain_p.template_ids = template_ids  # type: ignore[attr-defined]
     plain_p.expanded = expanded  # type: ignore[attr-defined]
     plain_p.answer_sets = answer_sets  # type: ignore[attr-defined]

@@ -18,8 +18,21 @@ def answer_word(token_text: str) -> str:
 
 
 def answered_yes(p: float) -> bool:
-    """The binary reading of p: yes outweighs no (the reference's `dvreward_binary`; a tie is no)."""
+    """Whether p reads as yes: yes outweighs no (a tie is no). Decides the `failed` list."""
     return p > 0.5
+
+
+GREEDY_TOKENS = 10  # the longest greedy answer the binary reward reads, as the reference's
+
+
+def greedy_yes(answer: str) -> bool:
+    """The binary reward's reading of a greedy answer, the reference's `dvreward_binary`: lower-cased, stripped of
+    surrounding whitespace, every `.,?!` removed, it is exactly "yes". "Yes." is yes; "yes, it is" and a yes
+    followed by more words are not, whatever p says."""
+    text = answer.lower().strip()
+    for mark in ".,?!":
+        text = text.replace(mark, "")
+    return text == "yes"
 
 
 class UnscorableError(ValueError):

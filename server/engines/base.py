@@ -35,16 +35,17 @@ class VerifyItem:
 
 @dataclass(frozen=True)
 class ItemScores:
-    """p for each question of one item, in order, and where each p came from."""
+    """p for each question of one item, in order, where each p came from, and (when asked) the greedy answers."""
 
     p: tuple[float, ...]
     source: tuple[PSource, ...]
+    answers: tuple[str, ...] | None = None  # the greedy continuation of each conversation, as text
 
     @classmethod
-    def exact(cls, p: Sequence[float]) -> ItemScores:
+    def exact(cls, p: Sequence[float], answers: Sequence[str] | None = None) -> ItemScores:
         """p read from the full next-token distribution."""
         logits: PSource = "logits"
-        return cls(tuple(p), (logits,) * len(p))
+        return cls(tuple(p), (logits,) * len(p), None if answers is None else tuple(answers))
 
 
 class Verifier(Protocol):
@@ -55,8 +56,9 @@ class Verifier(Protocol):
         """p = P(yes) / (P(yes) + P(no)) for every question of every item, in order; EngineError if any fails."""
         ...
 
-    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
-        """Per item, its scores or the EngineError that says why it has none.
+    def verify_each(self, items: Sequence[VerifyItem], *, greedy: bool = False) -> list[ItemScores | EngineError]:
+        """Per item, its scores or the EngineError that says why it has none; with `greedy`, also each
+        conversation's greedy answer (up to GREEDY_TOKENS tokens), which the binary reward reads.
 
         An engine may still raise for the whole batch (the caller then retries item by item).
         """

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from server.core.scoring import GREEDY_TOKENS
 from server.engines import defaults
 from server.engines.answers import YesNo
 from server.engines.base import EngineError, ItemScores, VerifyItem
@@ -271,9 +272,43 @@ class HFVerifier:
             out.append([by_slot[k] for k in range(len(item.questions))])  # a missing p is a KeyError, never 0
         return out
 
-    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
-        """Exact p from the full logits for every item; a failure raises for the whole batch."""
-        return [ItemScores.exact(p) for p in self.verify(items)]
+    def verify_each(self, items: Sequence[VerifyItem], *, greedy: bool = False) -> list[ItemScores | EngineError]:
+        """Exact p from the full logits for every item (and the greedy answers); a failure raises for the batch."""
+        ps = self.verify(items)
+        answers = self.greedy_answers(items) if greedy else [None] * len(items)
+        return [ItemScores.exact(p, a) for p, a in zip(ps, answers, strict=True)]
+
+    def greedy_answers(self, items: Sequence[VerifyItem]) -> list[list[str]]:
+        """Each (item, question) conversation continued greedily for up to GREEDY_TOKENS tokens, as text: what a
+        chat call at temperature 0 answers. One ordinary sequence per pair, left-padded batches."""
+        import torch
+
+        pairs = [(i, k, prep.prefix + blk, prep) for i, it in enumerate(items) for prep in self._prepare(it)
+                 for k, blk in zip(prep.slots, prep.blocks, strict=True)]
+        eos = self.model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        texts: dict[tuple[int, int], str] = {}
+        with torch.inference_mode():
+            for idx in self._batches([len(seq) + GREEDY_TOKENS for _, _, seq, _ in pairs]):
+                batch = [pairs[j] for j in idx]
+                L = max(len(seq) for _, _, seq, _ in batch)
+                ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), L), dtype=torch.long)
+                for b, (_, _, seq, _) in enumerate(batch):
+                    ids[b, L - len(seq):] = torch.tensor(seq)
+                    mask[b, L - len(seq):] = 1
+                dev = self.device
+                out = self.model.generate(
+                    input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                    pixel_values=torch.cat([p.pixel_values for *_, p in batch]).to(dev, self.model.dtype),
+                    image_grid_thw=torch.cat([p.grid_thw for *_, p in batch]).to(dev),
+                    mm_token_type_ids=(ids == self.image_token_id).int().to(dev),
+                    max_new_tokens=GREEDY_TOKENS, do_sample=False)
+                for b, (i, k, _, _) in enumerate(batch):
+                    new = out[b, L:].tolist()
+                    end = next((n for n, t in enumerate(new) if t in stop), len(new))
+                    texts[(i, k)] = self.tokenizer.decode(new[:end], skip_special_tokens=True)
+        return [[texts[(i, k)] for k in range(len(it.questions))] for i, it in enumerate(items)]
 
     def _verify_packed(self, preps: list[_Prepared]) -> list[list[float]]:
         out: list[list[float]] = [[] for _ in preps]

@@ -29,14 +29,23 @@ class YesNoIds:
     no: tuple[int, ...]
 
 
-def answer_body(messages: list[dict[str, Any]], ids: YesNoIds | None) -> dict[str, Any]:
-    """A one-token greedy completion with log-probabilities (and the exact yes/no ids when known)."""
-    body: dict[str, Any] = {"messages": messages, "max_tokens": 1, "temperature": 0.0, "logprobs": True,
+def answer_body(messages: list[dict[str, Any]], ids: YesNoIds | None, max_tokens: int = 1) -> dict[str, Any]:
+    """A greedy completion (one token, or the greedy answer's GREEDY_TOKENS) with log-probabilities (and the
+    exact yes/no ids when known); p is read at the first token."""
+    body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": True,
                             "top_logprobs": TOP_LOGPROBS}
     if ids is not None:
         body["logprob_token_ids"] = [*ids.yes, *ids.no]
         body["return_tokens_as_token_ids"] = True
     return body
+
+
+def answer_text(response: dict[str, Any]) -> str:
+    """The generated text of a chat completion (the greedy answer when asked for GREEDY_TOKENS)."""
+    try:
+        return response["choices"][0]["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise EngineError(f"the server's answer is not a chat completion: {type(exc).__name__}: {exc}") from None
 
 
 def read_answer(response: dict[str, Any], ids: YesNoIds | None) -> tuple[float, PSource]:
@@ -71,12 +80,13 @@ def read_answer(response: dict[str, Any], ids: YesNoIds | None) -> tuple[float, 
 
 
 def read_each(responses: Sequence[dict[str, Any] | EngineError],
-              ids: YesNoIds | None) -> list[tuple[float, PSource] | EngineError]:
-    """`read_answer` of each response; a failed request or an unreadable answer is that one's error."""
-    out: list[tuple[float, PSource] | EngineError] = []
+              ids: YesNoIds | None) -> list[tuple[float, PSource, str] | EngineError]:
+    """`read_answer` and the generated text of each response; a failed request or an unreadable answer is that
+    one's error."""
+    out: list[tuple[float, PSource, str] | EngineError] = []
     for r in responses:
         try:
-            out.append(r if isinstance(r, EngineError) else read_answer(r, ids))
+            out.append(r if isinstance(r, EngineError) else (*read_answer(r, ids), answer_text(r)))
         except EngineError as exc:
             out.append(exc)
     return out

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from server.core.scoring import GREEDY_TOKENS
 from server.engines.base import EngineError, ItemScores, PSource, VerifyItem, scores_or_raise
 from server.engines.conversation import verifier_messages
 from server.engines.remote import ChatClient, RemoteOptions, RequestError
@@ -72,7 +73,8 @@ class OpenAIVerifier:
     def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
         return scores_or_raise(self.verify_each(items))
 
-    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
+    def verify_each(self, items: Sequence[VerifyItem], *, greedy: bool = False) -> list[ItemScores | EngineError]:
+        """One request per question; with `greedy`, each asks for the greedy answer (GREEDY_TOKENS tokens)."""
         for it in items:
             if not it.images or not it.questions:
                 raise ValueError("a verification item needs at least one image and one question")
@@ -80,7 +82,7 @@ class OpenAIVerifier:
         for it in items:
             urls = [data_url(self.resize(im) if self.resize else im) for im in it.images]
             conversations += [remote_messages(self.system_prompt, urls, q) for q in it.questions]
-        answers = iter(self._answers(conversations))  # in item order, question by question
+        answers = iter(self._answers(conversations, GREEDY_TOKENS if greedy else 1))  # item by item, in order
         out: list[ItemScores | EngineError] = []
         for it in items:
             mine = [next(answers) for _ in it.questions]
@@ -88,17 +90,19 @@ class OpenAIVerifier:
                       if isinstance(a, EngineError)]
             ok = [a for a in mine if not isinstance(a, EngineError)]
             out.append(EngineError("; ".join(errors)) if errors else
-                       ItemScores(tuple(p for p, _ in ok), tuple(s for _, s in ok)))
+                       ItemScores(tuple(p for p, _, _ in ok), tuple(s for _, s, _ in ok),
+                                  tuple(t for _, _, t in ok) if greedy else None))
         return out
 
-    def _answers(self, conversations: list[list[dict[str, Any]]]) -> list[tuple[float, PSource] | EngineError]:
+    def _answers(self, conversations: list[list[dict[str, Any]]],
+                 max_tokens: int) -> list[tuple[float, PSource, str] | EngineError]:
         ids = self.ids
-        responses = self.client.chat_each([answer_body(m, ids) for m in conversations])
+        responses = self.client.chat_each([answer_body(m, ids, max_tokens) for m in conversations])
         if ids is not None and any(_refused_exact(r) for r in responses):
             log.warning("%s does not accept logprob_token_ids: p now comes from the top-k log-probabilities",
                         self.client.base_url)
             self.ids = None
-            return self._answers(conversations)
+            return self._answers(conversations, max_tokens)
         return read_each(responses, ids)
 
 

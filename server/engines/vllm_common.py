@@ -50,11 +50,12 @@ def shutdown(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def answer_sampling(yes_ids: list[int], no_ids: list[int]) -> Any:
-    """One greedy token, with the full-vocabulary log-probability of exactly the yes and no ids."""
+def answer_sampling(yes_ids: list[int], no_ids: list[int], max_tokens: int = 1) -> Any:
+    """Greedy tokens (one, or the greedy answer's GREEDY_TOKENS), with the first one's full-vocabulary
+    log-probability of exactly the yes and no ids."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[*yes_ids, *no_ids])
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprob_token_ids=[*yes_ids, *no_ids])
 
 
 def p_from_output(output: Any, yes_ids: list[int], no_ids: list[int]) -> float:

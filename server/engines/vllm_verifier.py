@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from server.core.scoring import GREEDY_TOKENS
 from server.engines.answers import YesNo
 from server.engines.base import EngineError, ItemScores, VerifyItem, scores_or_raise
 from server.engines.conversation import IMAGE_PART, verifier_messages
@@ -32,6 +33,7 @@ class VLLMVerifier:
         answers = YesNo(tokenizer, model_id)
         self.yes_ids, self.no_ids = list(answers.yes_ids), list(answers.no_ids)
         self.sampling = answer_sampling(self.yes_ids, self.no_ids)
+        self.greedy_sampling = answer_sampling(self.yes_ids, self.no_ids, GREEDY_TOKENS)
 
     @classmethod
     def load(cls, ref: str, *, system_prompt: str, options: VLLMOptions = VLLMOptions(),
@@ -59,8 +61,9 @@ class VLLMVerifier:
     def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
         return scores_or_raise(self.verify_each(items))
 
-    def verify_each(self, items: Sequence[VerifyItem]) -> list[ItemScores | EngineError]:
-        """Every (item, question) in one generate call; an item whose answer cannot be read fails alone."""
+    def verify_each(self, items: Sequence[VerifyItem], *, greedy: bool = False) -> list[ItemScores | EngineError]:
+        """Every (item, question) in one generate call; an item whose answer cannot be read fails alone. With
+        `greedy`, the greedy answer (up to GREEDY_TOKENS tokens) too; p is still read at its first token."""
         requests: list[dict[str, Any]] = []
         for it in items:
             if not it.images or not it.questions:
@@ -70,15 +73,19 @@ class VLLMVerifier:
             images = [self.resize(im) for im in it.images]
             requests += [{"prompt": self._prompt(len(images), q), "multi_modal_data": {"image": images}}
                          for q in it.questions]
-        outputs = iter(self.llm.generate(requests, self.sampling, use_tqdm=False))
+        sampling = self.greedy_sampling if greedy else self.sampling
+        outputs = iter(self.llm.generate(requests, sampling, use_tqdm=False))
         out: list[ItemScores | EngineError] = []
         for it in items:
             ps: list[float] = []
+            answers: list[str] = []
             errors: list[str] = []
             for k, q in enumerate(it.questions):
+                output = next(outputs)
                 try:
-                    ps.append(p_from_output(next(outputs), self.yes_ids, self.no_ids))
+                    ps.append(p_from_output(output, self.yes_ids, self.no_ids))
+                    answers.append(output.outputs[0].text)
                 except EngineError as exc:
                     errors.append(f"question {k} ({q[:60]!r}): {exc}")
-            out.append(EngineError("; ".join(errors)) if errors else ItemScores.exact(ps))
+            out.append(EngineError("; ".join(errors)) if errors else ItemScores.exact(ps, answers if greedy else None))
         return out

@@ -29,10 +29,11 @@ class _Message(BaseModel):
 
 
 class VerifyPayload(_Message):
-    """Score these questions on the task's images (its blobs)."""
+    """Score these questions on the task's images (its blobs); `greedy`: also the greedy answers (binary reward)."""
 
     kind: Literal[TaskKind.verify] = TaskKind.verify
     questions: tuple[str, ...]
+    greedy: bool = False
 
 
 class DecomposePayload(_Message):
@@ -54,11 +55,14 @@ class Verified(_Message):
     model: str
     template_version: str
     system_prompt: str
+    answers: tuple[str, ...] | None = None  # the greedy answers, when the task asked for them
 
     @model_validator(mode="after")
     def _one_source_per_p(self) -> Verified:
         if len(self.p_source) != len(self.p):
             raise ValueError(f"{len(self.p)} p values but {len(self.p_source)} sources")
+        if self.answers is not None and len(self.answers) != len(self.p):
+            raise ValueError(f"{len(self.p)} p values but {len(self.answers)} greedy answers")
         return self
 
 

@@ -10,6 +10,7 @@ from server.core.scoring import (
     UnscorableError,
     answer_word,
     answered_yes,
+    greedy_yes,
     p_yes_from_logits,
     p_yes_from_top_logprobs,
 )
@@ -31,6 +32,16 @@ def test_reads_no(text):
 @pytest.mark.parametrize("text", ["nope", "yes:", "y", "yeah", "no'", "not", "Yes;", "-no", "ye s", ""])
 def test_other_tokens_read_neither(text):
     assert answer_word(text) not in ("yes", "no")
+
+
+@pytest.mark.parametrize(("answer", "yes"), [
+    ("yes", True), ("Yes.", True), (" YES! ", True), ("y.e,s", True), ("yes, it is", False), ("Yes Yes", False),
+    ("no", False), ("Yes\n\nThe cat", False), ("", False), ("yes .", False),
+])
+def test_the_binary_reward_reads_the_greedy_answer_as_the_reference(answer, yes):
+    # lower-cased, stripped of surrounding whitespace, then every . , ? ! removed: exactly "yes"
+    # ("yes ." keeps its inner space: the reference strips before it removes the dot)
+    assert greedy_yes(answer) is yes
 
 
 def test_binary_reading_is_strict_majority():

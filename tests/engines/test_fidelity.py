@@ -110,6 +110,20 @@ def test_p_equals_a_plain_transformers_chat_call(verifier: HFVerifier, mode: str
             assert p == pytest.approx(want, abs=P_TOL), q
 
 
+def test_greedy_answers_are_a_plain_chat_calls(verifier: HFVerifier, plain_chat_p: Any) -> None:
+    """The binary reward reads the greedy answer; batched (left-padded) it is what one chat call generates."""
+    items = [VerifyItem((_image(5, 90, 70),), QUESTIONS[:4]),
+             VerifyItem((_image(6, 64, 64), _image(7, 48, 80)), ("Is the background unchanged?",))]
+    got = verifier.greedy_answers(items)
+    for item, answers in zip(items, got, strict=True):
+        for q, a in zip(item.questions, answers, strict=True):
+            assert a == plain_chat_p.answer(verifier.model, verifier.tokenizer, verifier.image_processor,
+                                            verifier.system_prompt, list(item.images), q), q
+    scores = verifier.verify_each(items, greedy=True)
+    assert [list(s.answers) for s in scores] == got and all(s.answers for s in scores)
+    assert all(s.answers is None for s in verifier.verify_each(items))
+
+
 # A chat template that writes the question before the images: the questions then share no prefix that
 # holds the image block, so each question must get a prefix of its own, still with the template's ids.
 TEXT_FIRST = (

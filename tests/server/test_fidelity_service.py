@@ -13,6 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from server.core.scoring import greedy_yes
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT, template_version
 from tests.tolerance import P_TOL, SUM_ORDER, assert_advantages_close
 
@@ -94,18 +95,31 @@ def test_a_lone_image_is_warned_about(client: httpx.Client, kit: types.SimpleNam
     assert 'dvreward_warnings_total{code="lone_image"}' in metrics
 
 
-def test_binary_answer_scores_one_where_yes_outweighs_no(client: httpx.Client, kit: types.SimpleNamespace) -> None:
-    group = {"prompt": "a red cat", "questions": QUESTIONS, "images": [kit.png_b64(s) for s in (1, 2, 3, 4)]}
+def test_binary_reads_the_greedy_answer_not_p(client: httpx.Client, kit: types.SimpleNamespace, tiny_verifier: Any,
+                                              plain_chat_p: Any) -> None:
+    """The reference's dvreward_binary: 1 where the greedy answer reads yes. The tiny random model answers with
+    junk, so binary is 0 everywhere, also where p > 0.5 (which a p > 0.5 rule would have scored 1)."""
+    images = [kit.png_bytes(s) for s in (1, 2, 3, 4)]
+    group = {"prompt": "a red cat", "questions": QUESTIONS, "images": [kit.b64(b) for b in images]}
     prob = _score(client, [group])
     binary = _score(client, [group], answer="binary")
     assert binary["answer"] == "binary" and prob["answer"] == "prob"
-    for pi, bi in zip(prob["groups"][0]["images"], binary["groups"][0]["images"], strict=True):
-        assert bi["p"] == pi["p"]  # the evidence stays the probability
-        yes = {q: float(p > 0.5) for q, p in pi["p"].items()}
+    v = tiny_verifier
+    above_half = 0
+    for data, pi, bi in zip(images, prob["groups"][0]["images"], binary["groups"][0]["images"], strict=True):
+        assert bi["p"] == pi["p"] and pi["answers"] is None  # the evidence stays the probability
+        pil = Image.open(io.BytesIO(data))
+        for q in QUESTIONS:
+            want = plain_chat_p.answer(v.model, v.tokenizer, v.image_processor, VERIFIER_SYSTEM_PROMPT, [pil],
+                                       q["text"].strip())
+            assert bi["answers"][q["id"]] == want
+        yes = {q: float(greedy_yes(a)) for q, a in bi["answers"].items()}
         sc = (yes["cat"] + yes["red"] + yes["n"]) / 3
         assert bi["sc"] == pytest.approx(sc) and bi["pq"] == yes["q"]
         assert bi["reward"] == pytest.approx(math.sqrt(sc * yes["q"]))
         assert bi["failed"] == [q for q, y in yes.items() if not y]
+        above_half += sum(p > 0.5 and not yes[q] for q, p in pi["p"].items())
+    assert above_half, "some question has p > 0.5 and a greedy answer that is not yes: the two readings differ"
 
 
 def test_a_configured_system_prompt_is_scored_and_reported(kit: types.SimpleNamespace, tiny_verifier: Any,

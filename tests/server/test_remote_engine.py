@@ -181,6 +181,17 @@ def test_a_failing_question_fails_its_item_only(script: tuple[Script, str]) -> N
         v.verify([VerifyItem((_image(),), ("Is it red?",)), VerifyItem((_image(),), ("Is it broken?",))])
 
 
+def test_greedy_answers_ask_for_the_references_ten_tokens(script: tuple[Script, str]) -> None:
+    state, url = script
+    state.default = lambda body: (200, completion("Yes, it is red", top(("Yes", -0.1), ("no", -2.5))))
+    v = OpenAIVerifier(client(url, [], retries=0), "", None)
+    (plain,) = v.verify_each([VerifyItem((_image(),), ("Is it red?",))])
+    (greedy,) = v.verify_each([VerifyItem((_image(),), ("Is it red?",))], greedy=True)
+    assert [r["max_tokens"] for r in state.requests] == [1, 10]
+    assert isinstance(plain, ItemScores) and plain.answers is None
+    assert isinstance(greedy, ItemScores) and greedy.answers == ("Yes, it is red",) and greedy.p == plain.p
+
+
 # ---- the service: an unreachable verifier server gives null rewards with reasons ------------------
 def test_unreachable_verifier_server_gives_null_rewards_with_reasons(kit: types.SimpleNamespace, services: Any,
                                                                      tiny_models: dict[str, Any]) -> None:

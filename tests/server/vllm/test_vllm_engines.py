@@ -151,6 +151,18 @@ def test_vllm_decomposer_and_verifier_score_a_prompt(vllm_serve: str, kit: types
         assert all(im["error"]["code"] == "decomposition_failed" for im in group["images"])
 
 
+def test_vllm_binary_reads_the_greedy_answer(vllm_serve: str, kit: types.SimpleNamespace) -> None:
+    from server.core.scoring import greedy_yes
+
+    questions = [{"id": f"q{i}", "text": q, "tag": "Existence"} for i, q in enumerate(QUESTIONS)]
+    body = {"groups": [{"prompt": "p", "questions": questions, "images": [kit.png_b64(3)]}], "answer": "binary"}
+    r = httpx.post(vllm_serve + "/v1/score", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    (image,) = r.json()["groups"][0]["images"]
+    assert set(image["answers"]) == {q["id"] for q in questions}
+    assert image["sc"] == sum(greedy_yes(a) for a in image["answers"].values()) / len(questions)
+
+
 # ---- vLLM decomposer in this process: both pipelines ------------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_decomposer(tiny_models: dict[str, Path]) -> Iterator[Any]:
