@@ -154,12 +154,14 @@ def service_env(**settings: Any) -> dict[str, str]:
 class ServiceProcess:
     """`dvreward <command> ...` in its own session, logging to a file; stopped by pid in teardown."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path, port: int | None = None):
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path, port: int | None = None,
+                 cwd: Path | None = None):
         self.name = name
         self.args = args
         self.env = env
         self.log_path = logdir / f"{name}.log"
         self.port = port
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -176,7 +178,7 @@ class ServiceProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", *self.args], env=self.env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd,
         )
         log.close()
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 from pathlib import Path
@@ -34,7 +35,10 @@ def _check_command(argv: list[str]) -> None:
     sub[argv[1]].parse_args(argv[2:])  # values must parse too
 
 
-@pytest.mark.parametrize("service", ["api", "worker", "worker-vllm", "worker-remote"])
+SERVICES = ["api", "worker", "worker-vllm", "worker-remote", "worker-paper"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
 def test_compose_commands_and_settings_exist(service: str) -> None:
     spec = COMPOSE["services"][service]
     _check_command(spec["command"])
@@ -44,11 +48,16 @@ def test_compose_commands_and_settings_exist(service: str) -> None:
             assert field in Settings.model_fields, f"{service}: {name} is not a setting"
 
 
-def test_compose_environment_values_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for service in ("api", "worker", "worker-vllm", "worker-remote"):
+def test_compose_environment_values_are_valid_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Answer yes or no.")
+    for service in SERVICES:
+        for name in [k for k in os.environ if k.startswith("DVREWARD_")]:
+            monkeypatch.delenv(name)
         for name, value in COMPOSE["services"][service]["environment"].items():
             if name.startswith("DVREWARD_"):
-                monkeypatch.setenv(name, re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", str(value)))
+                value = str(prompt) if name == "DVREWARD_VERIFIER_SYSTEM_PROMPT_FILE" else _default(str(value))
+                monkeypatch.setenv(name, value)
         Settings()  # raises on a value of the wrong type
 
 
@@ -79,8 +88,25 @@ def _gpu_reservations() -> dict[str, dict[str, Any]]:
 
 
 def _default(value: str) -> str:
-    """A compose `${VAR:-default}` as it reads with VAR unset."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+    """A compose `${VAR:-default}` (or `${VAR-default}`) as it reads with VAR unset."""
+    return re.sub(r"\$\{[A-Z_]+:?-([^}]*)\}", r"\1", value)
+
+
+def test_compose_paper_profile_is_the_papers_reward() -> None:
+    """`--profile paper`: the paper's verifier and dtype on vLLM, and the system prompt file the user pastes (its
+    text is not shipped; compose refuses to start without the file)."""
+    from server.paper import PAPER_DTYPE, PAPER_VERIFIER
+
+    spec = COMPOSE["services"]["worker-paper"]
+    env = spec["environment"]
+    assert spec["profiles"] == ["paper"] and _default(env["DVREWARD_VERIFIER"]) == PAPER_VERIFIER
+    assert (env["DVREWARD_DTYPE"], env["DVREWARD_VERIFIER_ENGINE"], env["DVREWARD_DECOMPOSER"]) == (
+        PAPER_DTYPE, "vllm", "")
+    mount = f":{env['DVREWARD_VERIFIER_SYSTEM_PROMPT_FILE']}:ro"
+    assert any(v.startswith("${PAPER_SYSTEM_PROMPT_FILE:?") and v.endswith(mount) for v in spec["volumes"])
+    assert _default(COMPOSE["services"]["api"]["environment"]["DVREWARD_DECOMPOSER"]) != "", "a default remains"
+    assert "${DVREWARD_DECOMPOSER-" in COMPOSE["services"]["api"]["environment"]["DVREWARD_DECOMPOSER"], \
+        "the API's decomposer can be set empty (the paper profile has none)"
 
 
 def test_compose_pins_each_single_gpu_service_to_its_own_gpu() -> None:

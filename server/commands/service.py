@@ -111,8 +111,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def _load_engines(s: Settings, metrics: WorkerMetrics) -> tuple[Verifier, Decomposer | None]:
     """Loading errors (a corrupt checkpoint) are one line too."""
     from server.engines.base import EngineError
+    from server.paper import log_comparison
     from server.runtime import load_engines
 
+    log_comparison(s.verifier, None if s.verifier_engine == "openai" else s.dtype, s.verifier_system_prompt)
     try:
         return load_engines(s, metrics)
     except EngineError as exc:

@@ -9,7 +9,8 @@ one of these conventions, checked in this order:
   - `<item_id>/<k>.<ext>`             sample k (digits) in a per-item folder;
   - `<item_id>/samples/<k>.<ext>`     GenEval's layout (`<index>/samples/<k>.png`);
 - or a JSONL mapping file with one `{"image": path, "item_id": id}` per line (relative paths
-  are relative to the mapping file).
+  are relative to the mapping file); `"source": path` adds the image it was edited from, shown
+  before it (editing benchmarks).
 
 Every image that matches no item, and every item with no image, is reported; nothing is
 dropped silently. Non-image files (by extension) and hidden files are not images and are
@@ -48,6 +49,7 @@ class ImageJob:
     image: str  # relative to the images folder, or as written in the mapping file
     path: Path  # absolute
     sample: str | None = None
+    source: Path | None = None  # editing: the image it was edited from (absolute), shown before it
 
     @property
     def key(self) -> tuple[str, str]:
@@ -224,5 +226,10 @@ def _match_mapping(path: Path, items: dict[str, PromptRecord]) -> Matching:
         seen.add((item_id, image))
         sample = obj.get("sample")
         sample = str(sample) if isinstance(sample, int) and not isinstance(sample, bool) and sample >= 0 else None
-        m.jobs.append(ImageJob(item_id, image, (base / image).resolve(), sample))
+        source = obj.get("source")
+        if source is not None and not (isinstance(source, str) and source.strip()):
+            m.unmatched.append(Unmatched(image, f'{where}: "source" must be an image path'))
+            continue
+        m.jobs.append(ImageJob(item_id, image, (base / image).resolve(), sample,
+                               (base / source).resolve() if source else None))
     return m

@@ -257,7 +257,7 @@ def _score(
             for start in range(0, len(todo), opts.batch_size):
                 batch = todo[start:start + opts.batch_size]
                 outcomes = backend.score([
-                    ScoreInput(j.path, tuple(q.text for q in items[j.item_id].questions)) for j in batch
+                    ScoreInput(j.path, tuple(q.text for q in items[j.item_id].questions), j.source) for j in batch
                 ])
                 model = backend.model_id
                 recs = [build_record(job, items[job.item_id], outcome.p, outcome.error, opts.gating,

@@ -48,6 +48,7 @@ class ImageLoadError(ValueError):
 class ScoreInput:
     path: Path
     questions: tuple[str, ...]
+    source: Path | None = None  # editing: shown before the image
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,11 @@ class LocalBackend:
         where: list[int] = []
         for i, inp in enumerate(inputs):
             try:
-                image, _, _ = load_image_file(inp.path)
+                shown = [load_image_file(p)[0] for p in (inp.source, inp.path) if p is not None]
             except ImageLoadError as e:
                 out[i] = Outcome(error=str(e))
                 continue
-            items.append(VerifyItem(images=(image,), questions=inp.questions))
+            items.append(VerifyItem(images=tuple(shown), questions=inp.questions))
             where.append(i)
         for i, outcome in zip(where, self._verify(items), strict=True):
             out[i] = outcome
@@ -173,9 +174,10 @@ class LocalBackend:
 
 @dataclass
 class _Wire:
-    """One image ready for the wire, with its questions cut into chunks the service accepts."""
+    """One image (after its source, for editing) ready for the wire, with its questions cut into chunks the
+    service accepts."""
 
-    data: bytes
+    data: list[bytes]
     chunks: list[tuple[str, ...]]
 
 
@@ -230,16 +232,12 @@ class HTTPBackend:
         return [o if o is not None else Outcome(error="internal: no outcome") for o in out]
 
     def _wire(self, inp: ScoreInput) -> _Wire:
-        image, data, fmt = load_image_file(inp.path)
-        if fmt not in WIRE_FORMATS:
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            data = buf.getvalue()
         step = max(1, self.max_questions)
-        return _Wire(data, [inp.questions[i:i + step] for i in range(0, len(inp.questions), step)])
+        return _Wire([_wire_bytes(p) for p in (inp.source, inp.path) if p is not None],
+                     [inp.questions[i:i + step] for i in range(0, len(inp.questions), step)])
 
     def _verify(self, wires: list[_Wire]) -> list[Outcome]:
-        """One item per (image, question chunk); the client sends encoded bytes as they are."""
+        """One item per (image, question chunk), its source first; the client sends encoded bytes as they are."""
         images = [w.data for w in wires for _ in w.chunks]
         if not images:
             return [_join([], 0) for _ in wires]
@@ -268,6 +266,16 @@ class HTTPBackend:
         if e.retryable:
             return f"{where} still fails after {self.client.backoff.max_retries + 1} attempts: {e}"
         return f"{where} failed: {e}"
+
+
+def _wire_bytes(path: Path) -> bytes:
+    """A file's bytes as the service accepts them (formats it does not take are sent as PNG)."""
+    image, data, fmt = load_image_file(path)
+    if fmt in WIRE_FORMATS:
+        return data
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _join(results: Sequence[VerifyItemResult], n_questions: int) -> Outcome:

@@ -61,6 +61,7 @@ def build_record(
         "image": job.image,
         "image_path": str(job.path),
         "sample": job.sample,
+        "source_image": str(job.source) if job.source else None,
         "prompt": item.prompt,
         "source": item.source,
         "questions": questions,

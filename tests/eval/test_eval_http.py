@@ -259,3 +259,30 @@ def test_image_files_share_the_service_image_policy(tmp_path):
     outcomes = backend.score([ScoreInput(p, ("Is it red?",)) for p in (png, bmp, truncated)])
     assert [o.error is None for o in outcomes] == [True, True, False]
     assert sent[0] == png.read_bytes() and sent[1].startswith(b"\x89PNG")  # BMP re-encoded as PNG
+
+
+def test_editing_items_show_their_source_in_process_and_through_the_service(tmp_path, tiny_models, services):
+    records, questions, images = two_items_two_images(tmp_path, (80, 64))
+    Image.new("RGB", (72, 56), (200, 120, 40)).save(images / "before.png")
+    edited = sorted(p.name for p in images.glob("*_*.png"))
+    mapping = images / "edits.jsonl"
+    mapping.write_text("".join(json.dumps({"image": name, "item_id": name.rsplit("_", 1)[0], "source": "before.png"})
+                               + "\n" for name in edited))
+    serve = services("serve", "serve", service_env(), "--verifier", str(tiny_models["verifier"]), "--decomposer", "",
+                     http=True)
+    serve.wait_http("/readyz")
+    common = ["eval", "--questions", str(questions), "--no-progress"]
+    assert main([*common, "--images", str(mapping), "--server", serve.url, "-o", str(tmp_path / "http")]) == 0
+    assert main([*common, "--images", str(mapping), "--verifier", str(tiny_models["verifier"]),
+                 "-o", str(tmp_path / "local")]) == 0
+    assert main([*common, "--images", str(images), "--verifier", str(tiny_models["verifier"]),
+                 "-o", str(tmp_path / "plain")]) == 0
+    http, local, plain = ([json.loads(x) for x in (tmp_path / d / "results.jsonl").read_text().splitlines()]
+                          for d in ("http", "local", "plain"))
+    assert [r["image"] for r in http] == [r["image"] for r in local] and sorted(r["image"] for r in http) == edited
+    assert all(r["source_image"] == str((images / "before.png").resolve()) and r["error"] is None for r in http)
+    for h, lo in zip(http, local, strict=True):
+        assert [q["p"] for q in h["questions"]] == pytest.approx([q["p"] for q in lo["questions"]], abs=P_TOL)
+    by_image = {r["image"]: r for r in plain}
+    assert all([q["p"] for q in r["questions"]] != [q["p"] for q in by_image[r["image"]]["questions"]]
+               for r in local), "the source is shown to the verifier"
