@@ -34,9 +34,9 @@ class DropsOneP:
     def __getattr__(self, name: str) -> Any:  # model_id, system_prompt, ...: the real engine's
         return getattr(self.inner, name)
 
-    def verify_each(self, items: Sequence[VerifyItem]) -> list[Any]:
+    def verify_each(self, items: Sequence[VerifyItem], greedy: bool = False) -> list[Any]:
         return [ItemScores(r.p[:-1], r.source[:-1]) if isinstance(r, ItemScores) else r
-                for r in self.inner.verify_each(items)]
+                for r in self.inner.verify_each(items, greedy=greedy)]
 
 
 @pytest.fixture

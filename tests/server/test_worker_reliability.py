@@ -122,8 +122,8 @@ class Overconfident:
         self.inner = inner
         self.model_id, self.system_prompt = inner.model_id, inner.system_prompt
 
-    def verify_each(self, items: Any) -> list[Any]:
-        out = self.inner.verify_each(items)
+    def verify_each(self, items: Any, greedy: bool = False) -> list[Any]:
+        out = self.inner.verify_each(items, greedy=greedy)
         first = out[0]
         out[0] = ItemScores((1.5, *first.p[1:]), first.source)
         return out
@@ -177,7 +177,7 @@ class Hangs:
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def verify_each(self, items: Any) -> list[Any]:
+    def verify_each(self, items: Any, greedy: bool = False) -> list[Any]:
         self.release.wait()
         raise RuntimeError("released at teardown")
 
