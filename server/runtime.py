@@ -129,7 +129,7 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
         decomposer_templates=template_version(),
         verifier_system_prompt=settings.verifier_system_prompt,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
-        result_ttl_s=settings.result_ttl_s,
+        result_ttl_s=settings.result_ttl_s, worker_grace_s=settings.worker_grace_s,
     ))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
@@ -37,8 +38,9 @@ from dvreward_protocol.schemas import (
 from server.core.scoring import answered_yes, greedy_yes
 from server.errors import ErrorCode, ServiceError
 from server.idempotency import once
+from server.liveness import WorkerWatch
 from server.queue.base import Broker
-from server.queue.messages import Decomposed, DecomposePayload, Result, Task, Verified, VerifyPayload
+from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class ServiceConfig:
     request_timeout_s: float
     cache_ttl_s: float
     result_ttl_s: float
+    worker_grace_s: float  # no live worker for a kind of task this long: 503 at once, not 504 at the deadline
 
 
 Checked = bytes | ServiceError  # an image's bytes, or why this image alone cannot be scored
@@ -67,6 +70,10 @@ class ScoreImages:
     sources: list[Checked | None]
 
 
+MAX_LATE = 1000  # late decompositions one API process awaits at once
+log = logging.getLogger("dvreward.service")
+
+
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
 
@@ -75,6 +82,8 @@ class ScoringService:
     def __init__(self, broker: Broker, config: ServiceConfig) -> None:
         self.broker = broker
         self.config = config
+        self.watch = WorkerWatch(broker, config.worker_grace_s)
+        self._late: set[asyncio.Task[None]] = set()  # decompositions finishing after their request's deadline
 
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s
@@ -102,17 +111,47 @@ class ScoringService:
                 "this server has no decomposer configured: pass explicit `questions` for every group",
             )
         task_id = f"dec:{uuid.uuid4().hex}"  # never derived from client input: ids must not collide
+        key = self.cache_key(prompt, editing)
 
         async def compute() -> bytes:
             reply = task_id  # one decomposition, its own replies
+            await self.watch.require(TaskKind.decompose)
             await self.broker.submit([Task(task_id, reply, deadline, DecomposePayload(prompt=prompt,
                                                                                       editing=editing))])
-            result = (await self.broker.gather(reply, {task_id}, deadline))[task_id]
-            return _decomposition(result).model_dump_json().encode()
+            try:
+                result = await self.watch.waiting(TaskKind.decompose, self.broker.gather(reply, {task_id}, deadline))
+            except ServiceError as exc:
+                if exc.code is ErrorCode.timeout:  # the worker may still finish it: keep that work
+                    self._publish_late(key, reply, task_id)
+                raise
+            return _decomposition(result[task_id]).model_dump_json().encode()
 
-        raw, cached = await self.broker.singleflight(self.cache_key(prompt, editing), compute,
-                                                     self.config.cache_ttl_s, deadline)
+        raw, cached = await self.broker.singleflight(key, compute, self.config.cache_ttl_s, deadline)
         return Decomposition.model_validate_json(raw), cached
+
+    def _publish_late(self, key: str, reply: str, task_id: str) -> None:
+        """Cache a decomposition its worker finishes after the request's deadline, so the retry finds it."""
+        if len(self._late) >= MAX_LATE:
+            log.warning("%d late decompositions are awaited already; %s will not be cached", MAX_LATE, task_id)
+            return
+
+        async def publish() -> None:
+            try:
+                got = await self.broker.gather(reply, {task_id}, time.time() + self.config.result_ttl_s)
+                raw = _decomposition(got[task_id]).model_dump_json().encode()
+            except ServiceError as exc:
+                log.info("decomposition %s did not finish late either: %s", task_id, exc.message)
+                return
+
+            async def value() -> bytes:
+                return raw
+
+            await self.broker.singleflight(key, value, self.config.cache_ttl_s, time.time() + 30)
+            log.info("decomposition %s finished after its request's deadline; cached", task_id)
+
+        task = asyncio.create_task(publish(), name=f"late-{task_id}")
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
 
     async def decompose(self, prompts: list[str], request_id: str, editing: bool = False) -> DecomposeResponse:
         t0 = time.perf_counter()
@@ -140,8 +179,9 @@ class ScoringService:
         ]
         if not tasks:
             return []
+        await self.watch.require(TaskKind.verify)
         await self.broker.submit(tasks)
-        got = await self.broker.gather(reply, {t.task_id for t in tasks}, deadline)
+        got = await self.watch.waiting(TaskKind.verify, self.broker.gather(reply, {t.task_id for t in tasks}, deadline))
         return [got[t.task_id] for t in tasks]
 
     async def verify(self, req: VerifyRequest, blobs: list[list[bytes] | ServiceError],

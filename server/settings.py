@@ -207,6 +207,10 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         2.0, ge=0.1, le=YEAR_S, description="worker heartbeat period; a worker silent 3x this is dead"
     )
+    worker_grace_s: float = Field(
+        10.0, gt=0, le=YEAR_S, description="no live worker for a kind of task this long: requests needing one get "
+        "503 at once, and queued ones stop waiting, instead of 504 at their deadline"
+    )
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="a worker's own port for Prometheus /metrics and /readyz, on --host (0: none); "
         "worker --devices gives its i-th worker this port + i"

@@ -35,7 +35,7 @@ WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "dec
                     "vllm_max_model_len"}
 API_SETTINGS = {"port", "api_keys", "allow_anonymous", "max_body_bytes", "max_images", "max_image_bytes",
                 "max_questions", "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s",
-                "max_images_per_item"}
+                "max_images_per_item", "worker_grace_s"}
 
 
 EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
