@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import types
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service_stack import HOST, STARTUP_S, ServiceProcess, drop_service_settings, free_port, service_env, wait_for
+from tests.service_stack import (
+    HOST,
+    STARTUP_S,
+    ServiceProcess,
+    drop_service_settings,
+    free_port,
+    serve_in_thread,
+    service_env,
+    wait_for,
+)
 
 
 # ---- images ------------------------------------------------------------------------------------
@@ -82,25 +89,6 @@ def tiny_verifier(tiny_models: dict[str, Path]) -> Any:
     with pytest.MonkeyPatch.context() as mp:  # the service processes see no DVREWARD_ setting either
         drop_service_settings(mp)
         return load_verifier(Settings(verifier=str(tiny_models["verifier"]), decomposer=""))
-
-
-@contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """A real uvicorn server on a free port in a background thread; yields its base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), 30, "the in-thread uvicorn server")
-        assert thread.is_alive(), "the in-thread uvicorn server failed to start"
-        yield f"http://{HOST}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the in-thread uvicorn server did not shut down"
 
 
 def local_p(verifier: Any, images: list[bytes], questions: list[str]) -> list[list[float]]:

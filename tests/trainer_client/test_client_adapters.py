@@ -16,8 +16,8 @@ pytestmark = pytest.mark.float_sensitive
 
 
 @pytest.fixture
-def client(service_url):
-    with DVRewardClient(service_url) as c:
+def client(redis_service_url):
+    with DVRewardClient(redis_service_url) as c:
         yield c
 
 

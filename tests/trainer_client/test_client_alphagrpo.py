@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.engines.base import EngineError
 from tests.tolerance import SUM_ORDER, advantage_tol, assert_rewards_close
 from trainer_client import DVRewardClient, make_alphagrpo_reward_fn, make_alphagrpo_score_fn, make_trl_reward_funcs
 
@@ -141,3 +142,38 @@ def test_trl_components_are_one_scoring_call(client, make_images, scored_count, 
     assert scored_count(redis_service_url) - before == 4, "TRL calls each function: the step is scored once"
     for r, s, q in zip(reward, sc, pq, strict=True):
         assert r == pytest.approx(math.sqrt(s * q), abs=SUM_ORDER)
+
+
+class FailsDark:
+    """The real verifier, failing every item whose image is dark: an engine that cannot score some images."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.model_id, self.system_prompt = inner, inner.model_id, inner.system_prompt
+
+    def verify_each(self, items, greedy=False):
+        out = self.inner.verify_each(items, greedy=greedy)
+        return [EngineError("the engine cannot score this image") if max(it.images[-1].convert("L").getextrema()) < 40
+                else o for it, o in zip(items, out, strict=True)]
+
+
+def test_images_the_verifier_fails_train_as_nothing(tiny_models, redis_url, make_images, monkeypatch):
+    import torch
+
+    from server.runtime import build_app, load_verifier
+    from server.settings import Settings
+    from tests.service_stack import drop_service_settings, serve_in_thread
+
+    drop_service_settings(monkeypatch)
+    settings = Settings(redis_url=redis_url, verifier=str(tiny_models["verifier"]), decomposer="")
+    engine = FailsDark(load_verifier(settings))
+    images = _pil(make_images(6, seed=34))
+    images[2] = Image.new("RGB", (40, 40), "black")
+    prompts = ["a red cube"] * 3 + ["a blue ball"] * 3
+    with serve_in_thread(build_app(settings, (engine, None))) as url, DVRewardClient(url) as client:
+        details, metas = make_alphagrpo_reward_fn(client)({"images": images, "prompts": prompts,
+                                                           "metadata": [REFERENCE_META] * 6})
+    assert torch.isfinite(torch.as_tensor(details["avg"]).float()).all()
+    advantages = reference_advantages(prompts, details["avg"])
+    assert abs(advantages[2]) <= advantage_tol([details["avg"]], 0.0, reward_noise=SUM_ORDER)
+    assert metas["error"][2]["code"] == "verification_failed" and metas["neutral"][2]
+    assert [i for i, e in enumerate(metas["error"]) if e] == [2]

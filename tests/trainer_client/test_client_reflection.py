@@ -14,9 +14,9 @@ from trainer_client import DVRewardClient, select_for_refinement
 pytestmark = pytest.mark.float_sensitive
 
 
-def test_a_reflection_round(service_url, make_images):
+def test_a_reflection_round(redis_service_url, make_images):
     prompts = ["a red cube on a table", "two green balls"]
-    with DVRewardClient(service_url, image_format="png") as client:
+    with DVRewardClient(redis_service_url, image_format="png") as client:
         stage1 = client.score(prompts, [make_images(4, seed=90), make_images(4, seed=91)])  # decomposed
         chosen = select_for_refinement(stage1.rewards)
         refined = [make_images(3, seed=92), make_images(3, seed=93)]
