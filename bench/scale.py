@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.client import make_step  # noqa: E402
-from bench.service import free_port, wait_ready  # noqa: E402
+from bench.service import free_port, stop, wait_ready  # noqa: E402
 
 QUESTIONS = ["Is there a cat?", "Is the cat orange?", "Is the cat on a sofa?", "Is the image sharp?"]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -166,10 +166,7 @@ def main() -> None:
             "machine": platform.node(), "cpus": os.cpu_count(),
         }))
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        stop(procs)
         log.close()
         tmp.cleanup()
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -37,6 +38,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop(procs: list[subprocess.Popen[Any]]) -> None:
+    """Terminate the services, last started first (each drains), then wait for all of them."""
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
 
 
 def wait_ready(url: str, timeout: float = 120.0) -> None:
@@ -131,10 +140,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
         }))
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        stop(procs)
         client.close()
         log.close()
         tmpdir.cleanup()

@@ -172,7 +172,8 @@ class _Base:
         default (population std over the whole step, clipped to ±5), computed over the whole step even when it
         took several requests; groups with the same prompt form one GRPO group. `sources[i]` (editing): the
         image group i was edited from, shown before each of its images; groups are then GRPO groups per prompt
-        and source. `answer="binary"` scores each question 1 where yes outweighs no, else 0.
+        and source. `answer="binary"` scores each question 1 where its greedy answer is yes, else 0 (the
+        reference's dvreward_binary).
         """
         t0, how = time.perf_counter(), policy(on_error, self.on_error)
         job = score_job(prompts, images, questions, metadata, aggregation, gating, advantages_std, clip, eps,
@@ -216,7 +217,8 @@ class _Base:
             if len(idx) != len(imgs) or not all(0 <= i < len(stage1.groups[g].rewards) for i in idx):
                 raise ValueError(f"starts[{g}]: one stage-1 image index per refined image, within the group")
         r = stage1.response
-        result = yield from self._score(stage1.prompts, groups, questions=stage1.questions, on_error="nan",
+        questions = [qs or None for qs in stage1.questions]  # a group whose decomposition failed tries again
+        result = yield from self._score(stage1.prompts, groups, questions=questions, on_error="nan",
                                         aggregation=r.aggregation, gating=r.gating, answer=r.answer, details=details,
                                         advantages_std=advantages_std, clip=clip, eps=eps)
         start = [[stage1.rewards[g][i] for i in idx] for g, idx in enumerate(first)]
@@ -230,6 +232,15 @@ class _Base:
             metadata=[s.metadata for s in batch], on_error="nan",
             sources=sources if any(x is not None for x in sources) else None, **batch[0].options.score_kwargs())
         return group_scores(result)
+
+    def _step_options(self, *, aggregation: Aggregation | str = Aggregation.geometric,
+                      gating: Gating | str = Gating.none, tag_weights: Mapping[str, float] | None = None,
+                      details: bool = True, answer: Answer = "prob", advantages_std: StdMode = DEFAULT_STD,
+                      clip: float | None = DEFAULT_CLIP, eps: float = DEFAULT_EPS,
+                      on_error: OnError | None = None) -> tuple[GroupOptions, StepOptions, OnError]:
+        """A step's options: how each group is scored, how the step's advantages are, what a failed image is."""
+        return (GroupOptions.of(aggregation, gating, tag_weights, details, answer),
+                StepOptions(advantages_std, clip, eps), policy(on_error, self.on_error))
 
     def _health(self) -> Flow[dict[str, Any]]:
         """GET /healthz once (a probe, so no retries): the API process is alive; says nothing about workers."""
@@ -350,13 +361,10 @@ class DVRewardClient(_Base):
             self._flush()
         return sub.future
 
-    def step(self, *, aggregation: Aggregation | str = Aggregation.geometric, gating: Gating | str = Gating.none,
-             tag_weights: Mapping[str, float] | None = None, details: bool = True, answer: Answer = "prob",
-             advantages_std: StdMode = DEFAULT_STD, clip: float | None = DEFAULT_CLIP, eps: float = DEFAULT_EPS,
-             on_error: OnError | None = None) -> Step:
-        """A GRPO step scored while it is generated: `step.submit(...)` each group, then `step.result()`."""
-        return Step(self, GroupOptions.of(aggregation, gating, tag_weights, details, answer),
-                    StepOptions(advantages_std, clip, eps), policy(on_error, self.on_error))
+    def step(self, **options: Any) -> Step:
+        """A GRPO step scored while it is generated: `step.submit(...)` each group, then `step.result()`.
+        Options: those of score() but for on_error's default, which is the client's."""
+        return Step(self, *self._step_options(**options))
 
     def _flush(self) -> None:
         with self._submit_lock:
@@ -467,13 +475,9 @@ class AsyncDVRewardClient(_Base):
             self._timer = loop.call_later(self.submit_window_s, self._flush)
         return sub.future
 
-    def step(self, *, aggregation: Aggregation | str = Aggregation.geometric, gating: Gating | str = Gating.none,
-             tag_weights: Mapping[str, float] | None = None, details: bool = True, answer: Answer = "prob",
-             advantages_std: StdMode = DEFAULT_STD, clip: float | None = DEFAULT_CLIP, eps: float = DEFAULT_EPS,
-             on_error: OnError | None = None) -> AsyncStep:
+    def step(self, **options: Any) -> AsyncStep:
         """As DVRewardClient.step; `await step.result()`."""
-        return AsyncStep(self, GroupOptions.of(aggregation, gating, tag_weights, details, answer),
-                         StepOptions(advantages_std, clip, eps), policy(on_error, self.on_error))
+        return AsyncStep(self, *self._step_options(**options))
 
     def _flush(self) -> None:
         if self._timer is not None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -77,6 +78,12 @@ def embedded_server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempP
         assert proc.alive(), f"the embedded server died during the tests:\n{proc.log_tail()}"
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def embedded_client(embedded_server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=embedded_server, timeout=120) as c:
+        yield c
 
 
 # ---- in-process models and servers -------------------------------------------------------------

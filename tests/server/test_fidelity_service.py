@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import math
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,9 +27,8 @@ QUESTIONS = [
 
 
 @pytest.fixture
-def client(embedded_server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=embedded_server, timeout=120) as c:
-        yield c
+def client(embedded_client: httpx.Client) -> httpx.Client:
+    return embedded_client
 
 
 def _large_png() -> bytes:
