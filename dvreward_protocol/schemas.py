@@ -66,7 +66,8 @@ class ImageResult(_Model):
         None, description="question id -> how p was read: logits (exact), top_k (top-20 log-probabilities) or "
         "text (neither answer in the top-20: the generated word, 1 or 0)"
     )
-    failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p < 0.5)")
+    failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p <= 0.5: yes does "
+                               "not outweigh no)")
     error: ErrorInfo | None = None
 
 

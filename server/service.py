@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.grpo import group_advantages, group_key, lone_image_warnings
 from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
 from dvreward_protocol.reward import aggregate, check_weights
@@ -34,7 +35,6 @@ from dvreward_protocol.schemas import (
     VerifyResponse,
     Warning,
 )
-from server.core.scoring import answered_yes
 from server.errors import ErrorCode, ServiceError
 from server.idempotency import once
 from server.queue.base import Broker

@@ -17,11 +17,6 @@ def answer_word(token_text: str) -> str:
     return token_text.lower().strip(_STRIP)
 
 
-def answered_yes(p: float) -> bool:
-    """The binary reading of p: yes outweighs no (the reference's `dvreward_binary`; a tie is no)."""
-    return p > 0.5
-
-
 class UnscorableError(ValueError):
     """The answer distribution holds neither yes nor no: there is no honest p to report."""
 
