@@ -50,6 +50,11 @@ class ServiceConfig:
     pipeline: str
     template_version: str  # reported until a worker reports its own; covers the verifier's system prompt
     decomposer_templates: str  # the decomposition templates' version: part of the cache key
+    # What else changes the questions a decomposer writes, so part of the cache key too: its engine, its output
+    # bound and its question caps (semantic, quality).
+    decomposer_engine: str
+    decomposer_max_new_tokens: int
+    decomposer_caps: tuple[int, int]
     verifier_system_prompt: str
     request_timeout_s: float
     cache_ttl_s: float
@@ -90,9 +95,10 @@ class ScoringService:
 
     # ---- decomposition ----------------------------------------------------------------
     def cache_key(self, prompt: str, editing: bool = False) -> str:
-        """What a decomposition depends on; not the verifier's system prompt, which changes no question."""
+        """Everything a decomposition depends on; not the verifier's system prompt, which changes no question."""
         c = self.config
-        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.decomposer_templates] + (["edit"] if editing else []))
+        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.decomposer_templates, c.decomposer_engine,
+                          c.decomposer_max_new_tokens, c.decomposer_caps] + (["edit"] if editing else []))
         return "decomp:" + hashlib.sha256(raw.encode()).hexdigest()
 
     async def decompose_one(self, prompt: str, deadline: float, editing: bool = False) -> tuple[Decomposition, bool]:
