@@ -32,11 +32,17 @@ def check_prompts(prompts: list[str], s: Settings) -> None:
 
 
 # The Qwen2-VL family: one visual token per 28x28 pixels (14-pixel patches merged 2x2), after the image
-# is resized into [min_pixels, max_pixels]; each question block adds its text and the answer template.
+# is resized into [min_pixels, max_pixels]; the system prompt and the chat markup come once, and each question
+# block adds its text and the answer template.
 PIXELS_PER_TOKEN = 28 * 28
 TEMPLATE_TOKENS = 64
 BLOCK_TOKENS = 16
-CHARS_PER_TOKEN = 4
+
+
+def text_tokens(text: str) -> int:
+    """A bound on the tokens of `text` in every script: byte-level BPE (the Qwen family's tokenizers) emits at most
+    one token per UTF-8 byte. Characters / 4 held for English only: CJK and emoji took 4-16 times that."""
+    return len(text.encode("utf-8"))
 
 
 def image_tokens(info: ImageInfo, s: Settings) -> int:
@@ -50,11 +56,12 @@ def image_tokens(info: ImageInfo, s: Settings) -> int:
 
 
 def check_tokens(field: str, infos: list[ImageInfo], questions: list[str], s: Settings) -> None:
-    """An item is one sequence of a forward pass: estimated from headers and text lengths (no pixel is
-    decoded), one the verifier's token budget cannot hold is refused here instead of exhausting memory."""
-    blocks = [len(q) // CHARS_PER_TOKEN + BLOCK_TOKENS for q in questions]
+    """An item is one sequence of a forward pass: estimated from headers and text bytes (no pixel is decoded,
+    nothing is tokenized), one the verifier's token budget cannot hold is refused here instead of failing after
+    its batch ran."""
+    blocks = [text_tokens(q) + BLOCK_TOKENS for q in questions]
     text = sum(blocks) if s.verifier_mode == "packed" else max(blocks)
-    n = TEMPLATE_TOKENS + sum(image_tokens(i, s) for i in infos) + text
+    n = TEMPLATE_TOKENS + text_tokens(s.verifier_system_prompt) + sum(image_tokens(i, s) for i in infos) + text
     if n > s.max_batch_tokens:
         raise ServiceError(ErrorCode.too_large, f"{field}: about {n} tokens ({len(infos)} images, {len(questions)} "
                            f"questions), more than the verifier's budget of {s.max_batch_tokens} per forward pass "

@@ -20,13 +20,12 @@ from server.settings import Settings, masked_url
 if TYPE_CHECKING:
     from server.engines.base import Decomposer, Verifier
 
-# Settings only one side acts on; the other command does not offer them as flags (the API reports the
-# system prompt its workers report, its own only when no image was scored). `device` stays on both:
+# Settings only one side acts on; the other command does not offer them as flags. `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys. The
-# verifier's layout, pixel range and token budget are on both: the API refuses items they cannot hold. What
-# changes the questions a decomposer writes (its engine, token limit and caps) is on both: it keys the cache.
-WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "batched_vision", "verifier_system_prompt",
-                   "verifier_system_prompt_file", "batch_timeout_s"}
+# verifier's layout, pixel range, token budget and system prompt are on both: the API refuses items they cannot
+# hold (and reports its own system prompt when no image was scored). What changes the questions a decomposer
+# writes (its engine, token limit and caps) is on both: it keys the cache.
+WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "batched_vision", "batch_timeout_s"}
 WORKER_SETTINGS |= {"verifier_engine", "verifier_url", "decomposer_url", "verifier_api_key",
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",

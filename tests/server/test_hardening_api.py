@@ -90,9 +90,10 @@ def test_weights_that_zero_a_half_are_refused_before_any_image_is_verified(
 def test_items_over_the_token_budget_are_413_before_any_work(
     serve: Callable[..., Any], kit: types.SimpleNamespace,
 ) -> None:
-    """448x448 is 256 visual tokens, plus the template: more than a budget of 300 tokens per forward pass."""
+    """448x448 is 256 visual tokens, plus the template and system prompt: more than a budget of 450 tokens per
+    forward pass."""
     big, small = kit.png_b64(1, (448, 448)), kit.png_b64(2, (32, 32))
-    with serve(max_batch_tokens=300) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with serve(max_batch_tokens=450) as url, httpx.Client(base_url=url, timeout=60) as c:
         verify = c.post("/v1/verify", json={"items": [{"images": [small], "questions": ["Is it red?"]},
                                                       {"images": [big], "questions": ["Is it red?"]}]})
         score = c.post("/v1/score", json={"groups": [{"questions": Q, "images": [small, big]}]})
@@ -104,6 +105,39 @@ def test_items_over_the_token_budget_are_413_before_any_work(
     assert score.status_code == 413 and "groups[0].images[1]" in score.json()["error"]["message"], score.text
     assert fine.status_code == 200 and fine.json()["results"][0]["p"] is not None, fine.text
     assert re.search(r'dvreward_images_total\{outcome="ok"\} 1\.0', metrics), "only the small item was scored"
+
+
+def test_non_latin_questions_over_the_token_budget_are_413_up_front(
+    serve: Callable[..., Any], kit: types.SimpleNamespace, tiny_models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Characters / 4 let CJK and emoji questions through (about 100 tokens estimated), and the worker, with the same
+    budget, counted more than it holds (a token per byte, here) and failed the item after its batch ran: 200 with a
+    null reward. Counted by their UTF-8 bytes, they are 413 before any work; a Latin question of as many characters
+    still fits."""
+    from server.runtime import load_verifier
+    from server.settings import Settings
+
+    drop_service_settings(monkeypatch)
+    budget = 450
+    verifier = load_verifier(Settings(verifier=str(tiny_models["verifier"]), decomposer="", max_batch_tokens=budget))
+    image = kit.png_b64(2, (32, 32))
+    cjk, emoji, latin = "猫是红色的吗" * 17, "🐱🎨🔴🐶" * 20, "Is the cat red? " * 6
+    with serve(verifier, max_batch_tokens=budget) as url, httpx.Client(base_url=url, timeout=60) as c:
+        answers = {name: c.post("/v1/verify", json={"items": [{"images": [image], "questions": [q]}]})
+                   for name, q in (("cjk", cjk), ("emoji", emoji), ("latin", latin))}
+        score = c.post("/v1/score", json={"groups": [{"images": [image], "questions": [
+            {"id": "a", "text": emoji, "tag": "Existence"}]}]})
+        metrics = c.get("/metrics").text
+    for name in ("cjk", "emoji"):
+        r = answers[name]
+        assert r.status_code == 413, (name, r.text)
+        message = r.json()["error"]["message"]
+        assert "items[0]" in message and "DVREWARD_MAX_BATCH_TOKENS" in message
+    assert score.status_code == 413 and "groups[0].images[0]" in score.json()["error"]["message"], score.text
+    latin_result = answers["latin"].json()["results"][0]
+    assert answers["latin"].status_code == 200 and latin_result["p"] is not None, latin_result
+    assert re.search(r'dvreward_images_total\{outcome="ok"\} 1\.0', metrics), "only the Latin item was scored"
 
 
 # ---- items 5, 6, 7: keys as bytes, checked before the body, idempotency per key ---------------------
