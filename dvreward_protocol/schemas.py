@@ -75,8 +75,13 @@ class GroupResult(_Model):
     prompt: str | None
     questions: list[Question]
     rewards: list[float | None] = Field(description="one per image; null where that image failed")
+    errors: list[ErrorInfo | None] = Field(
+        description="one per image: why it has no reward (code and reason), null where it has one; whatever "
+        "`details` says"
+    )
     advantages: list[float | None]
-    images: list[ImageResult] | None = None
+    images: list[ImageResult] | None = Field(None, description="per image; null when the request asked for no "
+                                             "`details`")
     decomposition_cached: bool | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 

@@ -209,7 +209,7 @@ class ScoringService:
                                clip=req.advantages.clip, keys=keys)
         for gr, a in zip(groups, adv, strict=True):
             gr.advantages = a
-            if not req.details:
+            if not req.details:  # `errors` still says why an image has no reward
                 gr.images = None
         verifier, template, system_prompt = self._reported(list(results.values()))
         return ScoreResponse(
@@ -226,8 +226,9 @@ class ScoringService:
         if isinstance(dec, ServiceError):
             err = ErrorInfo(code=dec.code.value, message=dec.message)
             images = [ImageResult(index=i, reward=None, error=err) for i in range(len(results))]
-            return GroupResult(prompt=group.prompt, questions=[], rewards=[None] * len(results), advantages=[],
-                               images=images, decomposition_cached=None, metadata=group.metadata)
+            return GroupResult(prompt=group.prompt, questions=[], rewards=[None] * len(results),
+                               errors=[err] * len(results), advantages=[], images=images, decomposition_cached=None,
+                               metadata=group.metadata)
         decomposition, cached = dec
         questions = list(decomposition.questions)
         images = []
@@ -240,7 +241,8 @@ class ScoringService:
                                    f"groups[{g}].images[{i}]: the verification result cannot be aggregated ({exc})"
                                    ) from exc
         return GroupResult(prompt=group.prompt, questions=questions, rewards=[im.reward for im in images],
-                           advantages=[], images=images, decomposition_cached=cached, metadata=group.metadata)
+                           errors=[im.error for im in images], advantages=[], images=images,
+                           decomposition_cached=cached, metadata=group.metadata)
 
     async def _decompositions(
         self, req: ScoreRequest, deadline: float

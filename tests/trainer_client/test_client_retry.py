@@ -29,7 +29,7 @@ OK = ScoreResponse.model_validate({
     "request_id": "rid-ok", "models": {"verifier": "v", "decomposer": None}, "template_version": "t",
     "verifier_system_prompt": "s",
     "aggregation": "geometric", "gating": "none", "timings": {},
-    "groups": [{"prompt": "p", "questions": Q, "rewards": [0.5], "advantages": [0.0]}],
+    "groups": [{"prompt": "p", "questions": Q, "rewards": [0.5], "errors": [None], "advantages": [0.0]}],
 }).model_dump(mode="json")
 
 
