@@ -259,3 +259,13 @@ def test_image_files_share_the_service_image_policy(tmp_path):
     outcomes = backend.score([ScoreInput(p, ("Is it red?",)) for p in (png, bmp, truncated)])
     assert [o.error is None for o in outcomes] == [True, True, False]
     assert sent[0] == png.read_bytes() and sent[1].startswith(b"\x89PNG")  # BMP re-encoded as PNG
+
+
+def test_a_server_url_without_a_scheme_is_one_line_and_exit_2(tmp_path, capsys):
+    """`--server localhost:8000` was retried until the run gave up; it can never work, so it is refused at once."""
+    _, questions, images = two_items_two_images(tmp_path, (32, 32))
+    code = main(["eval", "--images", str(images), "--questions", str(questions), "-o", str(tmp_path / "out"),
+                 "--server", "localhost:8000", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "did you mean 'http://localhost:8000'" in err[0]
