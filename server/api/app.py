@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
+from server.api.admission import Admission
 from server.api.edge import Authenticate, BodyGuard, Observe, error_response
 from server.api.metrics import Metrics
 from server.api.routes import score, system
@@ -91,7 +92,8 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
     app.add_exception_handler(HTTPException, _http_error)
 
     # added innermost first: Observe sees every response, Authenticate runs before any body is read
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes))
     app.add_middleware(Authenticate, api_keys=settings.api_keys)
     app.add_middleware(Observe, metrics=app.state.metrics)
     return app

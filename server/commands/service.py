@@ -30,7 +30,8 @@ WORKER_SETTINGS |= {"verifier_engine", "verifier_url", "decomposer_url", "verifi
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
                     "vllm_max_model_len"}
-API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "max_body_bytes", "max_images", "max_image_bytes",
+API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "max_body_bytes", "max_inflight_requests",
+                "max_inflight_bytes", "max_images", "max_image_bytes",
                 "max_questions", "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s",
                 "max_images_per_item"}
 

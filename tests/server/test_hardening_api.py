@@ -276,3 +276,62 @@ def test_a_body_that_never_arrives_gets_408_and_the_connection_closes(serve: Cal
     assert status_of(raw) == 408, raw[:300]
     assert 0.9 < took < 6, took
     assert b"connection: close" in raw.lower() and b"body_timeout" in raw
+
+
+# ---- admission before the body: requests and bytes in flight ------------------------------------------------------
+@contextmanager
+def slow_body(url: str, declared: int) -> Iterator[socket.socket]:
+    """A request that declares `declared` body bytes and sends a few: the API holds it (and its permit) meanwhile."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(declared).encode() + b"\r\n\r\n" + b'{"items": [')
+        yield s
+
+
+def verify_body(kit: types.SimpleNamespace) -> dict[str, Any]:
+    return {"items": [{"images": [kit.png_b64(3)], "questions": ["Is it red?"]}]}
+
+
+def test_requests_past_the_in_flight_limit_get_429_before_their_body_is_read(
+    serve: Callable[..., Any], kit: types.SimpleNamespace,
+) -> None:
+    """Nothing bounded concurrent requests: each buffered up to 64 MiB and decoded it before the queue could say 429.
+    With one request in flight allowed, a second is 429 with Retry-After from its headers alone (a declared 50 MB
+    body that never comes is answered at once); probes are not requests with a body; the permit comes back."""
+    with serve(max_inflight_requests=1, body_timeout_s=20) as url, httpx.Client(base_url=url, timeout=30) as c:
+        with slow_body(url, 5000):  # once its headers are read, it holds the one permit
+            busy = kit.wait_for(lambda: (r := c.post("/v1/verify", json=verify_body(kit))).status_code == 429 and r,
+                                10, "a 429 while the slow request holds the permit")
+            head = (b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 50000000\r\n\r\n")
+            raw, took = raw_request(url, head, b"", wait=10)
+            assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+        assert busy.status_code == 429, busy.text
+        assert busy.json()["error"]["code"] == "rate_limited" and "DVREWARD_MAX_INFLIGHT_REQUESTS" in busy.text
+        assert float(busy.headers["Retry-After"]) >= 1 and busy.headers["Connection"] == "close"
+        assert status_of(raw) == 429 and took < 5, (raw[:300], took)
+        kit.wait_for(lambda: c.post("/v1/verify", json=verify_body(kit)).status_code == 200, 30,
+                     "the slow request's permit to come back once its client left")
+
+
+def test_bodies_past_the_in_flight_bytes_get_429_and_smaller_ones_pass(
+    serve: Callable[..., Any], kit: types.SimpleNamespace,
+) -> None:
+    """Bytes held count the declared length (and a chunked body as it arrives): 60 KB held of 100 KB leaves room
+    for a small request, not for another 60 KB."""
+    with serve(max_body_bytes=80_000, max_inflight_bytes=100_000, body_timeout_s=20) as url, \
+            httpx.Client(base_url=url, timeout=30) as c:
+        with slow_body(url, 60_000):
+            big = kit.wait_for(lambda: (r := c.post("/v1/verify", content=b" " * 50_000, headers={
+                "content-type": "application/json"})).status_code == 429 and r, 10, "a 429 for 50 KB more")
+            small = c.post("/v1/verify", json=verify_body(kit))
+
+            def chunks() -> Iterator[bytes]:
+                yield b" " * 30_000
+                yield b" " * 30_000
+
+            chunked = c.post("/v1/verify", content=chunks(), headers={"content-type": "application/json"})
+        assert small.status_code == 200 and small.json()["results"][0]["p"] is not None, small.text
+        assert big.status_code == 429 and "DVREWARD_MAX_INFLIGHT_BYTES" in big.text, big.text
+        assert chunked.status_code == 429 and "grew to" in chunked.text, chunked.text
