@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ from server.engines.prompts import template_version
 from server.queue.base import Broker
 from server.service import ScoringService, ServiceConfig
 from server.settings import Settings, decomposer_limits
-from server.worker import Worker
+from server.worker import Worker, WorkerHung
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -140,24 +140,49 @@ def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
     )
 
 
-def running(worker: Worker) -> AbstractAsyncContextManager[None]:
-    """Runs the worker for the duration of the block, then drains it."""
+WorkerDeath = Callable[[BaseException], None]
+
+
+def running(worker: Worker, on_death: WorkerDeath) -> AbstractAsyncContextManager[None]:
+    """Runs the worker for the duration of the block, then drains it. A worker that ends before it is told to (a hung
+    engine, a loop that crashed) is reported to `on_death` as it ends: nothing serves the queue any more."""
 
     @asynccontextmanager
     async def ctx() -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop), name="dvreward-worker")
+        died: list[BaseException] = []
+
+        def ended(t: asyncio.Task[None]) -> None:
+            if stop.is_set():
+                return
+            died.append(RuntimeError("it was cancelled") if t.cancelled()
+                        else t.exception() or RuntimeError("it returned without being told to stop"))
+            on_death(died[0])
+
+        task.add_done_callback(ended)
         try:
             yield
         finally:
             stop.set()
-            await task
+            if not died:  # a death was reported when it happened
+                await task
 
     return ctx()
 
 
-def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decomposer | None] | None) -> FastAPI:
-    """The API; with engines it also runs a worker in-process (the embedded default)."""
+def worker_hung(exc: BaseException) -> bool:
+    """Whether a worker died of a hung engine: its thread can be neither stopped nor joined, only left by os._exit."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(WorkerHung) is not None
+    return isinstance(exc, WorkerHung)
+
+
+def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decomposer | None] | None,
+              on_worker_death: WorkerDeath | None = None) -> FastAPI:
+    """The API; with engines it also runs a worker in-process (the embedded default). If that worker dies, the app
+    says so (/healthz and /readyz answer 503) and `on_worker_death` decides what the process does (`dvreward serve`
+    exits non-zero, for its supervisor to restart it)."""
     from server.api.app import create_app
 
     broker = build_broker(settings)
@@ -165,4 +190,5 @@ def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decompo
     if worker_engines is None:
         return create_app(settings, service)
     worker = build_worker(settings, broker, *worker_engines)
-    return create_app(settings, service, background=lambda: running(worker))
+    return create_app(settings, service, background=lambda died: running(worker, died),
+                      on_background_death=on_worker_death)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -20,7 +21,17 @@ from server.errors import ErrorCode, ServiceError
 from server.service import ScoringService
 from server.settings import Settings
 
-Background = Callable[[], AbstractAsyncContextManager[None]]
+Died = Callable[[BaseException], None]
+Background = Callable[[Died], AbstractAsyncContextManager[None]]  # given what to call if it ends by itself
+
+log = logging.getLogger("dvreward.api")
+
+
+def death_reason(exc: BaseException) -> str:
+    """The errors a background task ended with (a task group's come wrapped in an ExceptionGroup that names none)."""
+    leaves = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+    return "; ".join(death_reason(e) if isinstance(e, BaseExceptionGroup) else f"{type(e).__name__}: {e}"
+                     for e in leaves)
 
 
 def _error(request: Request, status: int, code: str, message: str, retry_after: float | None = None,
@@ -65,8 +76,19 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     return _error(request, 422, ErrorCode.bad_request.value, f"body: invalid JSON ({reason})")
 
 
-def create_app(settings: Settings, service: ScoringService, background: Background | None = None) -> FastAPI:
-    """`background` runs for the app's lifetime (the embedded worker); the broker closes on shutdown."""
+def create_app(settings: Settings, service: ScoringService, background: Background | None = None,
+               on_background_death: Died | None = None) -> FastAPI:
+    """`background` runs for the app's lifetime (the embedded worker); the broker closes on shutdown.
+
+    If the background ends by itself, the process can no longer serve: `app.state.failure` says why (/healthz and
+    /readyz answer 503 with it) and `on_background_death` decides what the process does."""
+
+    def died(exc: BaseException) -> None:
+        reason = death_reason(exc)
+        log.critical("the embedded worker stopped (%s): this process can no longer score", reason)
+        app.state.failure = f"the embedded worker stopped ({reason}); the process must be restarted"
+        if on_background_death is not None:
+            on_background_death(exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,7 +96,7 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
             if background is None:
                 yield
             else:
-                async with background():
+                async with background(died):
                     yield
         finally:
             await service.broker.close()
@@ -84,6 +106,7 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
                   description="Decompositional Verifiable Reward: rewards for RL of image generators.")
     app.state.settings = settings
     app.state.service = service
+    app.state.failure = None
     app.state.metrics = Metrics()
     app.include_router(score.router)
     app.include_router(system.router)

@@ -36,7 +36,8 @@ API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "max_body_bytes",
                 "max_images_per_item"}
 
 
-EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
+EXIT_HUNG = 3  # `dvreward worker` (and `serve`) exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
+EXIT_WORKER_DIED = 4  # `dvreward serve` exit status when its embedded worker died otherwise
 
 
 def loaded_models(s: Settings) -> dict[str, str | None]:
@@ -122,19 +123,32 @@ def _logging() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """API and worker in one process: if the worker dies, so does the process (non-zero, for a supervisor to restart
+    it), rather than answer /healthz while every request times out."""
     import uvicorn
 
     from server.api.protocol import with_header_deadline
-    from server.runtime import build_app
+    from server.runtime import build_app, worker_hung
 
     _logging()
     s = settings_from(args)
     check(s, models=loaded_models(s), listen=True, redis=True)
-    app = build_app(s, _load_engines(s))
+    status = 0
+
+    def worker_died(exc: BaseException) -> None:
+        nonlocal status
+        if worker_hung(exc):  # its engine thread can be neither stopped nor joined (interpreter exit would wait)
+            os._exit(EXIT_HUNG)
+        status = EXIT_WORKER_DIED
+        server.should_exit = server.force_exit = True  # no request in flight will be served: do not wait for them
+
+    app = build_app(s, _load_engines(s), on_worker_death=worker_died)
+    server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="info",
+                                           http=with_header_deadline(s.body_timeout_s)))
     queue = f"Redis at {masked_url(s.redis_url)}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
-    uvicorn.run(app, host=s.host, port=s.port, log_level="info", http=with_header_deadline(s.body_timeout_s))
-    return 0
+    server.run()
+    return status if server.started else 1
 
 
 def _api(args: argparse.Namespace) -> int:
