@@ -25,8 +25,10 @@ class AdvantageOptions(_Model):
     """The reference's GRPO advantages by default: (r - prompt mean) / (population std of the step + eps), clipped."""
 
     std: Literal["group", "global"] = Field("global", description="std over all rewards of the request, or per group")
-    clip: float | None = Field(5.0, gt=0, description="clip advantages to ±clip; null: no clipping")
-    eps: float = Field(1e-4, ge=0)
+    # Infinity passes gt=0 and ge=0: no clipping is null, and an infinite eps would zero every advantage.
+    clip: float | None = Field(5.0, gt=0, allow_inf_nan=False, description="clip advantages to ±clip; null: no "
+                               "clipping")
+    eps: float = Field(1e-4, ge=0, allow_inf_nan=False)
 
 
 class ScoreGroup(_Model):

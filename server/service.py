@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.grpo import group_advantages, group_key, lone_image_warnings
-from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
+from dvreward_protocol.questions import Decomposition, DecompositionError, Question, blank, validate_questions
 from dvreward_protocol.reward import aggregate, check_weights
 from dvreward_protocol.schemas import (
     DecomposeResponse,
@@ -253,7 +253,7 @@ class ScoringService:
         for g, group in enumerate(req.groups):
             if group.questions is not None:
                 out[g] = (_explicit(g, group.prompt, group.questions), None)
-            elif group.prompt and group.prompt.strip():
+            elif group.prompt and not blank(group.prompt):
                 pending.setdefault((group.prompt, group.source is not None), []).append(g)
             else:
                 raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: give a non-empty `prompt` or `questions`")

@@ -59,6 +59,17 @@ def no_empty_entries(values: list[str]) -> list[str]:
 
 StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list), AfterValidator(no_empty_entries)]
 
+
+def paths(values: list[str]) -> list[str]:
+    wrong = [v for v in values if not v.startswith("/")]
+    if wrong:
+        raise ValueError(f"{wrong[0]!r} is not a path: give paths such as /healthz")
+    return values
+
+
+# Probes, metrics and the API's documentation: what answers without a key unless public_routes says otherwise.
+PUBLIC_ROUTES = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
+
 # Durations are positive and at most a year: a longer one is a unit slip (milliseconds given as seconds).
 YEAR_S = 365 * 24 * 3600
 
@@ -217,6 +228,10 @@ class Settings(BaseSettings):
     )
     allow_anonymous: bool = Field(
         False, description="serve without API keys on a non-loopback --host (anyone who reaches it may score)"
+    )
+    public_routes: Annotated[StrList, AfterValidator(paths)] = Field(
+        default_factory=lambda: list(PUBLIC_ROUTES), description="paths (with what is under them) that answer "
+        "without a key when api_keys are set; empty: every route needs one (probes then send it too)"
     )
     request_timeout_s: float = Field(
         120.0, gt=0, le=YEAR_S, description="deadline of one request; past it the API answers 504"

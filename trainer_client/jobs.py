@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, cast
 from pydantic import BaseModel
 
 from dvreward_protocol.grpo import StdMode, group_advantages, group_key, lone_image_warnings
-from dvreward_protocol.questions import DecompositionError, Question, validate_questions
+from dvreward_protocol.questions import DecompositionError, Question, blank, validate_questions
 from dvreward_protocol.reward import Aggregation, Gating
 from dvreward_protocol.schemas import (
     AdvantageOptions,
@@ -166,7 +166,7 @@ def score_job(prompts: Sequence[str | None], images: Sequence[Any],
             raise ValueError(f"images[{i}] is an empty group")
     qs = [None if q is None else [_as_question(x) for x in q] for q in (questions or [None] * n)]
     for i, (p, q) in enumerate(zip(prompts, qs, strict=True)):
-        if not q and not (isinstance(p, str) and p.strip()):
+        if not q and not (isinstance(p, str) and not blank(p)):
             raise ValueError(f"group {i}: give a non-empty prompt or explicit questions")
         if q:
             try:

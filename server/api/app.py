@@ -14,7 +14,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from server.api.admission import Admission
-from server.api.edge import Authenticate, BodyGuard, Observe, error_response
+from server.api.edge import Authenticate, BodyGuard, HeadAsGet, Observe, error_response
 from server.api.metrics import Metrics
 from server.api.routes import score, system
 from server.errors import ErrorCode, ServiceError
@@ -101,8 +101,9 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
         finally:
             await service.broker.close()
 
-    # /docs and /redoc serve their JavaScript and CSS from the package, not a CDN: they work air-gapped.
-    app = FastAPIOffline(title="DVReward", version="0.1.0", lifespan=lifespan,
+    # /docs and /redoc serve their JavaScript and CSS from the package, not a CDN: they work air-gapped. The assets
+    # live under /docs, so that a public /docs (DVREWARD_PUBLIC_ROUTES) loads them without a key.
+    app = FastAPIOffline(title="DVReward", version="0.1.0", lifespan=lifespan, static_url="/docs/static",
                   description="Decompositional Verifiable Reward: rewards for RL of image generators.")
     app.state.settings = settings
     app.state.service = service
@@ -115,8 +116,9 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
     app.add_exception_handler(HTTPException, _http_error)
 
     # added innermost first: Observe sees every response, Authenticate runs before any body is read
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
                        admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes))
-    app.add_middleware(Authenticate, api_keys=settings.api_keys)
+    app.add_middleware(Authenticate, api_keys=settings.api_keys, public_routes=settings.public_routes)
     app.add_middleware(Observe, metrics=app.state.metrics)
     return app

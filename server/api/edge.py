@@ -102,23 +102,41 @@ class Observe:
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
+class HeadAsGet:
+    """HEAD is answered as GET without the body (RFC 9110), on every GET route: monitors probe /healthz and /metrics
+    with HEAD. The server keeps its own scope, which still says HEAD, and sends no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 class Authenticate:
-    """Every /v1 request needs `Authorization: Bearer KEY` when keys are configured; checked before the body.
+    """When keys are configured, every request but those to the public routes (probes, metrics and docs by default:
+    DVREWARD_PUBLIC_ROUTES) needs `Authorization: Bearer KEY`; checked before the body.
 
     Keys are compared as bytes, each in constant time and all of them every time. The principal (a
     digest of the key, never the key) scopes what one client may see of another's, e.g. idempotency records.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str], public_routes: Sequence[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
+        self.public = [(route.rstrip("/"), route.rstrip("/") + "/") for route in public_routes]
+
+    def _needs_key(self, path: str) -> bool:
+        return not any(path == route or path.startswith(under) for route, under in self.public)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         state["principal"] = ANONYMOUS
-        if self.keys and scope["path"].startswith("/v1/"):
+        if self.keys and self._needs_key(scope["path"]):
             key = self._key(scope)
             if key is None:
                 return await error_response(401, ErrorCode.unauthorized, "missing or invalid API key: send "
@@ -144,7 +162,7 @@ def _is_json(content_type: str) -> bool:
 class BodyGuard:
     """Refuses a body that is not JSON (415), over the limit (413, with or without Content-Length), more than the API
     may hold at once (429 with Retry-After, from the headers: `Admission`), or not fully received within the timeout
-    (408, connection closed), before the app reads any of it."""
+    (408, connection closed), before the app reads any of it. A body without Content-Type is read as JSON."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, admission: Admission) -> None:
         self.app, self.max_bytes, self.timeout_s, self.admission = app, max_bytes, timeout_s, admission
@@ -166,6 +184,8 @@ class BodyGuard:
             return await self._too_large(scope, receive, send, rid)
         if not has_body:
             return await self._buffered(scope, receive, send, rid, None)
+        if content_type is None:  # FastAPI parses no body without one; curl and plain clients send none
+            scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
         busy = self.admission.full(size)
         if busy is not None:
             return await self._busy(scope, receive, send, rid, busy)

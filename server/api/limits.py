@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS
+from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, blank
 from dvreward_protocol.schemas import ScoreRequest, VerifyRequest
 from server.errors import ErrorCode, ServiceError
 from server.images import ImageInfo, decode_base64, inspect_image
@@ -26,8 +26,9 @@ def check_prompt(field: str, prompt: str | None, s: Settings) -> None:
 def check_prompts(prompts: list[str], s: Settings) -> None:
     _too_many("prompts", len(prompts), s.max_groups, "prompts")
     for i, p in enumerate(prompts):
-        if not p.strip():
-            raise ServiceError(ErrorCode.bad_request, f"prompts[{i}]: prompt is empty")
+        if blank(p):
+            raise ServiceError(ErrorCode.bad_request, f"prompts[{i}]: prompt is empty (nothing but whitespace or "
+                               "invisible characters)")
         check_prompt(f"prompts[{i}]", p, s)
 
 
@@ -124,8 +125,9 @@ def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes] | ServiceE
         _too_many(f"items[{i}].images", len(it.images), s.max_images_per_item, "images shown together")
         _too_many(f"items[{i}].questions", len(it.questions), s.max_questions, "questions")
         for k, q in enumerate(it.questions):
-            if not q.strip():
-                raise ServiceError(ErrorCode.bad_request, f"items[{i}].questions[{k}]: question is empty")
+            if blank(q):
+                raise ServiceError(ErrorCode.bad_request, f"items[{i}].questions[{k}]: question is empty (nothing "
+                                   "but whitespace or invisible characters)")
             check_prompt(f"items[{i}].questions[{k}]", q, s)
     out: list[list[bytes] | ServiceError] = []
     for i, it in enumerate(req.items):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from server.preflight import StartupError, check, settings_problems
+from server.preflight import StartupError, check, claim_warning, settings_problems
 from server.settings import Settings, masked_url
 
 if TYPE_CHECKING:
@@ -30,10 +30,9 @@ WORKER_SETTINGS |= {"verifier_engine", "verifier_url", "decomposer_url", "verifi
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
                     "vllm_max_model_len"}
-API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "max_body_bytes", "max_inflight_requests",
-                "max_inflight_bytes", "max_images", "max_image_bytes",
-                "max_questions", "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s",
-                "max_images_per_item"}
+API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "public_routes", "max_body_bytes",
+                "max_inflight_requests", "max_inflight_bytes", "max_images", "max_image_bytes", "max_questions",
+                "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item"}
 
 
 EXIT_HUNG = 3  # `dvreward worker` (and `serve`) exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
@@ -122,6 +121,13 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _warn_of_claims(s: Settings) -> None:
+    """For a worker on Redis (the embedded queue never re-delivers)."""
+    warning = claim_warning(s) if s.redis_url else None
+    if warning:
+        logging.getLogger("dvreward").warning("%s", warning)
+
+
 def _serve(args: argparse.Namespace) -> int:
     """API and worker in one process: if the worker dies, so does the process (non-zero, for a supervisor to restart
     it), rather than answer /healthz while every request times out."""
@@ -133,6 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     _logging()
     s = settings_from(args)
     check(s, models=loaded_models(s), listen=True, redis=True)
+    _warn_of_claims(s)
     status = 0
 
     def worker_died(exc: BaseException) -> None:
@@ -181,6 +188,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.devices:
         return _supervise(args)
     check(s, models=loaded_models(s), redis=True)
+    _warn_of_claims(s)
     worker = build_worker(s, build_broker(s), *_load_engines(s))
 
     async def main() -> None:

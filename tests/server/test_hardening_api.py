@@ -6,6 +6,7 @@ service's format with a request id, every response counted in /metrics, and serv
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -335,3 +336,79 @@ def test_bodies_past_the_in_flight_bytes_get_429_and_smaller_ones_pass(
         assert small.status_code == 200 and small.json()["results"][0]["p"] is not None, small.text
         assert big.status_code == 429 and "DVREWARD_MAX_INFLIGHT_BYTES" in big.text, big.text
         assert chunked.status_code == 429 and "grew to" in chunked.text, chunked.text
+
+
+# ---- minor defects found under attack -------------------------------------------------------------------------------
+def test_a_body_without_content_type_is_read_as_json(serve: Callable[..., Any], kit: types.SimpleNamespace) -> None:
+    """curl -d and bare clients send none: FastAPI then did not parse the body at all (a 422 that said the body was
+    no object); a body with another type is still 415."""
+    body = json.dumps(verify_body(kit)).encode()
+    with serve() as url, httpx.Client(base_url=url, timeout=60) as c:
+        bare = c.post("/v1/verify", content=body)
+        assert "content-type" not in bare.request.headers
+        text = c.post("/v1/verify", content=body, headers={"content-type": "text/plain"})
+    assert bare.status_code == 200 and bare.json()["results"][0]["p"] is not None, bare.text
+    assert text.status_code == 415, text.text
+
+
+def test_head_answers_on_every_get_route(serve: Callable[..., Any]) -> None:
+    """HEAD on /healthz and /metrics was 405: monitors probe with HEAD."""
+    with serve() as url, httpx.Client(base_url=url, timeout=30) as c:
+        for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):
+            head, get = c.head(path), c.get(path)
+            assert head.status_code == get.status_code == 200, (path, head.status_code, get.status_code)
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+        assert c.head("/v1/score").status_code == 405
+        metrics = c.get("/metrics").text
+    assert 'dvreward_requests_total{route="/healthz",status="200"} 2.0' in metrics
+
+
+@pytest.mark.parametrize("field", ["clip", "eps"])
+def test_infinite_clip_or_eps_is_refused(serve: Callable[..., Any], kit: types.SimpleNamespace, field: str) -> None:
+    """JSON's Infinity passed `gt=0` / `ge=0`: clip=Infinity meant no clipping (that is null), eps=Infinity zeroed
+    every advantage."""
+    from dvreward_protocol.schemas import AdvantageOptions
+
+    raw = json.dumps(body(kit)).encode()[:-1] + b', "advantages": {"' + field.encode() + b'": Infinity}}'
+    with serve() as url:
+        r = httpx.post(url + "/v1/score", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert f"advantages.{field}" in r.json()["error"]["message"] and "finite" in r.json()["error"]["message"]
+    with pytest.raises(ValueError, match="finite"):
+        AdvantageOptions(**{field: float("inf")})
+
+
+INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u200e \t"
+
+
+def test_questions_and_prompts_of_invisible_characters_are_refused(
+    serve: Callable[..., Any], kit: types.SimpleNamespace,
+) -> None:
+    """Zero-width spaces and joiners survive `str.strip()`: such a question was scored as if it asked something."""
+    image = kit.png_b64(1)
+    with serve() as url, httpx.Client(base_url=url, timeout=60) as c:
+        verify = c.post("/v1/verify", json={"items": [{"images": [image], "questions": ["Is it red?", INVISIBLE]}]})
+        score = c.post("/v1/score", json={"groups": [{"images": [image], "questions": [
+            {"id": "a", "text": INVISIBLE, "tag": "Existence"}]}]})
+        prompt = c.post("/v1/score", json={"groups": [{"images": [image], "prompt": INVISIBLE}]})
+        decompose = c.post("/v1/decompose", json={"prompts": [INVISIBLE]})
+    assert verify.status_code == 422 and "items[0].questions[1]: question is empty" in verify.text, verify.text
+    assert score.status_code == 422 and "question text is empty" in score.text, score.text
+    assert prompt.status_code == 422 and "groups[0]: give a non-empty `prompt`" in prompt.text, prompt.text
+    assert decompose.status_code == 422 and "prompts[0]: prompt is empty" in decompose.text, decompose.text
+
+
+def test_which_routes_answer_without_a_key_is_a_setting(serve: Callable[..., Any]) -> None:
+    """Probes, metrics and docs answered anyone, with no way to close them; now DVREWARD_PUBLIC_ROUTES lists them."""
+    key = {"Authorization": "Bearer k1"}
+    opened = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/static/swagger-ui.css")
+    with serve(api_keys=["k1"]) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert {p: c.get(p).status_code for p in opened} == dict.fromkeys(opened, 200)
+        assert c.get("/v1/models").status_code == 401 and c.get("/no-such-route").status_code == 401
+    with serve(api_keys=["k1"], public_routes="/healthz") as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/healthz").status_code == 200 and c.get("/healthz/").status_code != 401
+        for path in opened[1:]:
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers=key).status_code == 200, path
+    with serve(api_keys=["k1"], public_routes="") as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/healthz").status_code == 401 and c.get("/healthz", headers=key).status_code == 200
