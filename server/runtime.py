@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from server.worker import Worker, WorkerHung
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from server.api.app import Died
     from server.engines.base import Decomposer, Verifier
     from server.engines.remote import RemoteOptions
     from server.engines.vllm_common import VLLMOptions
@@ -140,10 +141,7 @@ def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
     )
 
 
-WorkerDeath = Callable[[BaseException], None]
-
-
-def running(worker: Worker, on_death: WorkerDeath) -> AbstractAsyncContextManager[None]:
+def running(worker: Worker, on_death: Died) -> AbstractAsyncContextManager[None]:
     """Runs the worker for the duration of the block, then drains it. A worker that ends before it is told to (a hung
     engine, a loop that crashed) is reported to `on_death` as it ends: nothing serves the queue any more."""
 
@@ -179,7 +177,7 @@ def worker_hung(exc: BaseException) -> bool:
 
 
 def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decomposer | None] | None,
-              on_worker_death: WorkerDeath | None = None) -> FastAPI:
+              on_worker_death: Died | None = None) -> FastAPI:
     """The API; with engines it also runs a worker in-process (the embedded default). If that worker dies, the app
     says so (/healthz and /readyz answer 503) and `on_worker_death` decides what the process does (`dvreward serve`
     exits non-zero, for its supervisor to restart it)."""

@@ -61,6 +61,7 @@ StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list), AfterValid
 
 
 def paths(values: list[str]) -> list[str]:
+    """Routes are named by path: `healthz` would match nothing, and close the probes without a word."""
     wrong = [v for v in values if not v.startswith("/")]
     if wrong:
         raise ValueError(f"{wrong[0]!r} is not a path: give paths such as /healthz")

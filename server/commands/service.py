@@ -147,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         if worker_hung(exc):  # its engine thread can be neither stopped nor joined (interpreter exit would wait)
             os._exit(EXIT_HUNG)
         status = EXIT_WORKER_DIED
-        server.should_exit = server.force_exit = True  # no request in flight will be served: do not wait for them
+        server.should_exit = server.force_exit = True  # now: requests in flight would wait out their deadlines
 
     app = build_app(s, _load_engines(s), on_worker_death=worker_died)
     server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="info",

@@ -14,8 +14,6 @@ from server.errors import ErrorCode, ServiceError
 
 router = APIRouter()
 READY_TIMEOUT_S = 1.0  # probes have short timeouts of their own: a frozen queue must be a quick 503
-
-
 RESTART_S = 5.0  # a supervisor restarts a failed process within seconds
 
 
