@@ -7,6 +7,7 @@ rejects the same malformed decompositions with the same messages.
 from __future__ import annotations
 
 import math
+import unicodedata
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -41,6 +42,12 @@ def valid_text(v: str) -> str:
             bad = v[exc.start]
             raise ValueError(f"not valid Unicode: unpaired surrogate {bad!r} at character {exc.start}") from None
     return v
+
+
+def blank(text: str) -> bool:
+    """No visible character: whitespace, controls and invisible format characters only (zero-width spaces and
+    joiners, byte order marks, direction marks), which `str.strip()` keeps. Such a question asks nothing."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
 
 
 def valid_metadata(v: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +96,8 @@ class Question(BaseModel):
     @field_validator("text")
     @classmethod
     def _text_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question text is empty")
+        if blank(v):
+            raise ValueError("question text is empty (nothing but whitespace or invisible characters)")
         return v.strip()
 
     @model_validator(mode="after")

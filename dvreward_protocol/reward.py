@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.questions import Kind, Question, topological_order
 
 
@@ -18,7 +19,7 @@ class Aggregation(StrEnum):
 
 class Gating(StrEnum):
     none = "none"
-    hard = "hard"  # DSG / DPG-Bench: a child counts as 0 when a parent is "no" (p < 0.5)
+    hard = "hard"  # DSG / DPG-Bench: a child counts as 0 when a parent is "no" (not `answered_yes`: p <= 0.5)
     soft = "soft"  # a child is multiplied by its parents' gated p
 
 
@@ -41,7 +42,7 @@ def gate(questions: Sequence[Question], p: Mapping[str, float], gating: Gating) 
         for parent in q.depends_on:
             if parent not in out:
                 continue
-            if gating is Gating.hard and out[parent] < 0.5:
+            if gating is Gating.hard and not answered_yes(out[parent]):
                 value = 0.0
             elif gating is Gating.soft:
                 value *= out[parent]

@@ -25,8 +25,10 @@ class AdvantageOptions(_Model):
     """The reference's GRPO advantages by default: (r - prompt mean) / (population std of the step + eps), clipped."""
 
     std: Literal["group", "global"] = Field("global", description="std over all rewards of the request, or per group")
-    clip: float | None = Field(5.0, gt=0, description="clip advantages to ±clip; null: no clipping")
-    eps: float = Field(1e-4, ge=0)
+    # Infinity passes gt=0 and ge=0: no clipping is null, and an infinite eps would zero every advantage.
+    clip: float | None = Field(5.0, gt=0, allow_inf_nan=False, description="clip advantages to ±clip; null: no "
+                               "clipping")
+    eps: float = Field(1e-4, ge=0, allow_inf_nan=False)
 
 
 class ScoreGroup(_Model):
@@ -70,8 +72,8 @@ class ImageResult(_Model):
     answers: dict[str, str] | None = Field(
         None, description="binary: question id -> the greedy answer that decided its 1 or 0"
     )
-    failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p <= 0.5; binary: "
-                              "the greedy answer is not yes)")
+    failed: list[str] = Field(default_factory=list, description="ids of questions answered no (p <= 0.5: yes does not "
+                              "outweigh no; binary: the greedy answer is not yes)")
     error: ErrorInfo | None = None
 
 
@@ -79,8 +81,13 @@ class GroupResult(_Model):
     prompt: str | None
     questions: list[Question]
     rewards: list[float | None] = Field(description="one per image; null where that image failed")
+    errors: list[ErrorInfo | None] = Field(
+        description="one per image: why it has no reward (code and reason), null where it has one; whatever "
+        "`details` says"
+    )
     advantages: list[float | None]
-    images: list[ImageResult] | None = None
+    images: list[ImageResult] | None = Field(None, description="per image; null when the request asked for no "
+                                             "`details`")
     decomposition_cached: bool | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 

@@ -139,6 +139,18 @@ def model_problem(role: str, ref: str) -> str | None:
         return f"--{role} {ref}: not a local directory, and the hub could not be reached ({reason}); {hint}"
 
 
+def claim_warning(s: Settings) -> str | None:
+    """A worker may start with a visibility timeout shorter than its batch timeout (the default: a dead worker's
+    tasks come back within a minute, while a slow batch may run for ten); it is said once at start-up, since such a
+    batch then keeps its tasks only while its claims are renewed."""
+    if s.visibility_timeout_s >= s.batch_timeout_s:
+        return None
+    return (f"DVREWARD_VISIBILITY_TIMEOUT_S ({s.visibility_timeout_s:g} s) is shorter than DVREWARD_BATCH_TIMEOUT_S "
+            f"({s.batch_timeout_s:g} s): a batch running longer than {s.visibility_timeout_s:g} s keeps its tasks only "
+            f"while this worker renews their claims (every {s.heartbeat_s:g} s); should Redis miss the renewals for "
+            f"{s.visibility_timeout_s:g} s, another worker runs the same tasks too")
+
+
 def check(s: Settings, *, models: dict[str, str | None] | None = None,
           listen: Sequence[tuple[str, int, str]] = (), api: bool = False, redis: bool = False) -> None:
     """Raise StartupError listing every problem found; nothing is loaded. `listen`: (host, port, flag) each

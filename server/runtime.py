@@ -16,12 +16,13 @@ from server.engines.prompts import template_version
 from server.queue.base import Broker
 from server.service import ScoringService, ServiceConfig
 from server.settings import Settings, decomposer_limits
-from server.worker import Worker
+from server.worker import Worker, WorkerHung
 from server.worker_metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from server.api.app import Died
     from server.engines.base import Decomposer, Verifier
     from server.engines.remote import RemoteOptions
     from server.engines.vllm_common import VLLMOptions
@@ -126,7 +127,9 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
         verifier=public_name(settings.verifier, settings.public_verifier),
         decomposer=settings.decomposer or None, pipeline=settings.pipeline,
         template_version=template_version(settings.verifier_system_prompt),
-        decomposer_templates=template_version(),
+        decomposer_templates=template_version(), decomposer_engine=settings.decomposer_engine,
+        decomposer_max_new_tokens=settings.decomposer_max_new_tokens,
+        decomposer_caps=(settings.decomposer_max_semantic, settings.decomposer_max_quality),
         verifier_system_prompt=settings.verifier_system_prompt,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
         result_ttl_s=settings.result_ttl_s, worker_grace_s=settings.worker_grace_s,
@@ -156,26 +159,49 @@ def worker_port(worker: Worker, settings: Settings) -> AbstractAsyncContextManag
     return serving(worker_app(worker.metrics, worker.readiness), settings.host, settings.worker_metrics_port)
 
 
-def running(worker: Worker, settings: Settings | None = None) -> AbstractAsyncContextManager[None]:
-    """Runs the worker (and its metrics port, given settings) for the duration of the block, then drains it."""
+def running(worker: Worker, on_death: Died | None = None,
+            settings: Settings | None = None) -> AbstractAsyncContextManager[None]:
+    """Runs the worker (and its metrics port, given settings) for the duration of the block, then drains it. A worker
+    that ends before it is told to (a hung engine, a loop that crashed) is reported to `on_death` as it ends: nothing
+    serves the queue any more (without `on_death`, its error is raised when the block ends)."""
 
     @asynccontextmanager
     async def ctx() -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop), name="dvreward-worker")
+        died: list[BaseException] = []
+
+        def ended(t: asyncio.Task[None]) -> None:
+            if stop.is_set() or on_death is None:
+                return
+            died.append(RuntimeError("it was cancelled") if t.cancelled()
+                        else t.exception() or RuntimeError("it returned without being told to stop"))
+            on_death(died[0])
+
+        task.add_done_callback(ended)
         try:
             async with worker_port(worker, settings) if settings else nullcontext():
                 yield
         finally:
             stop.set()
-            await task
+            if not died:  # a death was reported when it happened
+                await task
 
     return ctx()
 
 
+def worker_hung(exc: BaseException) -> bool:
+    """Whether a worker died of a hung engine: its thread can be neither stopped nor joined, only left by os._exit."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(WorkerHung) is not None
+    return isinstance(exc, WorkerHung)
+
+
 def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decomposer | None] | None,
-              worker_metrics: WorkerMetrics | None = None) -> FastAPI:
-    """The API; with engines it also runs a worker in-process (the embedded default)."""
+              worker_metrics: WorkerMetrics | None = None, on_worker_death: Died | None = None) -> FastAPI:
+    """The API; with engines it also runs a worker in-process (the embedded default). If that worker dies, the app
+    says so (/healthz and /readyz answer 503) and `on_worker_death` decides what the process does (`dvreward serve`
+    exits non-zero, for its supervisor to restart it)."""
     from server.api.app import create_app
 
     broker = build_broker(settings)
@@ -183,4 +209,5 @@ def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decompo
     if worker_engines is None:
         return create_app(settings, service)
     worker = build_worker(settings, broker, *worker_engines, metrics=worker_metrics)
-    return create_app(settings, service, background=lambda: running(worker, settings))
+    return create_app(settings, service, background=lambda died: running(worker, died, settings),
+                      on_background_death=on_worker_death)

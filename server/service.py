@@ -18,8 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.grpo import group_advantages, group_key, lone_image_warnings
-from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
+from dvreward_protocol.questions import Decomposition, DecompositionError, Question, blank, validate_questions
 from dvreward_protocol.reward import aggregate, check_weights
 from dvreward_protocol.schemas import (
     DecomposeResponse,
@@ -35,7 +36,7 @@ from dvreward_protocol.schemas import (
     VerifyResponse,
     Warning,
 )
-from server.core.scoring import answered_yes, greedy_yes
+from server.core.scoring import greedy_yes
 from server.errors import ErrorCode, ServiceError
 from server.idempotency import once
 from server.liveness import WorkerWatch
@@ -52,6 +53,11 @@ class ServiceConfig:
     pipeline: str
     template_version: str  # reported until a worker reports its own; covers the verifier's system prompt
     decomposer_templates: str  # the decomposition templates' version: part of the cache key
+    # What else changes the questions a decomposer writes, so part of the cache key too: its engine, its output
+    # bound and its question caps (semantic, quality).
+    decomposer_engine: str
+    decomposer_max_new_tokens: int
+    decomposer_caps: tuple[int, int]
     verifier_system_prompt: str
     request_timeout_s: float
     cache_ttl_s: float
@@ -99,9 +105,10 @@ class ScoringService:
 
     # ---- decomposition ----------------------------------------------------------------
     def cache_key(self, prompt: str, editing: bool = False) -> str:
-        """What a decomposition depends on; not the verifier's system prompt, which changes no question."""
+        """Everything a decomposition depends on; not the verifier's system prompt, which changes no question."""
         c = self.config
-        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.decomposer_templates] + (["edit"] if editing else []))
+        raw = json.dumps([prompt, c.pipeline, c.decomposer, c.decomposer_templates, c.decomposer_engine,
+                          c.decomposer_max_new_tokens, c.decomposer_caps] + (["edit"] if editing else []))
         return "decomp:" + hashlib.sha256(raw.encode()).hexdigest()
 
     async def decompose_one(self, prompt: str, deadline: float, editing: bool = False) -> tuple[Decomposition, bool]:
@@ -245,7 +252,7 @@ class ScoringService:
                                clip=req.advantages.clip, keys=keys)
         for gr, a in zip(groups, adv, strict=True):
             gr.advantages = a
-            if not req.details:
+            if not req.details:  # `errors` still says why an image has no reward
                 gr.images = None
         verifier, template, system_prompt = self._reported(list(results.values()))
         return ScoreResponse(
@@ -262,8 +269,9 @@ class ScoringService:
         if isinstance(dec, ServiceError):
             err = ErrorInfo(code=dec.code.value, message=dec.message)
             images = [ImageResult(index=i, reward=None, error=err) for i in range(len(results))]
-            return GroupResult(prompt=group.prompt, questions=[], rewards=[None] * len(results), advantages=[],
-                               images=images, decomposition_cached=None, metadata=group.metadata)
+            return GroupResult(prompt=group.prompt, questions=[], rewards=[None] * len(results),
+                               errors=[err] * len(results), advantages=[], images=images, decomposition_cached=None,
+                               metadata=group.metadata)
         decomposition, cached = dec
         questions = list(decomposition.questions)
         images = []
@@ -276,7 +284,8 @@ class ScoringService:
                                    f"groups[{g}].images[{i}]: the verification result cannot be aggregated ({exc})"
                                    ) from exc
         return GroupResult(prompt=group.prompt, questions=questions, rewards=[im.reward for im in images],
-                           advantages=[], images=images, decomposition_cached=cached, metadata=group.metadata)
+                           errors=[im.error for im in images], advantages=[], images=images,
+                           decomposition_cached=cached, metadata=group.metadata)
 
     async def _decompositions(
         self, req: ScoreRequest, deadline: float
@@ -287,7 +296,7 @@ class ScoringService:
         for g, group in enumerate(req.groups):
             if group.questions is not None:
                 out[g] = (_explicit(g, group.prompt, group.questions), None)
-            elif group.prompt and group.prompt.strip():
+            elif group.prompt and not blank(group.prompt):
                 pending.setdefault((group.prompt, group.source is not None), []).append(g)
             else:
                 raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: give a non-empty `prompt` or `questions`")

@@ -59,6 +59,18 @@ def no_empty_entries(values: list[str]) -> list[str]:
 
 StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list), AfterValidator(no_empty_entries)]
 
+
+def paths(values: list[str]) -> list[str]:
+    """Routes are named by path: `healthz` would match nothing, and close the probes without a word."""
+    wrong = [v for v in values if not v.startswith("/")]
+    if wrong:
+        raise ValueError(f"{wrong[0]!r} is not a path: give paths such as /healthz")
+    return values
+
+
+# Probes, metrics and the API's documentation: what answers without a key unless public_routes says otherwise.
+PUBLIC_ROUTES = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
+
 # Durations are positive and at most a year: a longer one is a unit slip (milliseconds given as seconds).
 YEAR_S = 365 * 24 * 3600
 
@@ -227,10 +239,22 @@ class Settings(BaseSettings):
     allow_anonymous: bool = Field(
         False, description="serve without API keys on a non-loopback --host (anyone who reaches it may score)"
     )
+    public_routes: Annotated[StrList, AfterValidator(paths)] = Field(
+        default_factory=lambda: list(PUBLIC_ROUTES), description="paths (with what is under them) that answer "
+        "without a key when api_keys are set; empty: every route needs one (probes then send it too)"
+    )
     request_timeout_s: float = Field(
         120.0, gt=0, le=YEAR_S, description="deadline of one request; past it the API answers 504"
     )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest request body")
+    max_inflight_requests: int = Field(
+        64, ge=1, description="requests with a body the API holds at once (reading, decoding or waiting for "
+        "workers); one more gets 429 before its body is read"
+    )
+    max_inflight_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="body bytes the API holds at once over all requests; a body that "
+        "would pass them gets 429 before it is read; at least max_body_bytes"
+    )
     max_images: int = Field(512, ge=1, description="most images in one request")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest encoded image")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image area (bombs are refused)")
@@ -278,6 +302,13 @@ class Settings(BaseSettings):
             raise ValueError(f"batch_wait_ms ({self.batch_wait_ms}) must be shorter than batch_timeout_s "
                              f"({self.batch_timeout_s:g}): a stopping worker may wait that long for the last tasks "
                              "of a batch, and stops within its batch timeout")
+        return self
+
+    @model_validator(mode="after")
+    def _inflight_holds_a_body(self) -> Settings:
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) is below max_body_bytes "
+                             f"({self.max_body_bytes}): a body within the limit could never be admitted")
         return self
 
     @model_validator(mode="after")

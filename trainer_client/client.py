@@ -37,8 +37,8 @@ from dvreward_protocol.schemas import (
 )
 from trainer_client.chunks import Part, plan_chunks
 from trainer_client.encoding import EncodeOptions, ImageFormat, encode_base64, split_group
-from trainer_client.errors import ServerError, Unavailable
-from trainer_client.flow import Backoff, Effect, Encode, Flow, Gather, Send, Sleep, parse, request
+from trainer_client.errors import ServerError, Unavailable, check_base_url
+from trainer_client.flow import SEND_FAILURES, Backoff, Effect, Encode, Flow, Gather, Send, Sleep, parse, request
 from trainer_client.jobs import (
     Job,
     M,
@@ -104,7 +104,7 @@ class _Base:
         if not 0 <= submit_window_s <= 10:
             raise ValueError(f"submit_window_s must be in [0, 10] seconds, got {submit_window_s}")
         self.submit_window_s = submit_window_s
-        self.base_url = base_url.rstrip("/")
+        self.base_url = check_base_url(base_url)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.backoff = Backoff(max_retries, backoff_base, backoff_max)
         self.encode_options = EncodeOptions(image_format, quality, png_compress_level)
@@ -399,7 +399,7 @@ class DVRewardClient(_Base):
 
     def _drive(self, flow: Flow[T]) -> T:
         outcome: Any = None
-        failure: httpx.TransportError | None = None
+        failure: Exception | None = None
         try:
             while True:
                 try:
@@ -409,7 +409,7 @@ class DVRewardClient(_Base):
                 outcome, failure = None, None
                 try:
                     outcome = self._effect(effect)
-                except httpx.TransportError as exc:
+                except SEND_FAILURES as exc:
                     failure = exc
         finally:
             flow.close()
@@ -514,7 +514,7 @@ class AsyncDVRewardClient(_Base):
 
     async def _drive(self, flow: Flow[T]) -> T:
         outcome: Any = None
-        failure: httpx.TransportError | None = None
+        failure: Exception | None = None
         try:
             while True:
                 try:
@@ -524,7 +524,7 @@ class AsyncDVRewardClient(_Base):
                 outcome, failure = None, None
                 try:
                     outcome = await self._effect(effect)
-                except httpx.TransportError as exc:
+                except SEND_FAILURES as exc:
                     failure = exc
         finally:
             flow.close()

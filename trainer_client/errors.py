@@ -1,7 +1,27 @@
 """Typed errors of the trainer client, so a trainer can react per cause (retry later, fix input, skip a step).
 
-Every error carries the service's `code`, `message`, `request_id` and HTTP `status` (None when
-no response arrived). Request-level failures raise; per-image failures follow `on_error`.
+Every error carries the service's `code`, `message`, `request_id` and HTTP `status` (None when no response
+arrived), and says by its class whether sending the same request again can succeed (`retryable`, marked *
+below): the retry core (`flow.request`) retries exactly those, with backoff. Request-level failures raise;
+per-image failures follow `on_error`.
+
+    DVRewardError
+    ├── ConfigurationError        the request cannot be sent as configured: a base URL without http:// or
+    │                             https://, an unsupported protocol, an invalid header (raised at once)
+    ├── BadRequest                4xx: the request itself is wrong
+    │   ├── Unauthorized          401 / 403: missing or wrong API key
+    │   └── PayloadTooLarge       413: too many or too large images, or an item over the token budget
+    ├── RateLimited *             429: the queue, or the API's requests in flight, are full (Retry-After)
+    ├── Unavailable *             503: no live worker, or the queue is unreachable
+    │   └── ConnectionFailed *    no response: connection refused or reset, response lost
+    │       └── TransportTimeout * no response within the client's own timeout (connect, read, write, pool)
+    ├── DeadlineExceeded          504: the service's request deadline passed (the same work would again)
+    ├── ServerError               another 5xx (e.g. 502 decomposition_failed), or a response that does not parse
+    └── ScoringError              the request succeeded but its result is unusable as asked
+        └── ImageFailed           on_error="raise" and some images failed; `.failures` says why
+
+A resend is safe: every POST carries an Idempotency-Key, so a retry after a lost response is answered from
+the first attempt.
 """
 
 from __future__ import annotations
@@ -18,7 +38,7 @@ import httpx
 class DVRewardError(Exception):
     """Base of every error the client raises on purpose."""
 
-    retryable = False
+    retryable = False  # whether the same request, sent again, can succeed
 
     def __init__(self, message: str, *, code: str = "error", request_id: str | None = None,
                  status: int | None = None, retry_after: float | None = None) -> None:
@@ -33,6 +53,16 @@ class DVRewardError(Exception):
         where = f"HTTP {self.status}" if self.status is not None else "no response"
         rid = f", request_id={self.request_id}" if self.request_id else ""
         return f"{self.code}: {self.message} ({where}{rid})"
+
+
+class ConfigurationError(DVRewardError):
+    """The request cannot be sent as configured (base URL, protocol, headers): fix the client; never retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="configuration")
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message} (not sent)"
 
 
 class BadRequest(DVRewardError):
@@ -63,8 +93,12 @@ class ConnectionFailed(Unavailable):
     """No response at all (connection refused or reset, response lost); retried, safe thanks to Idempotency-Key."""
 
 
-class Timeout(DVRewardError):
-    """504 (the service's request deadline passed) or a client-side timeout (retried: the key replays the result)."""
+class TransportTimeout(ConnectionFailed):
+    """No response within the client's own timeout (connect, read, write or pool); retried."""
+
+
+class DeadlineExceeded(DVRewardError):
+    """504: the service's request deadline passed before the work was done; not retried (it would be again)."""
 
 
 class ServerError(DVRewardError):
@@ -122,7 +156,7 @@ def _status_class(status: int) -> type[DVRewardError]:
     if status == 503:
         return Unavailable
     if status == 504:
-        return Timeout
+        return DeadlineExceeded
     if 400 <= status < 500:
         return BadRequest
     return ServerError
@@ -150,11 +184,29 @@ def error_from_response(response: httpx.Response) -> DVRewardError:
                retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
 
+# Failures of the client's own making: no resend can succeed.
+_UNSENDABLE = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)
+
+
 def error_from_transport(exc: Exception) -> DVRewardError:
-    """A transport failure (no usable response): retryable, since the Idempotency-Key makes a resend safe."""
+    """A request that got no usable response: a client mistake (never retried), a timeout or a lost connection."""
+    if isinstance(exc, _UNSENDABLE):
+        return ConfigurationError(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, httpx.TimeoutException):
-        err: DVRewardError = Timeout(f"{type(exc).__name__}: {exc}", code="client_timeout")
-    else:
-        err = ConnectionFailed(f"{type(exc).__name__}: {exc}", code="transport")
-    err.retryable = True
-    return err
+        return TransportTimeout(f"{type(exc).__name__}: {exc}", code="client_timeout")
+    return ConnectionFailed(f"{type(exc).__name__}: {exc}", code="transport")
+
+
+def check_base_url(url: str) -> str:
+    """`url` without a trailing slash, if it can be sent to; ConfigurationError at once otherwise (no retry can
+    fix it: without a scheme httpx reads `localhost:8000` as the scheme `localhost`)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigurationError(f"base_url {url!r} is not a URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        hint = f"; did you mean 'http://{url}'?" if "://" not in url else ""
+        raise ConfigurationError(f"base_url {url!r} must be an http:// or https:// URL with a host{hint}")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ConfigurationError(f"base_url {url!r}: port {parsed.port} is not in 1-65535")
+    return url.rstrip("/")

@@ -26,9 +26,13 @@ log = logging.getLogger("trainer_client")
 T = TypeVar("T")
 
 
+# What sending a request can raise instead of answering: the driver throws it into the flow, which decides.
+SEND_FAILURES = (httpx.TransportError, httpx.InvalidURL)
+
+
 @dataclass(frozen=True)
 class Send:
-    """Send one HTTP request; the driver answers with the response or throws the httpx.TransportError in."""
+    """Send one HTTP request; the driver answers with the response or throws the SEND_FAILURES error in."""
 
     method: str
     path: str
@@ -83,7 +87,10 @@ class Backoff:
 
 
 def request(send: Send, backoff: Backoff | None) -> Flow[httpx.Response]:
-    """One logical request: resent unchanged (same body and Idempotency-Key) until it succeeds or `backoff` gives up."""
+    """One logical request: resent unchanged (same body and Idempotency-Key) until it succeeds or `backoff` gives up.
+
+    The one place that decides retries: an error's class says whether a resend can succeed (see `errors`).
+    """
     attempt = 0
     while True:
         try:
@@ -91,7 +98,7 @@ def request(send: Send, backoff: Backoff | None) -> Flow[httpx.Response]:
             if response.status_code < 400:
                 return response
             err = error_from_response(response)
-        except httpx.TransportError as exc:
+        except SEND_FAILURES as exc:
             err = error_from_transport(exc)
             err.__cause__ = exc
         delay = backoff.delay(attempt, err) if backoff is not None else None

@@ -17,11 +17,12 @@ from typing import Any, Generic, TypeVar, cast
 from pydantic import BaseModel
 
 from dvreward_protocol.grpo import StdMode, group_advantages, group_key, lone_image_warnings
-from dvreward_protocol.questions import DecompositionError, Question, validate_questions
+from dvreward_protocol.questions import DecompositionError, Question, blank, validate_questions
 from dvreward_protocol.reward import Aggregation, Gating
 from dvreward_protocol.schemas import (
     AdvantageOptions,
     Answer,
+    ErrorInfo,
     GroupResult,
     ImageResult,
     ModelIds,
@@ -165,7 +166,7 @@ def score_job(prompts: Sequence[str | None], images: Sequence[Any],
             raise ValueError(f"images[{i}] is an empty group")
     qs = [None if q is None else [_as_question(x) for x in q] for q in (questions or [None] * n)]
     for i, (p, q) in enumerate(zip(prompts, qs, strict=True)):
-        if not q and not (isinstance(p, str) and p.strip()):
+        if not q and not (isinstance(p, str) and not blank(p)):
             raise ValueError(f"group {i}: give a non-empty prompt or explicit questions")
         if q:
             try:
@@ -248,12 +249,10 @@ def score_result(response: ScoreResponse, request_ids: list[str], replayed: bool
     """The failures listed once, and raised as ImageFailed when that is the policy."""
     failures = []
     for g, gr in enumerate(response.groups):
-        details = {im.index: im for im in gr.images or ()}
-        for i, r in enumerate(gr.rewards):
+        for i, (r, err) in enumerate(zip(gr.rewards, gr.errors, strict=True)):
             if r is None:
-                err = details[i].error if i in details else None
                 failures.append(ImageFailure(g, i, err.code if err else "failed",
-                                             err.message if err else "no reward (request details=True for why)"))
+                                             err.message if err else "no reward, and the service gave no reason"))
     result = ScoreResult(response, request_ids, replayed, wall_s, failures, on_error, keys, image_requests)
     if failures and on_error == "raise":
         raise ImageFailed(failures, result, request_id=response.request_id)
@@ -275,6 +274,7 @@ def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> tuple[list[Grou
     n = len(job.groups)
     head: list[GroupResult | None] = [None] * n
     rewards: list[list[float | None]] = [[None] * len(g) for g in job.groups]
+    errors: list[list[ErrorInfo | None]] = [[None] * len(g) for g in job.groups]
     images: list[list[ImageResult | None]] = [[None] * len(g) for g in job.groups]
     by_image: list[list[str]] = [[""] * len(g) for g in job.groups]
     for s in sent:
@@ -283,9 +283,9 @@ def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> tuple[list[Grou
                                f"{len(s.response.groups)} back", code="bad_response")
         for part, gr in zip(s.parts, s.response.groups, strict=True):
             g, size = part.group, part.stop - part.start
-            if len(gr.rewards) != size:
-                raise ScoringError(f"group {g}: sent {size} images, got {len(gr.rewards)} rewards",
-                                   code="bad_response")
+            if len(gr.rewards) != size or len(gr.errors) != size:
+                raise ScoringError(f"group {g}: sent {size} images, got {len(gr.rewards)} rewards and "
+                                   f"{len(gr.errors)} errors", code="bad_response")
             h = head[g]
             if h is None:
                 head[g] = gr
@@ -294,6 +294,7 @@ def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> tuple[list[Grou
                                    "got different questions; pass explicit questions or raise chunk_images",
                                    code="inconsistent")
             rewards[g][part.start:part.stop] = gr.rewards
+            errors[g][part.start:part.stop] = gr.errors
             by_image[g][part.start:part.stop] = [s.response.request_id] * size
             for im in gr.images or ():
                 images[g][part.start + im.index] = im.model_copy(update={"index": part.start + im.index})
@@ -301,7 +302,7 @@ def _assemble(job: ScoreJob, sent: list[Sent[ScoreResponse]]) -> tuple[list[Grou
     for g, h in enumerate(head):
         assert h is not None, "every group of a job is sent"
         out.append(h.model_copy(update={
-            "rewards": rewards[g], "advantages": [],
+            "rewards": rewards[g], "errors": errors[g], "advantages": [],
             "images": [im for im in images[g] if im is not None] if job.options["details"] else None}))
     return out, by_image
 

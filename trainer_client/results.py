@@ -105,7 +105,7 @@ class ScoreResult:
         return [a for g in self.advantages for a in g]
 
     def failed_questions(self) -> list[list[list[str]]]:
-        """Texts of the questions each image failed (p < 0.5): feedback for self-reflective refinement."""
+        """Texts of the questions each image failed (p <= 0.5): feedback for self-reflective refinement."""
         out = []
         for g in self.groups:
             text = {q.id: q.text for q in g.questions}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -12,14 +13,25 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
-from server.api.edge import Authenticate, BodyGuard, Observe, error_response
+from server.api.admission import Admission
+from server.api.edge import Authenticate, BodyGuard, HeadAsGet, Observe, error_response
 from server.api.metrics import Metrics
 from server.api.routes import score, system
 from server.errors import ErrorCode, ServiceError
 from server.service import ScoringService
 from server.settings import Settings
 
-Background = Callable[[], AbstractAsyncContextManager[None]]
+Died = Callable[[BaseException], None]
+Background = Callable[[Died], AbstractAsyncContextManager[None]]  # given what to call if it ends by itself
+
+log = logging.getLogger("dvreward.api")
+
+
+def death_reason(exc: BaseException) -> str:
+    """The errors a background task ended with (a task group's come wrapped in an ExceptionGroup that names none)."""
+    leaves = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+    return "; ".join(death_reason(e) if isinstance(e, BaseExceptionGroup) else f"{type(e).__name__}: {e}"
+                     for e in leaves)
 
 
 def _error(request: Request, status: int, code: str, message: str, retry_after: float | None = None,
@@ -64,8 +76,19 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     return _error(request, 422, ErrorCode.bad_request.value, f"body: invalid JSON ({reason})")
 
 
-def create_app(settings: Settings, service: ScoringService, background: Background | None = None) -> FastAPI:
-    """`background` runs for the app's lifetime (the embedded worker); the broker closes on shutdown."""
+def create_app(settings: Settings, service: ScoringService, background: Background | None = None,
+               on_background_death: Died | None = None) -> FastAPI:
+    """`background` runs for the app's lifetime (the embedded worker); the broker closes on shutdown.
+
+    If the background ends by itself, the process can no longer serve: `app.state.failure` says why (/healthz and
+    /readyz answer 503 with it) and `on_background_death` decides what the process does."""
+
+    def died(exc: BaseException) -> None:
+        reason = death_reason(exc)
+        log.critical("the embedded worker stopped (%s): this process can no longer score", reason)
+        app.state.failure = f"the embedded worker stopped ({reason}); the process must be restarted"
+        if on_background_death is not None:
+            on_background_death(exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,16 +96,18 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
             if background is None:
                 yield
             else:
-                async with background():
+                async with background(died):
                     yield
         finally:
             await service.broker.close()
 
-    # /docs and /redoc serve their JavaScript and CSS from the package, not a CDN: they work air-gapped.
-    app = FastAPIOffline(title="DVReward", version="0.1.0", lifespan=lifespan,
+    # /docs and /redoc serve their JavaScript and CSS from the package, not a CDN: they work air-gapped. The assets
+    # live under /docs, so that a public /docs (DVREWARD_PUBLIC_ROUTES) loads them without a key.
+    app = FastAPIOffline(title="DVReward", version="0.1.0", lifespan=lifespan, static_url="/docs/static",
                   description="Decompositional Verifiable Reward: rewards for RL of image generators.")
     app.state.settings = settings
     app.state.service = service
+    app.state.failure = None
     app.state.metrics = Metrics()
     app.include_router(score.router)
     app.include_router(system.router)
@@ -91,7 +116,9 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
     app.add_exception_handler(HTTPException, _http_error)
 
     # added innermost first: Observe sees every response, Authenticate runs before any body is read
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(Authenticate, api_keys=settings.api_keys)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes))
+    app.add_middleware(Authenticate, api_keys=settings.api_keys, public_routes=settings.public_routes)
     app.add_middleware(Observe, metrics=app.state.metrics)
     return app

@@ -41,10 +41,15 @@ def _principal(request: Request) -> str:
     return request.state.principal
 
 
+def _failure(request: Request) -> str | None:
+    return request.app.state.failure
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ServiceDep = Annotated[ScoringService, Depends(_service)]
 BrokerDep = Annotated[Broker, Depends(_broker)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 RequestId = Annotated[str, Depends(_request_id)]
 Principal = Annotated[str, Depends(_principal)]
+Failure = Annotated[str | None, Depends(_failure)]  # why this process can no longer serve, if it cannot
 Authorized = Security(bearer)

@@ -1,7 +1,7 @@
 """The ASGI edge every request passes before FastAPI sees it, outermost first:
 
 Observe (request id, metrics, the answer to a crash) -> Authenticate (the API key, before any body
-byte is read) -> BodyGuard (content type, size and arrival time of the body).
+byte is read) -> BodyGuard (content type, size, admission and arrival time of the body).
 
 Pure ASGI rather than FastAPI middleware: a body that is about to be refused is never buffered, and
 every response, including those written here, carries a request id and is counted.
@@ -23,12 +23,14 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dvreward_protocol.schemas import ErrorInfo, ErrorResponse
+from server.api.admission import Admission, Permit
 from server.api.metrics import Metrics
 from server.errors import ErrorCode
 
 log = logging.getLogger("dvreward.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ANONYMOUS = "anonymous"
+BUSY_RETRY_AFTER_S = 1.0  # requests in flight end within seconds (most), or at their deadline
 
 
 def error_response(status: int, code: ErrorCode | str, message: str, request_id: str | None,
@@ -100,23 +102,41 @@ class Observe:
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
+class HeadAsGet:
+    """HEAD is answered as GET without the body (RFC 9110), on every GET route: monitors probe /healthz and /metrics
+    with HEAD. The server keeps its own scope, which still says HEAD, and sends no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 class Authenticate:
-    """Every /v1 request needs `Authorization: Bearer KEY` when keys are configured; checked before the body.
+    """When keys are configured, every request but those to the public routes (probes, metrics and docs by default:
+    DVREWARD_PUBLIC_ROUTES) needs `Authorization: Bearer KEY`; checked before the body.
 
     Keys are compared as bytes, each in constant time and all of them every time. The principal (a
     digest of the key, never the key) scopes what one client may see of another's, e.g. idempotency records.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str], public_routes: Sequence[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
+        self.public = [(route.rstrip("/"), route.rstrip("/") + "/") for route in public_routes]
+
+    def _needs_key(self, path: str) -> bool:
+        return not any(path == route or path.startswith(under) for route, under in self.public)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         state["principal"] = ANONYMOUS
-        if self.keys and scope["path"].startswith("/v1/"):
+        if self.keys and self._needs_key(scope["path"]):
             key = self._key(scope)
             if key is None:
                 return await error_response(401, ErrorCode.unauthorized, "missing or invalid API key: send "
@@ -140,11 +160,12 @@ def _is_json(content_type: str) -> bool:
 
 
 class BodyGuard:
-    """Refuses a body that is not JSON (415), over the limit (413, with or without Content-Length), or not
-    fully received within the timeout (408, connection closed), before the app reads any of it."""
+    """Refuses a body that is not JSON (415), over the limit (413, with or without Content-Length), more than the API
+    may hold at once (429 with Retry-After, from the headers: `Admission`), or not fully received within the timeout
+    (408, connection closed), before the app reads any of it. A body without Content-Type is read as JSON."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, admission: Admission) -> None:
+        self.app, self.max_bytes, self.timeout_s, self.admission = app, max_bytes, timeout_s, admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -152,15 +173,31 @@ class BodyGuard:
         headers = Headers(scope=scope)
         rid = request_id(scope)
         content_type = headers.get("content-type")
-        if scope["method"] in ("POST", "PUT", "PATCH") and content_type is not None and not _is_json(content_type):
+        has_body = scope["method"] in ("POST", "PUT", "PATCH")
+        if has_body and content_type is not None and not _is_json(content_type):
             return await error_response(415, ErrorCode.unsupported_media_type, f"the body must be JSON "
                                         f"(Content-Type: application/json), got {content_type[:100]!r}",
                                         rid)(scope, receive, send)
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        size = int(declared) if declared is not None and declared.isdigit() else 0
+        if size > self.max_bytes:
             return await self._too_large(scope, receive, send, rid)
-        # Read the body up to the limit before the app sees it: an error raised while FastAPI reads
-        # the body would become its generic 400.
+        if not has_body:
+            return await self._buffered(scope, receive, send, rid, None)
+        if content_type is None:  # FastAPI parses no body without one; curl and plain clients send none
+            scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
+        busy = self.admission.full(size)
+        if busy is not None:
+            return await self._busy(scope, receive, send, rid, busy)
+        permit = self.admission.take(size)
+        try:
+            await self._buffered(scope, receive, send, rid, permit)
+        finally:
+            self.admission.give_back(permit)
+
+    async def _buffered(self, scope: Scope, receive: Receive, send: Send, rid: str, permit: Permit | None) -> None:
+        """Read the body up to the limit before the app sees it: an error raised while FastAPI reads the body would
+        become its generic 400."""
         buffered: list[Message] = []
         seen = 0
         try:
@@ -173,6 +210,9 @@ class BodyGuard:
                     seen += len(msg.get("body", b""))
                     if seen > self.max_bytes:
                         return await self._too_large(scope, receive, send, rid)
+                    busy = self.admission.grow(permit, seen) if permit is not None else None
+                    if busy is not None:
+                        return await self._busy(scope, receive, send, rid, busy)
                     if not msg.get("more_body", False):
                         break
         except TimeoutError:
@@ -190,3 +230,8 @@ class BodyGuard:
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
         await error_response(413, ErrorCode.too_large, f"request body exceeds the limit of {self.max_bytes} bytes",
                              rid, headers={"Connection": "close"})(scope, receive, send)
+
+    async def _busy(self, scope: Scope, receive: Receive, send: Send, rid: str, why: str) -> None:
+        """The connection closes: the unread body cannot be told from a next request."""
+        await error_response(429, ErrorCode.rate_limited, f"the API is at capacity: {why}; retry shortly", rid,
+                             retry_after=BUSY_RETRY_AFTER_S, headers={"Connection": "close"})(scope, receive, send)

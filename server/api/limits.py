@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS
+from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, blank
 from dvreward_protocol.schemas import ScoreRequest, VerifyRequest
 from server.errors import ErrorCode, ServiceError
 from server.images import ImageInfo, decode_base64, inspect_image
@@ -26,17 +26,24 @@ def check_prompt(field: str, prompt: str | None, s: Settings) -> None:
 def check_prompts(prompts: list[str], s: Settings) -> None:
     _too_many("prompts", len(prompts), s.max_groups, "prompts")
     for i, p in enumerate(prompts):
-        if not p.strip():
-            raise ServiceError(ErrorCode.bad_request, f"prompts[{i}]: prompt is empty")
+        if blank(p):
+            raise ServiceError(ErrorCode.bad_request, f"prompts[{i}]: prompt is empty (nothing but whitespace or "
+                               "invisible characters)")
         check_prompt(f"prompts[{i}]", p, s)
 
 
 # The Qwen2-VL family: one visual token per 28x28 pixels (14-pixel patches merged 2x2), after the image
-# is resized into [min_pixels, max_pixels]; each question block adds its text and the answer template.
+# is resized into [min_pixels, max_pixels]; the system prompt and the chat markup come once, and each question
+# block adds its text and the answer template.
 PIXELS_PER_TOKEN = 28 * 28
 TEMPLATE_TOKENS = 64
 BLOCK_TOKENS = 16
-CHARS_PER_TOKEN = 4
+
+
+def text_tokens(text: str) -> int:
+    """A bound on the tokens of `text` in every script: byte-level BPE (the Qwen family's tokenizers) emits at most
+    one token per UTF-8 byte. Characters / 4 held for English only: CJK and emoji took 4-16 times that."""
+    return len(text.encode("utf-8"))
 
 
 def image_tokens(info: ImageInfo, s: Settings) -> int:
@@ -50,11 +57,12 @@ def image_tokens(info: ImageInfo, s: Settings) -> int:
 
 
 def check_tokens(field: str, infos: list[ImageInfo], questions: list[str], s: Settings) -> None:
-    """An item is one sequence of a forward pass: estimated from headers and text lengths (no pixel is
-    decoded), one the verifier's token budget cannot hold is refused here instead of exhausting memory."""
-    blocks = [len(q) // CHARS_PER_TOKEN + BLOCK_TOKENS for q in questions]
+    """An item is one sequence of a forward pass: estimated from headers and text bytes (no pixel is decoded,
+    nothing is tokenized), one the verifier's token budget cannot hold is refused here instead of failing after
+    its batch ran."""
+    blocks = [text_tokens(q) + BLOCK_TOKENS for q in questions]
     text = sum(blocks) if s.verifier_mode == "packed" else max(blocks)
-    n = TEMPLATE_TOKENS + sum(image_tokens(i, s) for i in infos) + text
+    n = TEMPLATE_TOKENS + text_tokens(s.verifier_system_prompt) + sum(image_tokens(i, s) for i in infos) + text
     if n > s.max_batch_tokens:
         raise ServiceError(ErrorCode.too_large, f"{field}: about {n} tokens ({len(infos)} images, {len(questions)} "
                            f"questions), more than the verifier's budget of {s.max_batch_tokens} per forward pass "
@@ -117,8 +125,9 @@ def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes] | ServiceE
         _too_many(f"items[{i}].images", len(it.images), s.max_images_per_item, "images shown together")
         _too_many(f"items[{i}].questions", len(it.questions), s.max_questions, "questions")
         for k, q in enumerate(it.questions):
-            if not q.strip():
-                raise ServiceError(ErrorCode.bad_request, f"items[{i}].questions[{k}]: question is empty")
+            if blank(q):
+                raise ServiceError(ErrorCode.bad_request, f"items[{i}].questions[{k}]: question is empty (nothing "
+                                   "but whitespace or invisible characters)")
             check_prompt(f"items[{i}].questions[{k}]", q, s)
     out: list[list[bytes] | ServiceError] = []
     for i, it in enumerate(req.items):

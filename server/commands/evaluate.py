@@ -37,6 +37,7 @@ def _eval(args: argparse.Namespace) -> int:
     from server.engines.base import EngineError
     from server.eval.matching import EvalInputError
     from server.eval.run import EvalOptions, run_eval
+    from trainer_client.errors import ConfigurationError
 
     try:
         engine_options = verifier_options(args)
@@ -53,7 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
     )
     try:
         return run_eval(opts).exit_code
-    except (EvalInputError, EngineError) as e:
+    except (EvalInputError, EngineError, ConfigurationError) as e:  # --server localhost:8000: no scheme
         print(f"error: {e}", file=sys.stderr)
         return 2
 

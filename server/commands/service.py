@@ -14,31 +14,32 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from server.preflight import StartupError, check, settings_problems
+from server.preflight import StartupError, check, claim_warning, settings_problems
 from server.settings import Settings, masked_url
 
 if TYPE_CHECKING:
     from server.engines.base import Decomposer, Verifier
     from server.worker_metrics import WorkerMetrics
 
-# Settings only one side acts on; the other command does not offer them as flags (the API reports the
-# system prompt its workers report, its own only when no image was scored). `device` stays on both:
+# Settings only one side acts on; the other command does not offer them as flags. `device` stays on both:
 # the default models are chosen by device, and the API names the models in results and cache keys. The
-# verifier's layout, pixel range and token budget are on both: the API refuses items they cannot hold.
-# `host` too: the API listens on it, a worker serves its metrics port there.
-WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "decomposer_max_new_tokens",
-                   "batched_vision", "verifier_system_prompt", "verifier_system_prompt_file", "decomposer_max_semantic",
-                   "decomposer_max_quality", "batch_timeout_s", "worker_metrics_port"}
-WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "decomposer_url", "verifier_api_key",
+# verifier's layout, pixel range, token budget and system prompt are on both: the API refuses items they cannot
+# hold (and reports its own system prompt when no image was scored). What changes the questions a decomposer
+# writes (its engine, token limit and caps) is on both: it keys the cache. `host` too: the API listens on it, a
+# worker serves its metrics port there.
+WORKER_SETTINGS = {"batch_size", "batch_wait_ms", "heartbeat_s", "dtype", "batched_vision", "batch_timeout_s",
+                   "worker_metrics_port"}
+WORKER_SETTINGS |= {"verifier_engine", "verifier_url", "decomposer_url", "verifier_api_key",
                     "decomposer_api_key", "verifier_tokenizer", "verifier_exact_logprobs", "remote_concurrency",
                     "remote_timeout_s", "remote_retries", "vllm_tensor_parallel_size", "vllm_gpu_memory_utilization",
                     "vllm_max_model_len"}
-API_SETTINGS = {"port", "api_keys", "allow_anonymous", "max_body_bytes", "max_images", "max_image_bytes",
-                "max_questions", "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s",
-                "max_images_per_item", "worker_grace_s"}
+API_SETTINGS = {"port", "api_keys", "allow_anonymous", "public_routes", "max_body_bytes", "max_inflight_requests",
+                "max_inflight_bytes", "max_images", "max_image_bytes", "max_questions", "max_prompt_chars",
+                "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item", "worker_grace_s"}
 
 
-EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
+EXIT_HUNG = 3  # `dvreward worker` (and `serve`) exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
+EXIT_WORKER_DIED = 4  # `dvreward serve` exit status when its embedded worker died otherwise
 
 
 def loaded_models(s: Settings) -> dict[str, str | None]:
@@ -130,23 +131,44 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _warn_of_claims(s: Settings) -> None:
+    """For a worker on Redis (the embedded queue never re-delivers)."""
+    warning = claim_warning(s) if s.redis_url else None
+    if warning:
+        logging.getLogger("dvreward").warning("%s", warning)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    """API and worker in one process: if the worker dies, so does the process (non-zero, for a supervisor to restart
+    it), rather than answer /healthz while every request times out."""
     import uvicorn
 
     from server.api.protocol import with_header_deadline
-    from server.runtime import build_app
+    from server.runtime import build_app, worker_hung
     from server.worker_metrics import WorkerMetrics
 
     _logging()
     s = settings_from(args)
     check(s, models=loaded_models(s), api=True, redis=True,
           listen=[(s.host, s.port, "--port"), *_metrics_ports(s, [s.worker_metrics_port])])
+    _warn_of_claims(s)
+    status = 0
+
+    def worker_died(exc: BaseException) -> None:
+        nonlocal status
+        if worker_hung(exc):  # its engine thread can be neither stopped nor joined (interpreter exit would wait)
+            os._exit(EXIT_HUNG)
+        status = EXIT_WORKER_DIED
+        server.should_exit = server.force_exit = True  # now: requests in flight would wait out their deadlines
+
     metrics = WorkerMetrics(s.device)
-    app = build_app(s, _load_engines(s, metrics), metrics)
+    app = build_app(s, _load_engines(s, metrics), metrics, on_worker_death=worker_died)
+    server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="info",
+                                           http=with_header_deadline(s.body_timeout_s)))
     queue = f"Redis at {masked_url(s.redis_url)}" if s.redis_url else "the embedded in-process queue"
     logging.getLogger("dvreward").info("serving on http://%s:%d with %s", s.host, s.port, queue)
-    uvicorn.run(app, host=s.host, port=s.port, log_level="info", http=with_header_deadline(s.body_timeout_s))
-    return 0
+    server.run()
+    return status if server.started else 1
 
 
 def _api(args: argparse.Namespace) -> int:
@@ -180,6 +202,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.devices:
         return _supervise(args)
     check(s, models=loaded_models(s), listen=_metrics_ports(s, [s.worker_metrics_port]), redis=True)
+    _warn_of_claims(s)
     metrics = WorkerMetrics(s.device)
     worker = build_worker(s, build_broker(s), *_load_engines(s, metrics), metrics=metrics)
 

@@ -17,11 +17,6 @@ def answer_word(token_text: str) -> str:
     return token_text.lower().strip(_STRIP)
 
 
-def answered_yes(p: float) -> bool:
-    """Whether p reads as yes: yes outweighs no (a tie is no). Decides the `failed` list."""
-    return p > 0.5
-
-
 GREEDY_TOKENS = 10  # the longest greedy answer the binary reward reads, as the reference's
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.questions import (
     Decomposition,
     DecompositionError,
@@ -22,7 +23,6 @@ from dvreward_protocol.questions import (
     Question,
     find_cycle,
 )
-from server.core.scoring import answered_yes
 from server.engines.decomposition_schema import DSG_CATEGORIES
 from server.engines.prompts import render_tuple
 from server.errors import validation_problems

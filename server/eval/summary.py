@@ -5,7 +5,7 @@ left out of every mean. Semantic tags and quality aspects use the run's gating; 
 benchmark's own categories (question metadata: DSG `category_broad` / `category_detailed`,
 i.e. DPG-Bench L1 / L2, GenEval `geneval_tag`, TIFA `element_type`) always use hard
 dependency gating, as DSG and DPG-Bench score them (identical to no gating where the source
-has no dependencies). `accuracy` counts a question as passed when its gated p >= 0.5;
+has no dependencies). `accuracy` counts a question as passed when its gated p reads yes (`answered_yes`);
 GenEval's own metric is per image (every question passed): `image_accuracy`.
 """
 
@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Kind, Question
 from dvreward_protocol.reward import Aggregation, Gating, aggregate, gate
 from server.eval.importers.base import PromptRecord
@@ -29,7 +30,6 @@ BENCHMARK_LABELS: dict[str, str] = {
     "element_type": "TIFA element type",
 }
 PER_IMAGE_KEYS: frozenset[str] = frozenset({"geneval_tag"})  # one value per prompt: also scored per image
-PASS = 0.5
 
 
 def build_record(
@@ -77,7 +77,7 @@ def build_record(
 
 def _zeroed_by(q: Question, gated: Mapping[str, float]) -> str | None:
     """Under hard gating, the parent answered "no" that set this question's gated p to 0."""
-    return next((parent for parent in q.depends_on if gated.get(parent, 1.0) < PASS), None)
+    return next((parent for parent in q.depends_on if not answered_yes(gated.get(parent, 1.0))), None)
 
 
 class _Mean:
@@ -89,7 +89,7 @@ class _Mean:
     def add(self, v: float) -> None:
         self.total += v
         self.n += 1
-        self.passed += v >= PASS
+        self.passed += answered_yes(v)
 
     def mean(self) -> float | None:
         return self.total / self.n if self.n else None
@@ -135,7 +135,7 @@ def summarize(
                 bench[key][str(value).strip()].add(hard[q.id])
                 values.add(str(value).strip())
             if key in PER_IMAGE_KEYS and len(values) == 1:
-                bench_images[key][values.pop()].add(float(all(v >= PASS for v in hard.values())))
+                bench_images[key][values.pop()].add(float(all(answered_yes(v) for v in hard.values())))
 
     def table(groups: Mapping[str, _Mean], order: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
         return {k: {"mean_p": groups[k].mean(), "n": groups[k].n} for k in _ordered(groups, order)}

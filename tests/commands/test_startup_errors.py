@@ -9,13 +9,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from server.cli import build_parser, main
 from server.commands.service import settings_from
-from server.preflight import model_problem, port_problem
+from server.preflight import claim_warning, model_problem, port_problem
 from server.settings import Settings
+from tests.service_stack import STARTUP_S, drop_service_settings, service_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,3 +125,19 @@ def test_a_busy_worker_metrics_port_is_found_before_any_model_loads(
                  "--decomposer", "", "--worker-metrics-port", str(base), *devices]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"port {busy_port}" in line and "already in use" in line and "--worker-metrics-port" in line
+
+
+def test_a_worker_whose_claims_lapse_before_its_batch_timeout_says_so_at_start(
+    redis_url: str, tiny_models: dict[str, Path], services: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Allowed (a dead worker's tasks come back sooner), but the dependence on renewals is now said once, at start."""
+    drop_service_settings(monkeypatch)
+    assert claim_warning(Settings(visibility_timeout_s=20, batch_timeout_s=20)) is None
+    warning = claim_warning(Settings(visibility_timeout_s=10, batch_timeout_s=20))
+    assert warning is not None and "DVREWARD_VISIBILITY_TIMEOUT_S (10 s) is shorter than DVREWARD_BATCH_TIMEOUT_S " \
+        "(20 s)" in warning
+    env = service_env(redis_url=redis_url, visibility_timeout_s=10, batch_timeout_s=20,
+                      verifier=tiny_models["verifier"], decomposer="")
+    worker = services("worker-claims", "worker", env)
+    wait_for(lambda: "ready; SIGTERM drains" in worker.log_tail() or not worker.alive(), STARTUP_S, "the worker")
+    assert f"WARNING dvreward: {warning}" in worker.log_tail(), worker.log_tail()

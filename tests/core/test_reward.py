@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.questions import Kind, Question
 from dvreward_protocol.reward import Aggregation, Gating, RewardBreakdown, aggregate, gate
 
@@ -142,12 +143,19 @@ def test_hard_gating_middle_no_only_zeroes_below():
     assert out == {"a": 0.6, "b": 0.3, "c": 0.0, "q": 1.0}
 
 
-def test_hard_gating_threshold_is_strict():
-    # p = .5 is not a "no" (the rule is p < .5)
+def test_hard_gating_uses_the_one_yes_threshold():
+    """A parent at p = .5 is a "no" (a tie: yes does not outweigh no), as in `failed` and `answer="binary"`; it
+    gated nothing while `failed` listed it (the gate was p < .5)."""
     p = {"a": 0.5, "b": 0.9, "c": 0.8, "q": 1.0}
-    assert gate(CHAIN, p, Gating.hard)["b"] == 0.9
-    p["a"] = 0.4999
     assert gate(CHAIN, p, Gating.hard)["b"] == 0.0
+    p["a"] = 0.5000001
+    assert gate(CHAIN, p, Gating.hard)["b"] == 0.9
+
+
+@pytest.mark.parametrize("parent", [0.0, 0.4999, 0.5, 0.5000001, 0.75, 1.0])
+def test_a_parent_gates_its_children_exactly_when_it_is_answered_no(parent: float) -> None:
+    zeroed = gate(CHAIN, {"a": parent, "b": 0.9, "c": 0.8, "q": 1.0}, Gating.hard)["b"] == 0.0
+    assert zeroed is not answered_yes(parent)
 
 
 def test_soft_gating_multiplies_through_chain():
@@ -175,10 +183,10 @@ def test_gating_independent_of_question_order():
 
 def test_gating_with_two_parents():
     qs = [sem("a"), sem("b"), sem("d", ["a", "b"], tag="Spatial")]
-    p = {"a": 0.5, "b": 0.8, "d": 0.9}
-    # soft: d = .9 * .5 * .8 = .36
-    assert gate(qs, p, Gating.soft)["d"] == pytest.approx(0.36)
-    # hard: both parents >= .5 -> d keeps .9
+    p = {"a": 0.6, "b": 0.8, "d": 0.9}
+    # soft: d = .9 * .6 * .8 = .432
+    assert gate(qs, p, Gating.soft)["d"] == pytest.approx(0.432)
+    # hard: both parents answered yes -> d keeps .9
     assert gate(qs, p, Gating.hard)["d"] == 0.9
     # hard: one parent a "no" is enough
     assert gate(qs, {**p, "b": 0.1}, Gating.hard)["d"] == 0.0

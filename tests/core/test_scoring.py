@@ -6,10 +6,10 @@ import math
 
 import pytest
 
+from dvreward_protocol.answers import answered_yes
 from server.core.scoring import (
     UnscorableError,
     answer_word,
-    answered_yes,
     greedy_yes,
     p_yes_from_logits,
     p_yes_from_top_logprobs,

@@ -286,3 +286,13 @@ def test_editing_items_show_their_source_in_process_and_through_the_service(tmp_
     by_image = {r["image"]: r for r in plain}
     assert all([q["p"] for q in r["questions"]] != [q["p"] for q in by_image[r["image"]]["questions"]]
                for r in local), "the source is shown to the verifier"
+
+
+def test_a_server_url_without_a_scheme_is_one_line_and_exit_2(tmp_path, capsys):
+    """`--server localhost:8000` was retried until the run gave up; it can never work, so it is refused at once."""
+    _, questions, images = two_items_two_images(tmp_path, (32, 32))
+    code = main(["eval", "--images", str(images), "--questions", str(questions), "-o", str(tmp_path / "out"),
+                 "--server", "localhost:8000", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "did you mean 'http://localhost:8000'" in err[0]

@@ -64,3 +64,13 @@ def test_hard_gating_names_the_parent_that_zeroed_a_p() -> None:
     _, (soft,) = _run(items, {"a": [0.3, 0.9, 0.8]}, gating=Gating.soft)
     assert all(q["zeroed_by"] is None for q in soft["questions"])  # soft gating scales, never zeroes
     assert "zeroed by parent" not in render_html(summary, [soft])
+
+
+def test_a_tie_fails_in_accuracy_and_zeroes_children_as_it_is_listed_failed() -> None:
+    """p = .5 counted as passed here (p >= .5) and gated nothing, while /v1/score listed it failed: one rule now."""
+    tagged = tuple(q.model_copy(update={"metadata": {"category_broad": "entity"}}) for q in SEMANTIC)
+    items = {"a": PromptRecord("a", "a red cat on a sofa", tagged, "dsg")}
+    summary, (record,) = _run(items, {"a": [0.5, 0.9, 0.5]})
+    by_id = {q["id"]: q for q in record["questions"]}
+    assert (by_id["red"]["gated_p"], by_id["red"]["zeroed_by"]) == (0.0, "cat")
+    assert summary["benchmark"]["category_broad"]["categories"]["entity"]["accuracy"] == 0.0

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from trainer_client import DVRewardClient, RateLimited, Timeout
+from trainer_client import DeadlineExceeded, DVRewardClient, RateLimited
 
 
 def test_full_queue_is_429_and_a_late_request_is_504(redis_url: str, services: Callable[..., Any],
@@ -38,6 +38,6 @@ def test_full_queue_is_429_and_a_late_request_is_504(redis_url: str, services: C
             client.score([None], [[kit.png_bytes(s) for s in range(2)]], questions=[questions])
         assert limited.value.status == 429 and limited.value.retry_after is not None
     with DVRewardClient(api.url, max_retries=0) as client:
-        with pytest.raises(Timeout) as timed_out:
+        with pytest.raises(DeadlineExceeded) as timed_out:
             client.verify([kit.png_bytes(9)], ["Is there a cat?"])  # the second place: admitted, never served
         assert timed_out.value.status == 504

@@ -25,8 +25,9 @@ async def test_ids_come_from_the_worker_that_did_the_work(redis_url: str, tiny_m
     worker = Worker(build_broker(api), tiny_verifier, decomposer, template_version="test", batch_size=32,
                     batch_wait=0.01, heartbeat_s=0.5, batch_timeout_s=600, max_image_pixels=4096 * 4096)
     image = kit.png_bytes(1)
+    deaths: list[BaseException] = []
     try:
-        async with running(worker):
+        async with running(worker, deaths.append):
             images = ScoreImages([[image]], [None])
             decomposed = await service.score(
                 ScoreRequest.model_validate({"groups": [{"prompt": "a red cat", "images": ["x"]}]}), images, "a")
@@ -35,6 +36,7 @@ async def test_ids_come_from_the_worker_that_did_the_work(redis_url: str, tiny_m
     finally:
         await worker.broker.close()
         await service.broker.close()
+    assert deaths == [], "the worker ran until told to stop"
     assert decomposed.groups[0].rewards[0] is not None, decomposed.groups[0].images
     assert decomposed.models.verifier == tiny_verifier.model_id
     assert (decomposed.models.decomposer, decomposed.models.pipeline) == (decomposer.model_id, "fast")

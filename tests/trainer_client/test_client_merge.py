@@ -18,7 +18,8 @@ def _response(rid: str, verifier: str, decomposer: str | None, rewards: list[flo
         request_id=rid, models=ModelIds(verifier=verifier, decomposer=decomposer,
                                          pipeline="fast" if decomposer else None),
         template_version=template, verifier_system_prompt="s", aggregation="geometric", gating="none",
-        groups=[GroupResult(prompt=rid, questions=Q, rewards=rewards, advantages=[None] * len(rewards))],
+        groups=[GroupResult(prompt=rid, questions=Q, rewards=rewards, errors=[None] * len(rewards),
+                            advantages=[None] * len(rewards))],
         timings=Timings(total_ms=1.0))
 
 

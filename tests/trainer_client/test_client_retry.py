@@ -14,11 +14,12 @@ from trainer_client import (
     AsyncDVRewardClient,
     BadRequest,
     ConnectionFailed,
+    DeadlineExceeded,
     DVRewardClient,
     PayloadTooLarge,
     RateLimited,
     ServerError,
-    Timeout,
+    TransportTimeout,
     Unauthorized,
     Unavailable,
 )
@@ -29,7 +30,7 @@ OK = ScoreResponse.model_validate({
     "request_id": "rid-ok", "models": {"verifier": "v", "decomposer": None}, "template_version": "t",
     "verifier_system_prompt": "s",
     "aggregation": "geometric", "gating": "none", "timings": {},
-    "groups": [{"prompt": "p", "questions": Q, "rewards": [0.5], "advantages": [0.0]}],
+    "groups": [{"prompt": "p", "questions": Q, "rewards": [0.5], "errors": [None], "advantages": [0.0]}],
 }).model_dump(mode="json")
 
 
@@ -107,15 +108,15 @@ def test_transport_errors_exhausted_raise_connection_failed():
     assert isinstance(info.value.__cause__, httpx.ConnectError)
     script = Script(httpx.ReadTimeout("slow"))
     client, _ = _client(script, max_retries=1, backoff_base=0.01)
-    with pytest.raises(Timeout):
+    with pytest.raises(TransportTimeout) as timed_out:
         _score(client)
-    assert len(script.requests) == 2
+    assert len(script.requests) == 2 and timed_out.value.code == "client_timeout"
 
 
 @pytest.mark.parametrize(("status", "code", "cls"), [
     (422, "bad_image", BadRequest), (401, "unauthorized", Unauthorized), (413, "too_large", PayloadTooLarge),
     (404, "not_found", BadRequest), (500, "internal", ServerError), (502, "verification_failed", ServerError),
-    (504, "timeout", Timeout),
+    (504, "timeout", DeadlineExceeded),
 ])
 def test_errors_that_are_not_retried(status, code, cls):
     script = Script(_error(status, code))

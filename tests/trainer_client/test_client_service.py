@@ -148,6 +148,22 @@ def test_on_error_nan_gives_nan_never_zero(service_url, make_images, questions, 
     assert got.images[0][1].error is not None and got.images[0][1].error.code == "bad_image"
 
 
+def test_without_details_a_failed_image_still_says_why(service_url, make_images, questions, truncated_png):
+    """`details: false` dropped the per-image list and with it every reason: failures read "failed". `errors`
+    carries each image's code and reason whatever `details` says (here over a group split in two requests)."""
+    images = [make_images(1)[0], make_images(1, seed=2)[0], truncated_png]
+    wire_images = [_png_b64(images[0]), _png_b64(images[1]), base64.b64encode(truncated_png).decode()]
+    body = {"groups": [{"questions": questions, "images": wire_images}], "details": False}
+    wire = httpx.post(service_url + "/v1/score", json=body, timeout=60).json()["groups"][0]
+    assert wire["images"] is None and wire["errors"][:2] == [None, None]
+    assert wire["errors"][2]["code"] == "bad_image" and "decoded" in wire["errors"][2]["message"]
+    with DVRewardClient(service_url, on_error="nan", chunk_images=2) as client:
+        got = client.score(["a red cube"], [images], questions=[questions], details=False)
+    (f,) = got.failures
+    assert (f.group, f.index, f.code) == (0, 2, "bad_image") and "decoded" in f.message
+    assert got.images == [[]] and len(got.request_ids) == 2
+
+
 def test_on_error_raise_lists_failures(service_url, make_images, questions, truncated_png):
     with DVRewardClient(service_url) as client:
         with pytest.raises(ImageFailed) as info:

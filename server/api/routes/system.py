@@ -10,17 +10,24 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dvreward_protocol.schemas import ErrorResponse, ModelsResponse
-from server.api.deps import Authorized, BrokerDep, MetricsDep
+from server.api.deps import Authorized, BrokerDep, Failure, MetricsDep
 from server.api.metrics import queue_exposition
 from server.errors import ErrorCode, ServiceError
 
 router = APIRouter()
 READY_TIMEOUT_S = 1.0  # probes have short timeouts of their own: a frozen queue must be a quick 503
+RESTART_S = 5.0  # a supervisor restarts a failed process within seconds
 
 
-@router.get("/healthz")
-async def healthz() -> dict:
-    """The process is alive (says nothing about Redis or workers)."""
+def _alive(failure: str | None) -> None:
+    if failure is not None:
+        raise ServiceError(ErrorCode.unavailable, failure, retry_after=RESTART_S)
+
+
+@router.get("/healthz", responses={503: {"model": ErrorResponse}})
+async def healthz(failure: Failure) -> dict:
+    """The process is alive (says nothing about Redis or other workers); 503 once its embedded worker died."""
+    _alive(failure)
     return {"status": "ok"}
 
 
@@ -30,9 +37,11 @@ RequireWorker = Annotated[bool, Query(description="false: ready once the queue a
 
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
-async def readyz(broker: BrokerDep, require_worker: RequireWorker = True) -> dict:
+async def readyz(broker: BrokerDep, failure: Failure, require_worker: RequireWorker = True) -> dict:
     """Ready when the queue answers (within a second) and, unless require_worker=false, at least one live worker
-    has its models loaded."""
+    has its models loaded; never once the embedded worker died (even if workers elsewhere are live: this process
+    must be restarted)."""
+    _alive(failure)
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await broker.ping()

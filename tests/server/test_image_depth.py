@@ -1,0 +1,58 @@
+"""Images of more than 8 bits per channel score as what they show: a 16-bit greyscale PNG decoded to an integer
+mode that `convert("RGB")` clipped at 255 of 65535, so nearly every pixel was white."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from server.images import load_image
+from tests.tolerance import assert_p_close
+
+# A horizontal gradient over every 8-bit level; its 16-bit version has the same levels times 257 (0x00ff -> 0xffff).
+LEVELS = np.tile(np.arange(256, dtype=np.uint8), (32, 1))
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png16_rgb(array: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written by hand (Pillow writes 16 bits for greyscale only)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w, _ = array.shape
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_a_16_bit_png_decodes_to_the_pixels_of_its_8_bit_version() -> None:
+    grey16 = png(LEVELS.astype(np.uint16) * 257)
+    assert Image.open(io.BytesIO(grey16)).mode == "I;16"
+    want = np.asarray(load_image(png(LEVELS), 10**6))
+    assert np.array_equal(np.asarray(load_image(grey16, 10**6)), want)
+    rgb = np.stack([LEVELS, LEVELS[:, ::-1], LEVELS], axis=-1)
+    assert np.array_equal(np.asarray(load_image(png16_rgb(rgb.astype(np.uint16) * 257), 10**6)),
+                          np.asarray(load_image(png(rgb), 10**6)))
+
+
+def test_a_16_bit_gradient_scores_as_its_8_bit_version(embedded_server: str) -> None:
+
+    images = [png(LEVELS), png(LEVELS.astype(np.uint16) * 257)]
+    body = {"items": [{"images": [base64.b64encode(im).decode()], "questions": ["Is it a gradient?",
+                                                                                "Is the image white?"]}
+                      for im in images]}
+    r = httpx.post(embedded_server + "/v1/verify", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    eight, sixteen = (item["p"] for item in r.json()["results"])
+    assert_p_close(sixteen, eight)
