@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from bench.verifier import make_items, max_diff  # noqa: E402
 from server.engines import defaults  # noqa: E402
-from server.engines.hf_verifier import HFVerifier  # noqa: E402
+from server.engines.hf.verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import VERIFIER_ARCHS, write_tiny_verifier  # noqa: E402
 
 

@@ -40,7 +40,7 @@ from bench.service import free_port, png_b64, wait_ready  # noqa: E402
 from dvreward_protocol.questions import Question  # noqa: E402
 from dvreward_protocol.reward import aggregate  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
-from server.engines.hf_verifier import HFVerifier  # noqa: E402
+from server.engines.hf.verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import write_tiny_verifier  # noqa: E402
 
 QUESTIONS = [

@@ -94,7 +94,7 @@ def main() -> None:
             model = str(write_tiny_verifier(Path(tmp) / "verifier", size=args.config, max_pixels=args.px * args.px))
         ref: list[list[float]] | None = None
         if "transformers" in engines:
-            from server.engines.hf_verifier import HFVerifier
+            from server.engines.hf.verifier import HFVerifier
 
             hf = HFVerifier.load(model, device=args.device, dtype=args.dtype)
             t, ref = timed(lambda: hf.verify(items), args.repeat)
@@ -102,8 +102,8 @@ def main() -> None:
             del hf
         outputs: dict[str, list[list[float]]] = {}
         if "vllm" in engines:
-            from server.engines.vllm_common import VLLMOptions
-            from server.engines.vllm_verifier import VLLMVerifier
+            from server.engines.vllm.common import VLLMOptions
+            from server.engines.vllm.verifier import VLLMVerifier
 
             v = VLLMVerifier.load(model, system_prompt=VERIFIER_SYSTEM_PROMPT,
                                   options=VLLMOptions(dtype=args.dtype, gpu_memory_utilization=mem))
@@ -111,8 +111,8 @@ def main() -> None:
             result["vllm_images_per_s"] = round(args.images / t, 2)
             v.close()
         if "remote" in engines:
-            from server.engines.remote import RemoteOptions
-            from server.engines.remote_verifier import OpenAIVerifier
+            from server.engines.remote.client import RemoteOptions
+            from server.engines.remote.verifier import OpenAIVerifier
 
             proc, url = start_server(model, args.dtype, mem, Path(tmp) / "vllm-server.log")
             try:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.verifier import max_diff, timed  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
-from server.engines.hf_verifier import HFVerifier  # noqa: E402
+from server.engines.hf.verifier import HFVerifier  # noqa: E402
 from server.engines.tiny import write_tiny_verifier  # noqa: E402
 
 

@@ -27,9 +27,9 @@ from PIL import Image  # noqa: E402
 
 from server.engines import defaults  # noqa: E402
 from server.engines.base import VerifyItem  # noqa: E402
-from server.engines.hf_verifier import HFVerifier  # noqa: E402
+from server.engines.hf.verifier import HFVerifier  # noqa: E402
+from server.engines.hf.vision_attention import enable_batched_vision_attention  # noqa: E402
 from server.engines.tiny import verifier_config, write_tiny_verifier  # noqa: E402
-from server.engines.vision_attention import enable_batched_vision_attention  # noqa: E402
 
 
 def build(args: argparse.Namespace, workdir: Path) -> HFVerifier:

@@ -13,8 +13,18 @@ PSource = Literal["logits", "top_k", "text"]
 
 
 def answered_yes(p: float) -> bool:
-    """The binary reading of p: yes outweighs no (the reference's `dvreward_binary`; a tie is no).
+    """Whether p reads as yes: yes outweighs no (a tie is no).
 
-    The one threshold: `answer="binary"`, the `failed` list, hard gating and the eval's pass rate all read p by it.
+    The one threshold: the `failed` list, hard gating and the eval's pass rate all read p by it.
     """
     return p > 0.5
+
+
+def greedy_yes(answer: str) -> bool:
+    """The binary reward's reading of a greedy answer, the reference's `dvreward_binary`: lower-cased, stripped of
+    surrounding whitespace, every `.,?!` removed, it is exactly "yes". "Yes." is yes; "yes, it is" and a yes
+    followed by more words are not, whatever p says."""
+    text = answer.lower().strip()
+    for mark in ".,?!":
+        text = text.replace(mark, "")
+    return text == "yes"

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from dvreward_protocol.answers import answered_yes
+from dvreward_protocol.answers import answered_yes, greedy_yes
 from dvreward_protocol.questions import Kind, Question, topological_order
 
 
@@ -101,3 +101,31 @@ def check_weights(
 ) -> None:
     """Raise ValueError for weights that leave a half of these questions weightless: known before any scoring."""
     aggregate(questions, {q.id: 1.0 for q in questions}, aggregation, Gating.none, tag_weights)
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """An image's reward from its questions' p, and the ids of the questions it was read to fail."""
+
+    breakdown: RewardBreakdown
+    failed: list[str]
+
+
+def score_image(
+    questions: Sequence[Question],
+    p: Sequence[float],
+    aggregation: Aggregation = Aggregation.geometric,
+    gating: Gating = Gating.none,
+    tag_weights: Mapping[str, float] | None = None,
+    answers: Sequence[str] | None = None,
+) -> ImageScore:
+    """p per question (in order) to the image's reward: the one place the service, `dvreward score` and
+    `dvreward eval` turn evidence into rewards. With `answers` (the binary reward), each question counts 1 where
+    its greedy answer reads yes, else 0, and fails where it does not; otherwise p counts and fails at p <= 0.5."""
+    ids = [q.id for q in questions]
+    by_id = dict(zip(ids, p, strict=True))
+    if answers is None:
+        return ImageScore(aggregate(questions, by_id, aggregation, gating, tag_weights),
+                          [q for q in ids if not answered_yes(by_id[q])])
+    yes = {q: float(greedy_yes(a)) for q, a in zip(ids, answers, strict=True)}
+    return ImageScore(aggregate(questions, yes, aggregation, gating, tag_weights), [q for q in ids if not yes[q]])

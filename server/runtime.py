@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
     from server.api.app import Died
     from server.engines.base import Decomposer, Verifier
-    from server.engines.remote import RemoteOptions
-    from server.engines.vllm_common import VLLMOptions
+    from server.engines.remote.client import RemoteOptions
+    from server.engines.vllm.common import VLLMOptions
 
 log = logging.getLogger("dvreward")
 
@@ -59,13 +59,13 @@ def load_engines(settings: Settings, metrics: WorkerMetrics) -> tuple[Verifier, 
 def load_verifier(settings: Settings) -> Verifier:
     log.info("loading verifier %s (%s engine)", settings.verifier, settings.verifier_engine)
     if settings.verifier_engine == "vllm":
-        from server.engines.vllm_verifier import VLLMVerifier
+        from server.engines.vllm.verifier import VLLMVerifier
 
         return VLLMVerifier.load(settings.verifier, system_prompt=settings.verifier_system_prompt,
                                  options=vllm_options(settings), min_pixels=settings.min_pixels,
                                  max_pixels=settings.max_pixels)
     if settings.verifier_engine == "openai":
-        from server.engines.remote_verifier import OpenAIVerifier
+        from server.engines.remote.verifier import OpenAIVerifier
 
         assert settings.verifier_url is not None  # checked by Settings
         return OpenAIVerifier.connect(
@@ -73,7 +73,7 @@ def load_verifier(settings: Settings) -> Verifier:
             remote_options(settings, settings.verifier_api_key), tokenizer=settings.verifier_tokenizer,
             exact=settings.verifier_exact_logprobs, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
         )
-    from server.engines.hf_verifier import HFVerifier
+    from server.engines.hf.verifier import HFVerifier
 
     log.info("verifier on %s (%s)", settings.device, settings.dtype)
     return HFVerifier.load(
@@ -90,25 +90,25 @@ def load_decomposer(settings: Settings) -> Decomposer | None:
     log.info("loading decomposer %s (%s pipeline, %s engine)", settings.decomposer, settings.pipeline,
              settings.decomposer_engine)
     if settings.decomposer_engine == "vllm":
-        from server.engines.vllm_decomposer import VLLMDecomposer
+        from server.engines.vllm.decomposer import VLLMDecomposer
 
         return VLLMDecomposer(settings.decomposer, settings.pipeline, options=vllm_options(settings),
                               max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
     if settings.decomposer_engine == "openai":
-        from server.engines.remote_decomposer import OpenAIDecomposer
+        from server.engines.remote.decomposer import OpenAIDecomposer
 
         assert settings.decomposer_url is not None  # checked by Settings
         return OpenAIDecomposer(settings.decomposer_url, settings.decomposer, settings.pipeline,
                                 options=remote_options(settings, settings.decomposer_api_key),
                                 max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
-    from server.engines.hf_decomposer import HFDecomposer
+    from server.engines.hf.decomposer import HFDecomposer
 
     return HFDecomposer(settings.decomposer, settings.pipeline, device=settings.device, dtype=settings.dtype,
                         max_new_tokens=settings.decomposer_max_new_tokens, limits=limits)
 
 
 def vllm_options(settings: Settings) -> VLLMOptions:
-    from server.engines.vllm_common import VLLMOptions
+    from server.engines.vllm.common import VLLMOptions
 
     return VLLMOptions(dtype=settings.dtype, tensor_parallel_size=settings.vllm_tensor_parallel_size,
                        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
@@ -116,7 +116,7 @@ def vllm_options(settings: Settings) -> VLLMOptions:
 
 
 def remote_options(settings: Settings, api_key: str | None) -> RemoteOptions:
-    from server.engines.remote import RemoteOptions
+    from server.engines.remote.client import RemoteOptions
 
     return RemoteOptions(api_key=api_key, concurrency=settings.remote_concurrency,
                          timeout_s=settings.remote_timeout_s, retries=settings.remote_retries)

@@ -18,10 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.grpo import group_advantages, group_key, lone_image_warnings
 from dvreward_protocol.questions import Decomposition, DecompositionError, Question, blank, validate_questions
-from dvreward_protocol.reward import aggregate, check_weights
+from dvreward_protocol.reward import check_weights, score_image
 from dvreward_protocol.schemas import (
     DecomposeResponse,
     ErrorInfo,
@@ -36,7 +35,6 @@ from dvreward_protocol.schemas import (
     VerifyResponse,
     Warning,
 )
-from server.core.scoring import greedy_yes
 from server.errors import ErrorCode, ServiceError
 from server.idempotency import once
 from server.liveness import WorkerWatch
@@ -337,19 +335,13 @@ def _image_result(index: int, questions: list[Question], r: Result | ServiceErro
     if isinstance(r, ServiceError) or not isinstance(r.value, Verified):
         return ImageResult(index=index, reward=None, error=_error_info(r))
     ids = [q.id for q in questions]
-    p = dict(zip(ids, r.value.p, strict=True))
-    answers = None
-    if req.answer == "binary":
-        if r.value.answers is None:
-            raise ValueError("the worker sent no greedy answers for a binary reward")
-        answers = dict(zip(ids, r.value.answers, strict=True))
-        scores = {q: float(greedy_yes(a)) for q, a in answers.items()}
-    else:
-        scores = p
-    b = aggregate(questions, scores, req.aggregation, req.gating, req.tag_weights)
-    failed = [q for q in ids if (scores[q] != 1.0 if answers is not None else not answered_yes(p[q]))]
-    return ImageResult(index=index, reward=b.reward, sc=b.sc, pq=b.pq, p=p,
-                       p_source=dict(zip(ids, r.value.p_source, strict=True)), answers=answers, failed=failed)
+    if req.answer == "binary" and r.value.answers is None:
+        raise ValueError("the worker sent no greedy answers for a binary reward")
+    answers = r.value.answers if req.answer == "binary" else None
+    s = score_image(questions, r.value.p, req.aggregation, req.gating, req.tag_weights, answers)
+    return ImageResult(index=index, reward=s.breakdown.reward, sc=s.breakdown.sc, pq=s.breakdown.pq,
+                       p=dict(zip(ids, r.value.p, strict=True)), p_source=dict(zip(ids, r.value.p_source, strict=True)),
+                       answers=dict(zip(ids, answers, strict=True)) if answers is not None else None, failed=s.failed)
 
 
 def _decomposer_of(decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> dict[str, str | None]:

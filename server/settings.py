@@ -19,7 +19,7 @@ from server.engines import defaults
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT, read_system_prompt
 
 if TYPE_CHECKING:
-    from server.engines.decomposition_schema import Limits
+    from server.engines.decomposition.schema import Limits
 
 # Real models by hub id, as model servers conventionally default: 7B on a GPU, the small siblings on a CPU.
 DEFAULT_MODELS = {
@@ -354,7 +354,7 @@ def setting_default(name: str) -> Any:
 
 def decomposer_limits(settings: Settings | None = None) -> Limits:
     """The decomposer's question caps: the service's settings, or their defaults for commands without it."""
-    from server.engines.decomposition_schema import Limits
+    from server.engines.decomposition.schema import Limits
 
     if settings is None:
         return Limits(max_semantic=setting_default("decomposer_max_semantic"),

@@ -11,7 +11,7 @@ from server.settings import setting_choices, setting_default
 
 def _decompose(args: argparse.Namespace) -> int:
     from server.engines.base import EngineError
-    from server.engines.hf_decomposer import HFDecomposer
+    from server.engines.hf.decomposer import HFDecomposer
     from server.settings import decomposer_limits, default_models
 
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
-from dvreward_protocol.reward import Aggregation, Gating, aggregate
+from dvreward_protocol.reward import Aggregation, Gating, score_image
 from server.commands.verifier_flags import add_verifier_flags, verifier_options
 from server.errors import validation_problems
 from server.settings import setting_choices, setting_default
@@ -60,14 +60,14 @@ def _score(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from server.engines.base import EngineError, VerifyItem
-    from server.engines.hf_verifier import HFVerifier
+    from server.engines.hf.verifier import HFVerifier
 
     try:
         if args.questions:
             prompt, questions = read_questions(Path(args.questions))
             dec = Decomposition(prompt=args.prompt or prompt or "", questions=tuple(questions))
         elif args.decomposer and args.prompt:
-            from server.engines.hf_decomposer import HFDecomposer
+            from server.engines.hf.decomposer import HFDecomposer
             from server.settings import decomposer_limits
 
             (dec,) = HFDecomposer(
@@ -87,9 +87,9 @@ def _score(args: argparse.Namespace) -> int:
     scores = verifier.verify([VerifyItem((im,), texts) for im in images])
     out = []
     for path, ps in zip(args.images, scores, strict=True):
-        p = {q.id: v for q, v in zip(dec.questions, ps, strict=True)}
-        b = aggregate(list(dec.questions), p, Aggregation(args.aggregation), Gating(args.gating))
-        out.append({"image": path, "reward": b.reward, "sc": b.sc, "pq": b.pq, "p": p})
+        b = score_image(list(dec.questions), ps, Aggregation(args.aggregation), Gating(args.gating)).breakdown
+        out.append({"image": path, "reward": b.reward, "sc": b.sc, "pq": b.pq,
+                    "p": {q.id: v for q, v in zip(dec.questions, ps, strict=True)}})
     print(json.dumps({"prompt": dec.prompt, "questions": [q.model_dump(mode="json") for q in dec.questions],
                       "verifier": args.verifier, "verifier_system_prompt": verifier.system_prompt,
                       "results": out}, indent=2))

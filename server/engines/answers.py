@@ -1,7 +1,7 @@
 """The yes/no reading of a model's next-token distribution, shared by the verifier and the DSG validity stage.
 
 p = P(yes) / (P(yes) + P(no)) over the full vocabulary, where yes / no are every token that reads
-"yes" / "no" under `server.core.scoring.answer_word` (the same rule the top-k reading applies).
+"yes" / "no" under `server.core.answer_rule.answer_word` (the same rule the top-k reading applies).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.core.scoring import answer_word
+from server.core.answer_rule import answer_word
 from server.engines.base import EngineError
 
 

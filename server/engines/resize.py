@@ -29,7 +29,7 @@ class Resizer:
         """The checkpoint's own pixel range and resampling, unless `min_pixels` / `max_pixels` override them."""
         from transformers import Qwen2VLImageProcessorPil
 
-        from server.engines.hf_verifier import pixel_range
+        from server.engines.hf.verifier import pixel_range
 
         try:
             proc: Any = Qwen2VLImageProcessorPil.from_pretrained(ref, **pretrained_kwargs(ref))

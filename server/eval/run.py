@@ -71,7 +71,7 @@ def make_backend(opts: EvalOptions) -> Backend:
                            max_questions=opts.max_questions)
     if not opts.verifier:
         raise EvalInputError("give --server URL or --verifier PATH")
-    from server.engines.hf_verifier import HFVerifier
+    from server.engines.hf.verifier import HFVerifier
 
     return LocalBackend(HFVerifier.load(opts.verifier, device=opts.device, dtype=opts.dtype, **opts.verifier_options))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Kind, Question
-from dvreward_protocol.reward import Aggregation, Gating, aggregate, gate
+from dvreward_protocol.reward import Aggregation, Gating, gate, score_image
 from server.eval.importers.base import PromptRecord
 from server.eval.matching import ImageJob, Matching
 
@@ -40,8 +40,7 @@ def build_record(
     breakdown = None
     if error is None and p is not None:
         try:
-            breakdown = aggregate(item.questions, dict(zip((q.id for q in item.questions), p, strict=True)),
-                                  aggregation, gating)
+            breakdown = score_image(item.questions, p, aggregation, gating).breakdown
         except ValueError as e:
             error = f"cannot aggregate the scores: {e}"
     elif error is None:

@@ -71,13 +71,13 @@ def test_the_engines_own_defaults_are_the_settings_defaults() -> None:
     """Engines and the bench scripts run without Settings; where they take a setting, their default is its."""
     import inspect
 
-    from server.engines.decomposition import PipelineDecomposer
-    from server.engines.hf_decomposer import HFBackend, HFDecomposer
-    from server.engines.hf_verifier import HFVerifier
-    from server.engines.remote import RemoteOptions
-    from server.engines.remote_decomposer import OpenAIDecomposer
-    from server.engines.vllm_common import VLLMOptions
-    from server.engines.vllm_decomposer import VLLMDecomposer
+    from server.engines.decomposition.pipelines import PipelineDecomposer
+    from server.engines.hf.decomposer import HFBackend, HFDecomposer
+    from server.engines.hf.verifier import HFVerifier
+    from server.engines.remote.client import RemoteOptions
+    from server.engines.remote.decomposer import OpenAIDecomposer
+    from server.engines.vllm.common import VLLMOptions
+    from server.engines.vllm.decomposer import VLLMDecomposer
 
     def default(fn: object, name: str) -> object:
         return inspect.signature(fn).parameters[name].default  # type: ignore[arg-type]

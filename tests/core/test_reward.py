@@ -8,7 +8,7 @@ import pytest
 
 from dvreward_protocol.answers import answered_yes
 from dvreward_protocol.questions import Kind, Question
-from dvreward_protocol.reward import Aggregation, Gating, RewardBreakdown, aggregate, gate
+from dvreward_protocol.reward import Aggregation, Gating, RewardBreakdown, aggregate, gate, score_image
 
 
 def sem(qid, deps=(), tag="Existence"):
@@ -297,3 +297,14 @@ def test_p_bounds_inclusive():
     assert out.reward == 0.0
     out = aggregate([sem("a"), qual("q")], {"a": 1.0, "q": 1.0})
     assert out.reward == 1.0
+
+
+def test_score_image_reads_p_or_the_greedy_answers():
+    ps = [P[q.id] for q in QS]  # in question order: s1 .8, s2 1.0, q1 .2, s3 .9, q2 .6
+    by_p = score_image(QS, ps)
+    assert by_p.breakdown == aggregate(QS, P) and by_p.failed == ["q1"]  # only .2 is not above .5
+    # binary: s1 "Yes." and q2 "yes" read yes; s2 "yes, it is" (p 1.0), q1 "no" and s3 "no" (p .9) do not
+    #   SC = (1 + 0 + 0) / 3 = 1/3 ; PQ = (0 + 1) / 2 = .5 ; reward = sqrt(1/6)
+    binary = score_image(QS, ps, answers=["Yes.", "yes, it is", "no", "no", "yes"])
+    assert binary.breakdown.sc == pytest.approx(1 / 3) and binary.breakdown.pq == pytest.approx(0.5)
+    assert binary.breakdown.reward == pytest.approx(math.sqrt(1 / 6)) and binary.failed == ["s2", "q1", "s3"]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from server.engines.base import EngineError, VerifyItem
-from server.engines.hf_verifier import HFVerifier
+from server.engines.hf.verifier import HFVerifier
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
 from server.engines.tiny import QWEN_MAX_PIXELS, VERIFIER_ARCHS, write_tiny_verifier
 from tests.tolerance import P_TOL

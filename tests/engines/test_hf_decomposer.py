@@ -16,18 +16,7 @@ import pytest
 from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decomposition, DecompositionError, Kind
 from server.cli import main
 from server.engines.base import Decomposer, EngineError
-from server.engines.decomposition import (
-    Choice,
-    JsonSchema,
-    dsg_dependencies_messages,
-    dsg_quality_messages,
-    dsg_tag_messages,
-    dsg_tuples_messages,
-    edit_messages,
-    fast_messages,
-    render_chat,
-)
-from server.engines.decomposition_parse import (
+from server.engines.decomposition.parse import (
     DSGTuple,
     Generation,
     assemble_dsg,
@@ -41,8 +30,19 @@ from server.engines.decomposition_parse import (
     parse_tuples,
     require_finished,
 )
-from server.engines.decomposition_schema import Limits, dependencies_schema, fast_schema
-from server.engines.hf_decomposer import HFDecomposer
+from server.engines.decomposition.pipelines import (
+    Choice,
+    JsonSchema,
+    dsg_dependencies_messages,
+    dsg_quality_messages,
+    dsg_tag_messages,
+    dsg_tuples_messages,
+    edit_messages,
+    fast_messages,
+    render_chat,
+)
+from server.engines.decomposition.schema import Limits, dependencies_schema, fast_schema
+from server.engines.hf.decomposer import HFDecomposer
 from server.engines.prompts import TEMPLATE_VERSION, template_version
 
 SMALL = Limits(max_semantic=3, max_quality=2, max_text_chars=24, max_args=2, max_arg_chars=12)

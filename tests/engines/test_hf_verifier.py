@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from server.engines.base import EngineError, VerifyItem
-from server.engines.hf_verifier import HFVerifier
+from server.engines.hf.verifier import HFVerifier
+from server.engines.hf.vision_attention import _batched_window_attention, enable_batched_vision_attention
 from server.engines.tiny import write_tiny_verifier
-from server.engines.vision_attention import _batched_window_attention, enable_batched_vision_attention
 from tests.tolerance import P_TOL
 
 pytestmark = pytest.mark.float_sensitive

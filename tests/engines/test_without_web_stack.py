@@ -51,10 +51,10 @@ WEB = ('fastapi', 'starlette', 'redis', 'pydantic_settings', 'uvicorn', 'prometh
 
 @pytest.mark.parametrize(("modules", "blocked"), [
     # the verifiers need neither pydantic nor the web stack (the remote one needs httpx, its HTTP client)
-    (["server.engines.vllm_verifier", "server.engines.hf_verifier"], (*WEB, "pydantic", "pydantic_core", "httpx")),
-    (["server.engines.remote_verifier"], (*WEB, "pydantic", "pydantic_core")),
+    (["server.engines.vllm.verifier", "server.engines.hf.verifier"], (*WEB, "pydantic", "pydantic_core", "httpx")),
+    (["server.engines.remote.verifier"], (*WEB, "pydantic", "pydantic_core")),
     # the decomposers validate with pydantic models, but import no web stack
-    (["server.engines.vllm_decomposer", "server.engines.remote_decomposer", "server.engines.hf_decomposer"], WEB),
+    (["server.engines.vllm.decomposer", "server.engines.remote.decomposer", "server.engines.hf.decomposer"], WEB),
 ])
 def test_engines_import_without_the_web_stack(modules: list[str], blocked: tuple[str, ...]) -> None:
     """vLLM itself is optional: the vLLM engines import it only when a model is loaded."""

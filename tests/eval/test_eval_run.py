@@ -202,7 +202,7 @@ def test_resume_after_sigkill_scores_only_the_rest(tmp_path, tiny_models):
     # A real process, each verifier call slowed down so it is surely killed midway.
     script = (
         "import sys, time\n"
-        "from server.engines import hf_verifier as h\n"
+        "from server.engines.hf import verifier as h\n"
         "orig = h.HFVerifier.verify\n"
         "h.HFVerifier.verify = lambda self, items: (time.sleep(0.4), orig(self, items))[1]\n"
         "from server.cli import main\n"
@@ -230,7 +230,7 @@ def test_resume_after_sigkill_scores_only_the_rest(tmp_path, tiny_models):
     assert 3 <= done_before < len(names)
     before_keys = [r["image"] for r in _lines(results)[:done_before]] if before.endswith(b"\n") else None
 
-    from server.engines.hf_verifier import HFVerifier
+    from server.engines.hf.verifier import HFVerifier
 
     counting = _Counting(HFVerifier.load(str(tiny_models["verifier"])))
     opts = EvalOptions(images=images, questions=questions, out=out, verifier=str(tiny_models["verifier"]),

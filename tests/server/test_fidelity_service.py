@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server.core.scoring import greedy_yes
+from dvreward_protocol.answers import greedy_yes
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT, template_version
 from tests.tolerance import P_TOL, SUM_ORDER, assert_advantages_close
 
@@ -122,7 +122,7 @@ def test_binary_reads_the_greedy_answer_not_p(client: httpx.Client, kit: types.S
 
 def test_a_configured_system_prompt_is_scored_and_reported(kit: types.SimpleNamespace, tiny_verifier: Any,
                                                            plain_chat_p: Any, tmp_path: Any) -> None:
-    from server.engines.hf_verifier import HFVerifier
+    from server.engines.hf.verifier import HFVerifier
     from server.runtime import build_app
     from server.settings import Settings
 

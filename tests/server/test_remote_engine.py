@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from server.engines.base import EngineError, ItemScores, VerifyItem
-from server.engines.remote import ChatClient, RemoteOptions, RequestError
-from server.engines.remote_answer import YesNoIds, answer_body, read_answer
-from server.engines.remote_verifier import OpenAIVerifier
+from server.engines.remote.answer import YesNoIds, answer_body, read_answer
+from server.engines.remote.client import ChatClient, RemoteOptions, RequestError
+from server.engines.remote.verifier import OpenAIVerifier
 
 IDS = YesNoIds(yes=(11, 12), no=(21,))
 

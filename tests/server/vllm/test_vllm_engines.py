@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from server.engines.base import EngineError, ItemScores, VerifyItem
-from server.engines.decomposition_schema import Limits
+from server.engines.decomposition.schema import Limits
 from server.images import load_image
 
 # A test's time includes loading its module's vLLM engine (seconds on a quiet machine, minutes on a busy one).
@@ -152,7 +152,7 @@ def test_vllm_decomposer_and_verifier_score_a_prompt(vllm_serve: str, kit: types
 
 
 def test_vllm_binary_reads_the_greedy_answer(vllm_serve: str, kit: types.SimpleNamespace) -> None:
-    from server.core.scoring import greedy_yes
+    from dvreward_protocol.answers import greedy_yes
 
     questions = [{"id": f"q{i}", "text": q, "tag": "Existence"} for i, q in enumerate(QUESTIONS)]
     body = {"groups": [{"prompt": "p", "questions": questions, "images": [kit.png_b64(3)]}], "answer": "binary"}
@@ -166,8 +166,8 @@ def test_vllm_binary_reads_the_greedy_answer(vllm_serve: str, kit: types.SimpleN
 # ---- vLLM decomposer in this process: both pipelines ------------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_decomposer(tiny_models: dict[str, Path]) -> Iterator[Any]:
-    from server.engines.vllm_common import VLLMOptions
-    from server.engines.vllm_decomposer import VLLMDecomposer
+    from server.engines.vllm.common import VLLMOptions
+    from server.engines.vllm.decomposer import VLLMDecomposer
 
     d = VLLMDecomposer(str(tiny_models["decomposer"]), max_retries=3, limits=SMALL, max_new_tokens=400,
                        options=VLLMOptions(dtype="float32", gpu_memory_utilization=0.1))
@@ -191,7 +191,7 @@ def test_remote_verifier_is_exact_with_logprob_token_ids(vllm_api_server: str, k
                                                          tiny_models: dict[str, Path],
                                                          transformers_p: list[list[float]]) -> None:
     from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
-    from server.engines.remote_verifier import OpenAIVerifier
+    from server.engines.remote.verifier import OpenAIVerifier
 
     v = OpenAIVerifier.connect(vllm_api_server, str(tiny_models["verifier"]), VERIFIER_SYSTEM_PROMPT)
     try:
@@ -208,7 +208,7 @@ def test_remote_verifier_without_exact_ids_reads_the_top_k(vllm_api_server: str,
                                                            tiny_models: dict[str, Path],
                                                            transformers_p: list[list[float]]) -> None:
     from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
-    from server.engines.remote_verifier import OpenAIVerifier
+    from server.engines.remote.verifier import OpenAIVerifier
 
     v = OpenAIVerifier.connect(vllm_api_server, str(tiny_models["verifier"]), VERIFIER_SYSTEM_PROMPT, exact=False)
     try:
@@ -229,7 +229,7 @@ def test_remote_verifier_without_exact_ids_reads_the_top_k(vllm_api_server: str,
 
 @pytest.mark.parametrize("pipeline", ["fast", "dsg"])
 def test_remote_decomposer_pipelines(vllm_api_server: str, tiny_models: dict[str, Path], pipeline: str) -> None:
-    from server.engines.remote_decomposer import OpenAIDecomposer
+    from server.engines.remote.decomposer import OpenAIDecomposer
 
     d = OpenAIDecomposer(vllm_api_server, str(tiny_models["verifier"]), pipeline, max_retries=3, limits=SMALL,
                          max_new_tokens=400)

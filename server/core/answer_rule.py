@@ -1,4 +1,4 @@
-"""Turning a verifier's next-token distribution into p = P(yes) / (P(yes) + P(no))."""
+"""The yes/no answer rule: which token reads yes or no, and p = P(yes) / (P(yes) + P(no)) from a distribution."""
 
 from __future__ import annotations
 
@@ -17,17 +17,7 @@ def answer_word(token_text: str) -> str:
     return token_text.lower().strip(_STRIP)
 
 
-GREEDY_TOKENS = 10  # the longest greedy answer the binary reward reads, as the reference's
-
-
-def greedy_yes(answer: str) -> bool:
-    """The binary reward's reading of a greedy answer, the reference's `dvreward_binary`: lower-cased, stripped of
-    surrounding whitespace, every `.,?!` removed, it is exactly "yes". "Yes." is yes; "yes, it is" and a yes
-    followed by more words are not, whatever p says."""
-    text = answer.lower().strip()
-    for mark in ".,?!":
-        text = text.replace(mark, "")
-    return text == "yes"
+GREEDY_TOKENS = 10  # the longest greedy answer the binary reward reads (`greedy_yes`), as the reference's
 
 
 class UnscorableError(ValueError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.core.scoring import UnscorableError, p_yes_from_logits
+from server.core.answer_rule import UnscorableError, p_yes_from_logits
 from server.engines import defaults
 from server.engines.base import EngineError
 from server.engines.loading import load_error

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from server.core.scoring import GREEDY_TOKENS
+from server.core.answer_rule import GREEDY_TOKENS
 from server.engines.answers import YesNo
 from server.engines.base import EngineError, ItemScores, VerifyItem, scores_or_raise
 from server.engines.conversation import IMAGE_PART, verifier_messages
 from server.engines.loading import load_error, pretrained_kwargs
 from server.engines.resize import Resizer
-from server.engines.vllm_common import VLLMOptions, answer_sampling, load_llm, p_from_output, shutdown
+from server.engines.vllm.common import VLLMOptions, answer_sampling, load_llm, p_from_output, shutdown
 
 
 class VLLMVerifier:

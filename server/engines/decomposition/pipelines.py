@@ -22,7 +22,7 @@ from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, Decompos
 from server.engines import defaults
 from server.engines import prompts as P
 from server.engines.base import EngineError
-from server.engines.decomposition_parse import (
+from server.engines.decomposition.parse import (
     DSGTuple,
     Generation,
     assemble_dsg,
@@ -37,7 +37,7 @@ from server.engines.decomposition_parse import (
     parse_tuples,
     require_finished,
 )
-from server.engines.decomposition_schema import (
+from server.engines.decomposition.schema import (
     Limits,
     dependencies_schema,
     fast_schema,

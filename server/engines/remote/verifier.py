@@ -1,7 +1,7 @@
 """The verifier on an OpenAI-compatible server (vLLM, SGLang or a hosted API): one request per question.
 
 Each request carries the verifier conversation with the item's images as PNG data URLs and asks
-for one greedy token with log-probabilities; remote_answer reads p and says how (`logits`,
+for one greedy token with log-probabilities; remote.answer reads p and says how (`logits`,
 `top_k` or `text`). The yes/no token ids come from the model's tokenizer (a local path or hub
 id); without one, p comes from the top-k. A question that fails after retries fails its
 item with the reason; other items are unaffected.
@@ -15,12 +15,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from server.core.scoring import GREEDY_TOKENS
+from server.core.answer_rule import GREEDY_TOKENS
 from server.engines.base import EngineError, ItemScores, PSource, VerifyItem, scores_or_raise
 from server.engines.conversation import verifier_messages
-from server.engines.remote import ChatClient, RemoteOptions, RequestError
-from server.engines.remote_answer import YesNoIds, answer_body, read_each
-from server.engines.remote_tokens import remote_yes_no_ids
+from server.engines.remote.answer import YesNoIds, answer_body, read_each
+from server.engines.remote.client import ChatClient, RemoteOptions, RequestError
+from server.engines.remote.tokens import remote_yes_no_ids
 from server.engines.resize import Resizer
 
 if TYPE_CHECKING:

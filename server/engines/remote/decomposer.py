@@ -12,18 +12,18 @@ from typing import Any
 
 from server.engines import defaults
 from server.engines.base import EngineError
-from server.engines.decomposition import (
+from server.engines.decomposition.parse import Generation
+from server.engines.decomposition.pipelines import (
     Choice,
     Constraint,
     Messages,
     PipelineDecomposer,
     check_options,
 )
-from server.engines.decomposition_parse import Generation
-from server.engines.decomposition_schema import Limits
-from server.engines.remote import ChatClient, RemoteOptions
-from server.engines.remote_answer import YesNoIds, answer_body, read_each
-from server.engines.remote_tokens import remote_yes_no_ids
+from server.engines.decomposition.schema import Limits
+from server.engines.remote.answer import YesNoIds, answer_body, read_each
+from server.engines.remote.client import ChatClient, RemoteOptions
+from server.engines.remote.tokens import remote_yes_no_ids
 
 
 class OpenAIBackend:

@@ -14,7 +14,8 @@ from typing import Any
 from server.engines import defaults
 from server.engines.answers import YesNo
 from server.engines.base import EngineError
-from server.engines.decomposition import (
+from server.engines.decomposition.parse import Generation
+from server.engines.decomposition.pipelines import (
     Choice,
     Constraint,
     Messages,
@@ -22,10 +23,9 @@ from server.engines.decomposition import (
     check_options,
     render_chat,
 )
-from server.engines.decomposition_parse import Generation
-from server.engines.decomposition_schema import Limits
+from server.engines.decomposition.schema import Limits
 from server.engines.loading import load_error, pretrained_kwargs
-from server.engines.vllm_common import VLLMOptions, answer_sampling, load_llm, p_from_output, shutdown
+from server.engines.vllm.common import VLLMOptions, answer_sampling, load_llm, p_from_output, shutdown
 
 
 class VLLMBackend:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from server.engines.base import EngineError
-from server.engines.remote_answer import TOP_LOGPROBS, YesNoIds
+from server.engines.remote.answer import TOP_LOGPROBS, YesNoIds
 
 log = logging.getLogger("dvreward.remote")
 

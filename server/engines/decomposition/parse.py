@@ -23,7 +23,7 @@ from dvreward_protocol.questions import (
     Question,
     find_cycle,
 )
-from server.engines.decomposition_schema import DSG_CATEGORIES
+from server.engines.decomposition.schema import DSG_CATEGORIES
 from server.engines.prompts import render_tuple
 from server.errors import validation_problems
 

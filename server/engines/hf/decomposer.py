@@ -2,7 +2,7 @@
 
 Every generation is constrained by xgrammar, so even a random model writes well-formed JSON
 with known tags, positional ids and backward-only dependencies; the pipelines that use it live
-in server.engines.decomposition and run unchanged on the other engines.
+in server.engines.decomposition.pipelines and run unchanged on the other engines.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 from server.engines import defaults
 from server.engines.answers import YesNo
 from server.engines.base import EngineError
-from server.engines.decomposition import (
+from server.engines.decomposition.parse import Generation
+from server.engines.decomposition.pipelines import (
     Choice,
     Constraint,
     Messages,
@@ -23,8 +24,7 @@ from server.engines.decomposition import (
     check_options,
     render_chat,
 )
-from server.engines.decomposition_parse import Generation
-from server.engines.decomposition_schema import Limits, choice_grammar
+from server.engines.decomposition.schema import Limits, choice_grammar
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
 
 

@@ -6,11 +6,10 @@ import math
 
 import pytest
 
-from dvreward_protocol.answers import answered_yes
-from server.core.scoring import (
+from dvreward_protocol.answers import answered_yes, greedy_yes
+from server.core.answer_rule import (
     UnscorableError,
     answer_word,
-    greedy_yes,
     p_yes_from_logits,
     p_yes_from_top_logprobs,
 )

@@ -14,14 +14,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.core.scoring import GREEDY_TOKENS
+from server.core.answer_rule import GREEDY_TOKENS
 from server.engines import defaults
 from server.engines.answers import YesNo
 from server.engines.base import EngineError, ItemScores, VerifyItem
 from server.engines.conversation import IMAGE_PART, verifier_messages
+from server.engines.hf.vision_attention import enable_batched_vision_attention
 from server.engines.loading import load_error, pretrained_kwargs, torch_dtype
 from server.engines.prompts import VERIFIER_SYSTEM_PROMPT
-from server.engines.vision_attention import enable_batched_vision_attention
 
 Mode = Literal["packed", "per_pair"]
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.core.scoring import UnscorableError, answer_word, p_yes_from_logits, p_yes_from_top_logprobs
+from server.core.answer_rule import UnscorableError, answer_word, p_yes_from_logits, p_yes_from_top_logprobs
 from server.engines.base import EngineError, PSource
 
 TOP_LOGPROBS = 20  # the most OpenAI's API returns
