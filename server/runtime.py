@@ -33,7 +33,8 @@ def build_broker(settings: Settings, consumer: str | None = None) -> Broker:
     if not settings.redis_url:
         from server.queue.memory import MemoryBroker
 
-        return MemoryBroker(max_queue=settings.max_queue, result_ttl=settings.result_ttl_s)
+        return MemoryBroker(max_queue=settings.max_queue, result_ttl=settings.result_ttl_s,
+                            cache_max_bytes=settings.cache_max_bytes)
     from server.queue.redis_broker import TRIM_GRACE_S, RedisBroker
 
     return RedisBroker(
@@ -118,7 +119,7 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
         decomposer_templates=template_version(),
         verifier_system_prompt=settings.verifier_system_prompt,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
-        result_ttl_s=settings.result_ttl_s,
+        result_ttl_s=settings.result_ttl_s, idempotency_max_bytes=settings.idempotency_max_bytes,
     ))
 
 

@@ -36,7 +36,7 @@ from dvreward_protocol.schemas import (
 )
 from server.core.scoring import answered_yes
 from server.errors import ErrorCode, ServiceError
-from server.idempotency import once
+from server.idempotency import Keeping, once
 from server.queue.base import Broker
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, Verified, VerifyPayload
 
@@ -54,6 +54,7 @@ class ServiceConfig:
     request_timeout_s: float
     cache_ttl_s: float
     result_ttl_s: float
+    idempotency_max_bytes: int
 
 
 Checked = bytes | ServiceError  # an image's bytes, or why this image alone cannot be scored
@@ -86,7 +87,8 @@ class ScoringService:
         Records are scoped by principal (the API key's digest): another key reusing the same
         Idempotency-Key never sees this one's response.
         """
-        return await once(self.broker, principal, route, key, body, self.config.result_ttl_s, self.deadline(), run)
+        return await once(self.broker, principal, route, key, body, run,
+                          Keeping(self.config.result_ttl_s, self.config.idempotency_max_bytes), self.deadline())
 
     # ---- decomposition ----------------------------------------------------------------
     def cache_key(self, prompt: str, editing: bool = False) -> str:

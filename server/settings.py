@@ -61,6 +61,7 @@ StrList = Annotated[list[str], NoDecode, BeforeValidator(parse_list), AfterValid
 
 # Durations are positive and at most a year: a longer one is a unit slip (milliseconds given as seconds).
 YEAR_S = 365 * 24 * 3600
+MIB, GIB = 1024**2, 1024**3
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -204,6 +205,16 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="deliveries after which a task fails with an error")
     result_ttl_s: int = Field(600, ge=1, le=YEAR_S, description="TTL of results, replies and idempotency records")
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=YEAR_S, description="TTL of cached decompositions")
+    idempotency_max_bytes: int = Field(
+        4 * MIB, ge=1024, le=GIB, description="largest response kept for Idempotency-Key replays (echoed group "
+        "metadata not counted: the retry brings it again); a larger one is answered but not kept, so its retry is "
+        "scored again"
+    )
+    cache_max_bytes: int = Field(
+        256 * MIB, ge=MIB, le=1024 * GIB, description="embedded queue: bytes of cached decompositions and idempotency "
+        "records held in memory, the oldest dropped first (with Redis, its maxmemory bounds them); at least "
+        "idempotency_max_bytes"
+    )
     heartbeat_s: float = Field(
         2.0, ge=0.1, le=YEAR_S, description="worker heartbeat period; a worker silent 3x this is dead"
     )
@@ -269,6 +280,13 @@ class Settings(BaseSettings):
             raise ValueError(f"batch_wait_ms ({self.batch_wait_ms}) must be shorter than batch_timeout_s "
                              f"({self.batch_timeout_s:g}): a stopping worker may wait that long for the last tasks "
                              "of a batch, and stops within its batch timeout")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_state_bounds(self) -> Settings:
+        if self.cache_max_bytes < self.idempotency_max_bytes:
+            raise ValueError(f"cache_max_bytes ({self.cache_max_bytes}) is below idempotency_max_bytes "
+                             f"({self.idempotency_max_bytes}): a record within the limit might never be kept")
         return self
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ WORKER_SETTINGS |= {"verifier_engine", "decomposer_engine", "verifier_url", "dec
 API_SETTINGS = {"host", "port", "api_keys", "allow_anonymous", "max_body_bytes", "max_images", "max_image_bytes",
                 "max_questions", "max_prompt_chars", "max_groups", "request_timeout_s", "body_timeout_s",
                 "max_images_per_item"}
+API_SETTINGS |= {"idempotency_max_bytes", "cache_max_bytes"}
 
 
 EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)

@@ -156,7 +156,7 @@ class BrokenDelivery(MemoryBroker):
 async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: types.SimpleNamespace) -> None:
     """No half-alive worker: the heartbeat stops with the crashed loop, and the worker leaves the registry."""
     s = Settings()
-    broker = BrokenDelivery(max_queue=s.max_queue, result_ttl=s.result_ttl_s)
+    broker = BrokenDelivery(max_queue=s.max_queue, result_ttl=s.result_ttl_s, cache_max_bytes=s.cache_max_bytes)
     worker = Worker(broker, tiny_verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
                     heartbeat_s=0.2, batch_timeout_s=600, max_image_pixels=4096 * 4096, worker_id="w-crash")
     run = asyncio.create_task(worker.run(asyncio.Event()))
