@@ -38,6 +38,7 @@ API_SETTINGS |= {"idempotency_max_bytes", "cache_max_bytes"}
 
 
 EXIT_HUNG = 3  # `dvreward worker` exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
+EXIT_WORKER_DIED = 4  # `dvreward worker` exit status when a loop of the worker failed otherwise
 
 
 def loaded_models(s: Settings) -> dict[str, str | None]:
@@ -175,14 +176,24 @@ def _worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        logging.getLogger("dvreward").info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
+        log = logging.getLogger("dvreward")
+        log.info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
+        died = False
         try:
             await worker.run(stop)
         except* WorkerHung:
             # The hung engine thread can be neither stopped nor joined (interpreter exit would wait for it).
             os._exit(EXIT_HUNG)
+        except* Exception as failed:
+            log.critical("worker %s stopped because a loop failed (%s); exiting with %d for a supervisor to restart "
+                         "it", worker.worker_id, "; ".join(f"{type(e).__name__}: {e}" for e in failed.exceptions),
+                         EXIT_WORKER_DIED, exc_info=failed)
+            died = True
         finally:
             await worker.broker.close()
+        if died:  # an engine thread may still run the abandoned batch, and interpreter exit would wait for it
+            logging.shutdown()
+            os._exit(EXIT_WORKER_DIED)
 
     asyncio.run(main())
     return 0

@@ -543,6 +543,49 @@ async def test_redis_claim_recovers_when_the_consumer_group_is_lost(
     assert task.task_id == "r9:v1"
 
 
+async def blocked_in(broker: RedisBroker, command: str, timeout: float = 30.0) -> None:
+    """Return once a client of this Redis is blocked in `command` (a white-box probe: CLIENT LIST)."""
+    end = time.monotonic() + timeout
+    while not any(c.get("cmd") == command and "b" in c.get("flags", "") for c in await broker.redis.client_list()):
+        assert time.monotonic() < end, f"no client ever blocked in {command}"
+        await asyncio.sleep(0.01)
+
+
+async def test_redis_a_claim_blocked_while_redis_is_flushed_recovers(
+    redis_brokers: Callable[..., RedisBroker],
+) -> None:
+    """FLUSHALL under a worker blocked in XREADGROUP: Redis answers UNBLOCKED (not NOGROUP), the worker makes its group
+    again and goes on."""
+    api, worker = redis_brokers("api"), redis_brokers("w", redis_timeout_s=8.0)  # reads block up to 4 s
+    await api.submit([make_task("f1:v0", "f1")])
+    (first,) = await claim_n(worker, TaskKind.verify, 1)
+    await worker.complete(first, verified(first.task_id, 0.5))
+    blocked = asyncio.create_task(worker.claim(TaskKind.verify, 4, 3.0))
+    await blocked_in(api, "xreadgroup")
+    await api.redis.flushall()
+    assert await asyncio.wait_for(blocked, 30) == []
+    await api.submit([make_task("f1:v1", "f1")])
+    (task,) = await claim_n(worker, TaskKind.verify, 1)
+    assert task.task_id == "f1:v1"
+
+
+async def test_redis_a_request_whose_tasks_redis_lost_fails_fast_with_503(
+    redis_brokers: Callable[..., RedisBroker], clock: Clock,
+) -> None:
+    """Its tasks flushed, no result can come: 503 within a blocking read, not a 504 at the deadline."""
+    api = redis_brokers("api", redis_timeout_s=2.0)
+    await api.submit([make_task("f2:v0", "f2", ttl=60), make_task("f2:v1", "f2", ttl=60)])
+    gathering = asyncio.create_task(api.gather("f2", {"f2:v0", "f2:v1"}, clock.time() + 60))
+    await blocked_in(api, "blpop")
+    await api.redis.flushall()
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        await asyncio.wait_for(gathering, 30)
+    assert err.value.code is ErrorCode.unavailable and err.value.retry_after
+    assert "lost 2 of this request's 2 tasks" in err.value.message
+    assert time.monotonic() - t0 < 10, "the request waited for results that could no longer come"
+
+
 async def test_redis_waits_longer_than_the_socket_timeout_are_not_outages(
     redis_brokers: Callable[..., RedisBroker], clock: Clock,
 ) -> None:
