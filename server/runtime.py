@@ -41,7 +41,7 @@ def build_broker(settings: Settings, consumer: str | None = None) -> Broker:
         settings.redis_url, prefix=settings.queue_prefix, max_queue=settings.max_queue,
         result_ttl=settings.result_ttl_s, visibility_timeout=settings.visibility_timeout_s,
         max_deliveries=settings.max_deliveries, timeout=settings.redis_timeout_s,
-        max_task_age=settings.request_timeout_s + TRIM_GRACE_S, consumer=consumer,
+        max_task_age=settings.request_timeout_s + TRIM_GRACE_S, lock_ttl=settings.lock_ttl_s, consumer=consumer,
     )
 
 

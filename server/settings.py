@@ -215,6 +215,11 @@ class Settings(BaseSettings):
         "records held in memory, the oldest dropped first (with Redis, its maxmemory bounds them); at least "
         "idempotency_max_bytes"
     )
+    lock_ttl_s: float = Field(
+        10.0, ge=1, le=YEAR_S, description="how long the lock of a computation shared by identical requests (a "
+        "decomposition, an Idempotency-Key) outlives an API that died computing it: a retry takes over within this; "
+        "renewed while computing; at least 2 x redis_timeout_s"
+    )
     heartbeat_s: float = Field(
         2.0, ge=0.1, le=YEAR_S, description="worker heartbeat period; a worker silent 3x this is dead"
     )
@@ -284,6 +289,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _shared_state_bounds(self) -> Settings:
+        if self.lock_ttl_s < 2 * self.redis_timeout_s:
+            raise ValueError(f"lock_ttl_s ({self.lock_ttl_s:g}) must be at least 2 x redis_timeout_s "
+                             f"({2 * self.redis_timeout_s:g} s): a computing API renews its lock every third of it, "
+                             "and a renewal may take that long, so the lock would lapse under a live computation")
         if self.cache_max_bytes < self.idempotency_max_bytes:
             raise ValueError(f"cache_max_bytes ({self.cache_max_bytes}) is below idempotency_max_bytes "
                              f"({self.idempotency_max_bytes}): a record within the limit might never be kept")

@@ -10,7 +10,6 @@ costs the requests in flight a quick 503, and workers make their consumer groups
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -25,17 +24,11 @@ from redis.exceptions import RedisError, ResponseError
 
 from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError, validation_problems
-from server.queue.base import (
-    Compute,
-    queue_full,
-    remaining,
-    singleflight_message,
-    singleflight_value,
-    too_many,
-)
+from server.queue.base import Compute, queue_full, remaining, too_many
 from server.queue.keys import GROUP, Keys
 from server.queue.messages import Result, Task, TaskKind
 from server.queue.redis_errors import RETRY_AFTER_S, error_code, unavailable
+from server.queue.redis_singleflight import RedisSingleFlight
 
 log = logging.getLogger("dvreward.queue")
 P = ParamSpec("P")
@@ -88,19 +81,6 @@ end
 return 0
 """
 
-# KEYS: value, waiters, lock. ARGV: message, value-or-empty, ttl, msg-ttl. Publishes to every waiter.
-_PUBLISH = """
-if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
-for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  redis.call('RPUSH', w, ARGV[1])
-  redis.call('EXPIRE', w, ARGV[4])
-end
-redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-
 # A blocked XREADGROUP whose stream or group was deleted (FLUSHALL, FLUSHDB) is answered UNBLOCKED; any other
 # command on them, NOGROUP. Either way the group is made again.
 _GROUP_LOST = ("NOGROUP", "UNBLOCKED")
@@ -135,11 +115,12 @@ class RedisBroker:
         max_deliveries: int,
         timeout: float,
         max_task_age: float,
+        lock_ttl: float,
         consumer: str | None = None,
     ) -> None:
         """Values come from Settings (`runtime.build_broker`); `consumer` names this client in its consumer
         group (a fresh name when None). `timeout` bounds every command; tasks older than `max_task_age`
-        (past any deadline) are trimmed."""
+        (past any deadline) are trimmed; `lock_ttl` is how long a single-flight lock outlives its owner."""
         self.url = url
         self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=timeout,
                                              socket_timeout=timeout, health_check_interval=10)
@@ -153,7 +134,7 @@ class RedisBroker:
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._admit = self.redis.register_script(_ADMIT)
         self._deliver = self.redis.register_script(_DELIVER)
-        self._publish = self.redis.register_script(_PUBLISH)
+        self._singleflight = RedisSingleFlight(self.redis, self.keys, lock_ttl=lock_ttl, block_s=self.block_s)
         self._groups_ready: set[TaskKind] = set()
         self._unsettled: set[TaskKind] = set()
 
@@ -219,50 +200,7 @@ class RedisBroker:
 
     @_unavailable
     async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
-        k = self.keys
-        hit = await self.redis.get(k.value(key))
-        if hit is not None:
-            return hit, True
-        me = k.waiter(uuid.uuid4().hex)
-        wait_ttl = int(max(1.0, remaining(deadline))) + 5
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(k.waiters(key), me).expire(k.waiters(key), wait_ttl).get(k.value(key))
-            _, _, hit = await pipe.execute()
-        if hit is not None:
-            await self.redis.srem(k.waiters(key), me)
-            return hit, True
-        if await self.redis.set(k.lock(key), self.consumer, nx=True, ex=wait_ttl):
-            await self.redis.srem(k.waiters(key), me)
-            return await self._compute_and_publish(key, compute, ttl, wait_ttl), False
-        return await self._wait_for(me, deadline), True
-
-    async def _compute_and_publish(self, key: str, compute: Compute, ttl: float, msg_ttl: int) -> bytes:
-        k = self.keys
-        keys = [k.value(key), k.waiters(key), k.lock(key)]
-        outcome: tuple[bytes | None, ServiceError] = (None, ServiceError(
-            ErrorCode.unavailable, "the identical computation was cancelled", retry_after=1.0))
-        try:
-            value = await compute()
-            outcome = (value, outcome[1])
-            return value
-        except Exception as exc:
-            outcome = (None, exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"{exc}"))
-            raise
-        finally:  # success, failure or cancellation: every waiter hears, and the lock is released
-            done, err = outcome
-            args = ([singleflight_message(done, None), done, int(ttl), msg_ttl] if done is not None
-                    else [singleflight_message(None, err), "", 1, msg_ttl])
-            await asyncio.shield(self._publish(keys=keys, args=args))
-
-    async def _wait_for(self, me: str, deadline: float) -> bytes:
-        while True:
-            left = remaining(deadline)
-            if left <= 0:
-                raise ServiceError(ErrorCode.timeout, "a concurrent identical computation did not finish in time")
-            item = await self.redis.blpop([me], timeout=max(0.01, min(left, self.block_s)))
-            if item is not None:
-                await self.redis.delete(me)
-                return singleflight_value(item[1])
+        return await self._singleflight.singleflight(key, compute, ttl, deadline)
 
     # ---- worker side ----------------------------------------------------------------------
     @_unavailable
