@@ -35,14 +35,15 @@ def build_broker(settings: Settings, consumer: str | None = None) -> Broker:
     if not settings.redis_url:
         from server.queue.memory import MemoryBroker
 
-        return MemoryBroker(max_queue=settings.max_queue, result_ttl=settings.result_ttl_s)
+        return MemoryBroker(max_queue=settings.max_queue, result_ttl=settings.result_ttl_s,
+                            cache_max_bytes=settings.cache_max_bytes)
     from server.queue.redis_broker import TRIM_GRACE_S, RedisBroker
 
     return RedisBroker(
         settings.redis_url, prefix=settings.queue_prefix, max_queue=settings.max_queue,
         result_ttl=settings.result_ttl_s, visibility_timeout=settings.visibility_timeout_s,
         max_deliveries=settings.max_deliveries, timeout=settings.redis_timeout_s,
-        max_task_age=settings.request_timeout_s + TRIM_GRACE_S, consumer=consumer,
+        max_task_age=settings.request_timeout_s + TRIM_GRACE_S, lock_ttl=settings.lock_ttl_s, consumer=consumer,
     )
 
 
@@ -133,6 +134,7 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
         verifier_system_prompt=settings.verifier_system_prompt,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
         result_ttl_s=settings.result_ttl_s, worker_grace_s=settings.worker_grace_s,
+        idempotency_max_bytes=settings.idempotency_max_bytes,
     ))
 
 

@@ -36,7 +36,7 @@ from dvreward_protocol.schemas import (
     Warning,
 )
 from server.errors import ErrorCode, ServiceError
-from server.idempotency import once
+from server.idempotency import Keeping, once
 from server.liveness import WorkerWatch
 from server.queue.base import Broker
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
@@ -61,6 +61,7 @@ class ServiceConfig:
     cache_ttl_s: float
     result_ttl_s: float
     worker_grace_s: float  # no live worker for a kind of task this long: 503 at once, not 504 at the deadline
+    idempotency_max_bytes: int
 
 
 Checked = bytes | ServiceError  # an image's bytes, or why this image alone cannot be scored
@@ -99,7 +100,8 @@ class ScoringService:
         Records are scoped by principal (the API key's digest): another key reusing the same
         Idempotency-Key never sees this one's response.
         """
-        return await once(self.broker, principal, route, key, body, self.config.result_ttl_s, self.deadline(), run)
+        return await once(self.broker, principal, route, key, body, run,
+                          Keeping(self.config.result_ttl_s, self.config.idempotency_max_bytes), self.deadline())
 
     # ---- decomposition ----------------------------------------------------------------
     def cache_key(self, prompt: str, editing: bool = False) -> str:

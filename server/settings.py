@@ -73,6 +73,7 @@ PUBLIC_ROUTES = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi
 
 # Durations are positive and at most a year: a longer one is a unit slip (milliseconds given as seconds).
 YEAR_S = 365 * 24 * 3600
+MIB, GIB = 1024**2, 1024**3
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -216,6 +217,21 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="deliveries after which a task fails with an error")
     result_ttl_s: int = Field(600, ge=1, le=YEAR_S, description="TTL of results, replies and idempotency records")
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=YEAR_S, description="TTL of cached decompositions")
+    idempotency_max_bytes: int = Field(
+        4 * MIB, ge=1024, le=GIB, description="largest response kept for Idempotency-Key replays (echoed group "
+        "metadata not counted: the retry brings it again); a larger one is answered but not kept, so its retry is "
+        "scored again"
+    )
+    cache_max_bytes: int = Field(
+        256 * MIB, ge=MIB, le=1024 * GIB, description="embedded queue: bytes of cached decompositions and idempotency "
+        "records held in memory, the oldest dropped first (with Redis, its maxmemory bounds them); at least "
+        "idempotency_max_bytes"
+    )
+    lock_ttl_s: float = Field(
+        10.0, ge=1, le=YEAR_S, description="how long the lock of a computation shared by identical requests (a "
+        "decomposition, an Idempotency-Key) outlives an API that died computing it: a retry takes over within this; "
+        "renewed while computing; at least 2 x redis_timeout_s"
+    )
     heartbeat_s: float = Field(
         2.0, ge=0.1, le=YEAR_S, description="worker heartbeat period; a worker silent 3x this is dead"
     )
@@ -309,6 +325,17 @@ class Settings(BaseSettings):
         if self.max_inflight_bytes < self.max_body_bytes:
             raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) is below max_body_bytes "
                              f"({self.max_body_bytes}): a body within the limit could never be admitted")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_state_bounds(self) -> Settings:
+        if self.lock_ttl_s < 2 * self.redis_timeout_s:
+            raise ValueError(f"lock_ttl_s ({self.lock_ttl_s:g}) must be at least 2 x redis_timeout_s "
+                             f"({2 * self.redis_timeout_s:g} s): a computing API renews its lock every third of it, "
+                             "and a renewal may take that long, so the lock would lapse under a live computation")
+        if self.cache_max_bytes < self.idempotency_max_bytes:
+            raise ValueError(f"cache_max_bytes ({self.cache_max_bytes}) is below idempotency_max_bytes "
+                             f"({self.idempotency_max_bytes}): a record within the limit might never be kept")
         return self
 
     @model_validator(mode="after")

@@ -5,6 +5,8 @@ only the item at fault gets the error), a heartbeat keeps the worker visible to 
 /v1/models, and a stop event drains: the batch in hand is finished and delivered, nothing new
 is claimed. Stopping is bounded in every state: filling a batch ends at once, a batch ends within the
 batch timeout, and results that cannot be delivered while stopping are left to re-delivery.
+A queue that is down or refuses commands (a 503 ServiceError) is retried with bounded backoff by
+every loop; anything else that ends a loop ends the worker, for its process to exit and be restarted.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -103,15 +107,35 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        loops = [self._heartbeat(stop)]
+        """Serve until `stop` is set (then drain), or until a loop fails: then every loop ends and the error is
+        raised, so that the process exits and its supervisor restarts it.
+
+        Loops end on `halt`, which a stop and a failed loop both set, not on the task group's cancellation alone: a
+        loop can miss its cancellation (Python 3.11's asyncio.wait_for returns an inner result that finished at the
+        same moment), and the one left running kept a worker alive with no heartbeat or no work.
+        """
+        halt = asyncio.Event()
+
+        async def until_stopped() -> None:
+            await stop.wait()
+            halt.set()
+
+        async def halting(loop: Coroutine[Any, Any, None]) -> None:
+            try:
+                await loop
+            finally:
+                halt.set()
+
+        loops = [self._heartbeat(halt)]
         if self.verifier is not None:
-            loops.append(self._loop(stop, TaskKind.verify, self._verify))
+            loops.append(self._loop(halt, TaskKind.verify, self._verify))
         if self.decomposer is not None:
-            loops.append(self._loop(stop, TaskKind.decompose, self._decompose))
+            loops.append(self._loop(halt, TaskKind.decompose, self._decompose))
         try:
             async with asyncio.TaskGroup() as group:  # one loop failing stops all: no half-alive worker
+                group.create_task(until_stopped())
                 for loop in loops:
-                    group.create_task(loop)
+                    group.create_task(halting(loop))
         finally:
             try:
                 await self.broker.remove_worker(self.worker_id)
@@ -127,10 +151,7 @@ class Worker:
             except ServiceError as exc:
                 log.warning("heartbeat failed: %s", exc.message)
                 self._unregistered = f"its heartbeat did not reach the queue: {exc.message}"
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.heartbeat_s)
-            except TimeoutError:
-                continue
+            await _pause(stop, self.heartbeat_s)
 
     async def _loop(
         self, stop: asyncio.Event, kind: TaskKind, handle: Callable[[list[Task]], Awaitable[list[Result]]]
@@ -138,13 +159,16 @@ class Worker:
         async def fetch(n: int, timeout: float) -> list[Task]:
             return await self.broker.claim(kind, n, timeout)
 
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 batch = await collect_batch(fetch, self.batch_size, max(self.batch_wait, 0.001), stop)
             except ServiceError as exc:
-                log.warning("claiming %s tasks failed (%s); retrying in 1 s", kind.value, exc.message)
-                await _pause(stop, 1.0)
+                delay = backoff.next()
+                log.warning("claiming %s tasks failed (%s); retrying in %.1f s", kind.value, exc.message, delay)
+                await _pause(stop, delay)
                 continue
+            backoff.reset()
             live = [t for t in batch if not t.expired]
             expired = [(t, Result.failure(t.task_id, ErrorCode.expired, "request deadline passed"))
                        for t in batch if t.expired]
@@ -183,6 +207,7 @@ class Worker:
     async def _deliver_all(self, stop: asyncio.Event, done: list[tuple[Task, Result]]) -> bool:
         """Keep each result until the queue is back; once stopping, one failure leaves the rest of the batch to
         re-delivery (one Redis timeout each would hold the stop for the whole batch). False if anything is left."""
+        backoff = Backoff()
         for n, (task, result) in enumerate(done):
             while True:
                 try:
@@ -193,8 +218,9 @@ class Worker:
                         log.warning("stopping with %d results undelivered (%s); their tasks stay pending and are "
                                     "re-delivered", len(done) - n, exc.message)
                         return False
-                    log.warning("delivering %s failed (%s); retrying in 1 s", task.task_id, exc.message)
-                    await _pause(stop, 1.0)
+                    delay = backoff.next()
+                    log.warning("delivering %s failed (%s); retrying in %.1f s", task.task_id, exc.message, delay)
+                    await _pause(stop, delay)
         return True
 
     async def _verify(self, tasks: list[Task]) -> list[Result]:
@@ -276,6 +302,24 @@ class Worker:
                 named = o.model_copy(update={"model": self.decomposer_id})
                 out.append(Result(task_id=t.task_id, value=Decomposed(decomposition=named)))
         return out
+
+
+class Backoff:
+    """Pauses between retries of a queue that is down: doubling from FIRST_S to at most MAX_S, each drawn between
+    half and all of that (workers that failed together do not retry together), and from the start after a success."""
+
+    FIRST_S = 0.25
+    MAX_S = 5.0
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def next(self) -> float:
+        self.failures = min(self.failures + 1, 32)  # past MAX_S anyway; unbounded, 2 ** n overflows a float
+        return min(self.MAX_S, self.FIRST_S * 2 ** (self.failures - 1)) * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -36,10 +36,11 @@ WORKER_SETTINGS |= {"verifier_engine", "verifier_url", "decomposer_url", "verifi
 API_SETTINGS = {"port", "api_keys", "allow_anonymous", "public_routes", "max_body_bytes", "max_inflight_requests",
                 "max_inflight_bytes", "max_images", "max_image_bytes", "max_questions", "max_prompt_chars",
                 "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item", "worker_grace_s"}
+API_SETTINGS |= {"idempotency_max_bytes", "cache_max_bytes"}
 
 
 EXIT_HUNG = 3  # `dvreward worker` (and `serve`) exit status when its engine hung (see DVREWARD_BATCH_TIMEOUT_S)
-EXIT_WORKER_DIED = 4  # `dvreward serve` exit status when its embedded worker died otherwise
+EXIT_WORKER_DIED = 4  # `dvreward worker` (and `serve`) exit status when a loop of the worker failed otherwise
 
 
 def loaded_models(s: Settings) -> dict[str, str | None]:
@@ -211,15 +212,25 @@ def _worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        logging.getLogger("dvreward").info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
+        log = logging.getLogger("dvreward")
+        log.info("worker %s ready; SIGTERM drains and exits", worker.worker_id)
+        died = False
         try:
             async with worker_port(worker, s):
                 await worker.run(stop)
         except* WorkerHung:
             # The hung engine thread can be neither stopped nor joined (interpreter exit would wait for it).
             os._exit(EXIT_HUNG)
+        except* Exception as failed:
+            log.critical("worker %s stopped because a loop failed (%s); exiting with %d for a supervisor to restart "
+                         "it", worker.worker_id, "; ".join(f"{type(e).__name__}: {e}" for e in failed.exceptions),
+                         EXIT_WORKER_DIED, exc_info=failed)
+            died = True
         finally:
             await worker.broker.close()
+        if died:  # an engine thread may still run the abandoned batch, and interpreter exit would wait for it
+            logging.shutdown()
+            os._exit(EXIT_WORKER_DIED)
 
     asyncio.run(main())
     return 0

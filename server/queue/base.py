@@ -61,7 +61,8 @@ class Replies(Protocol):
         ...
 
     async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
-        """Wait (blocking, no polling) until every task has a result, or raise ServiceError(timeout)."""
+        """Wait (blocking, no polling) until every task has a result, or raise ServiceError(timeout); raise
+        ServiceError(unavailable) at once if the backend lost the tasks (a flushed or restarted Redis)."""
         ...
 
 

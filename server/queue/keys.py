@@ -20,6 +20,10 @@ class Keys:
         """List the results of one request's tasks are pushed to (the API BLPOPs it); `reply_to` is the task's."""
         return f"{self.prefix}:reply:{reply_to}"
 
+    def pending(self, reply_to: str) -> str:
+        """Marks a request whose tasks Redis holds, from admission until its gather ends (or its tasks' TTL)."""
+        return f"{self.prefix}:pending:{reply_to}"
+
     def done(self, task_id: str) -> str:
         """Marks a delivered task: re-delivery after a crash must not deliver twice."""
         return f"{self.prefix}:done:{task_id}"

@@ -11,15 +11,18 @@ from server.errors import ErrorCode, ServiceError
 from server.queue.base import Compute, QueueStats, queue_full, too_many, wait_until
 from server.queue.messages import Result, Task, TaskKind
 
-MAX_CACHED_VALUES = 10_000  # the single-flight cache's bound: decompositions and idempotency records
+ENTRY_BYTES = 200  # what a cached entry costs beyond its key and value (dict slot, tuple, objects), roughly
 
 
 class MemoryBroker:
-    def __init__(self, *, max_queue: int, result_ttl: float) -> None:
-        """Values come from Settings (`runtime.build_broker`)."""
+    def __init__(self, *, max_queue: int, result_ttl: float, cache_max_bytes: int) -> None:
+        """Values come from Settings (`runtime.build_broker`); `cache_max_bytes` bounds the single-flight cache
+        (decompositions and idempotency records)."""
         self.max_queue = max_queue
         self._inserts = 0
         self.result_ttl = result_ttl
+        self.cache_max_bytes = cache_max_bytes
+        self._cached_bytes = 0
         self._queues: dict[TaskKind, asyncio.Queue[Task]] = {k: asyncio.Queue() for k in TaskKind}
         self._claimed: dict[TaskKind, set[str]] = {k: set() for k in TaskKind}  # counted until completed
         self._replies: dict[str, asyncio.Queue[Result]] = {}
@@ -78,14 +81,26 @@ class MemoryBroker:
                                                retry_after=1.0))
 
     def _remember(self, key: str, value: bytes, ttl: float) -> None:
-        """Bounded like a cache should be: expired entries are swept regularly, the oldest go when full."""
+        """Bounded by bytes, as the values' sizes vary by orders of magnitude: expired entries are swept regularly,
+        the oldest go when the budget is spent, and a value larger than the whole budget is not kept."""
+        size = _entry_bytes(key, value)
+        if size > self.cache_max_bytes:
+            return
+        self._forget(key)
         now = time.time()
         self._inserts += 1
-        if self._inserts % 256 == 0 or len(self._values) >= MAX_CACHED_VALUES:
-            self._values = {k: v for k, v in self._values.items() if v[1] > now}
-        while len(self._values) >= MAX_CACHED_VALUES:
-            del self._values[next(iter(self._values))]
+        if self._inserts % 256 == 0 or self._cached_bytes + size > self.cache_max_bytes:
+            for k in [k for k, (_, expiry) in self._values.items() if expiry <= now]:
+                self._forget(k)
+        while self._cached_bytes + size > self.cache_max_bytes:
+            self._forget(next(iter(self._values)))
         self._values[key] = (value, now + ttl)
+        self._cached_bytes += size
+
+    def _forget(self, key: str) -> None:
+        old = self._values.pop(key, None)
+        if old is not None:
+            self._cached_bytes -= _entry_bytes(key, old[0])
 
     # ---- worker side ----------------------------------------------------------------------
     async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]:
@@ -143,3 +158,6 @@ class MemoryBroker:
     async def close(self) -> None:
         return None
 
+
+def _entry_bytes(key: str, value: bytes) -> int:
+    return len(key) + len(value) + ENTRY_BYTES

@@ -4,12 +4,12 @@ Results are delivered by an atomic script (mark done + push to the request's rep
 XACK, so a crash between the two re-delivers a task that is then acknowledged without a second
 reply. Every key carries a TTL (the streams too, and they are trimmed past the tasks' deadlines,
 so Redis memory is bounded by the queue limit while workers are down). Image bytes travel as raw
-stream fields, never pickled.
+stream fields, never pickled. A Redis that loses its data (FLUSHALL, a restart without persistence)
+costs the requests in flight a quick 503, and workers make their consumer groups again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -20,23 +20,15 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError, validation_problems
-from server.queue.base import (
-    Compute,
-    QueueStats,
-    queue_full,
-    remaining,
-    singleflight_message,
-    singleflight_value,
-    too_many,
-)
+from server.queue.base import Compute, QueueStats, queue_full, remaining, too_many
 from server.queue.keys import GROUP, Keys
 from server.queue.messages import Result, Task, TaskKind
+from server.queue.redis_errors import RETRY_AFTER_S, error_code, unavailable
+from server.queue.redis_singleflight import RedisSingleFlight
 
 log = logging.getLogger("dvreward.queue")
 P = ParamSpec("P")
@@ -48,12 +40,16 @@ T = TypeVar("T")
 TRIM_GRACE_S = 5.0  # clock skew between API replicas and Redis that trimming by deadline tolerates
 SAME_VERSION = "the API and the workers must run the same DVReward version"  # tasks and results are theirs
 
-# KEYS: the streams. ARGV: max queue, oldest entry id kept (ms), key ttl ms, task count, then per task:
-# stream index, field count, fields. Trims entries past every deadline, then admits all tasks or none
-# (returns the index and depth of a full stream), so concurrent submits can never overfill a queue.
-_ADMIT = """
+# KEYS: the streams, then the requests' markers. ARGV: max queue, oldest entry id kept (ms), key ttl ms, task
+# count, stream count, then per task: stream index, field count, fields. Trims entries past every deadline, then
+# admits all tasks or none (returns the index and depth of a full stream), so concurrent submits can never overfill
+# a queue; the markers say, while they last, that Redis still holds the requests' tasks. Declared (#!lua, Redis 7)
+# so that a Redis out of memory refuses it whole: otherwise the XTRIM counts as the script's first write, and Redis
+# lets a script that has written write on, past maxmemory.
+_ADMIT = """#!lua
 local maxq, min_id, ttl, ntasks = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local counts, plan, i = {}, {}, 5
+local nstreams = tonumber(ARGV[5])
+local counts, plan, i = {}, {}, 6
 for n = 1, ntasks do
   local s, nf = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   counts[s] = (counts[s] or 0) + 1
@@ -71,6 +67,7 @@ for _, p in ipairs(plan) do
   redis.call('XADD', KEYS[p[1]], '*', unpack(fields))
 end
 for s, _ in pairs(counts) do redis.call('PEXPIRE', KEYS[s], ttl) end
+for m = nstreams + 1, #KEYS do redis.call('SET', KEYS[m], '1', 'PX', ttl) end
 return {0, 0}
 """
 
@@ -84,38 +81,24 @@ end
 return 0
 """
 
-# KEYS: value, waiters, lock. ARGV: message, value-or-empty, ttl, msg-ttl. Publishes to every waiter.
-_PUBLISH = """
-if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
-for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  redis.call('RPUSH', w, ARGV[1])
-  redis.call('EXPIRE', w, ARGV[4])
-end
-redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-
-# Redis refusals that mean "the server is unwell", not "the command is wrong".
-_DOWN_STATES = ("OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "BUSY ")
+# A blocked XREADGROUP whose stream or group was deleted (FLUSHALL, FLUSHDB) is answered UNBLOCKED; any other
+# command on them, NOGROUP. Either way the group is made again.
+_GROUP_LOST = ("NOGROUP", "UNBLOCKED")
 
 
 def _unavailable(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Any lost Redis connection becomes a 503 with a message saying what is down."""
+    """A Redis that cannot be reached, or refuses commands for now (out of memory, read-only, loading), is a 503
+    with a message saying what is wrong; other Redis errors are faults and pass unchanged."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise ServiceError(ErrorCode.unavailable, f"the queue (Redis) is unreachable: {exc}",
-                               retry_after=2.0) from exc
-        except ResponseError as exc:
-            if not str(exc).startswith(_DOWN_STATES):
+        except (RedisError, OSError) as exc:
+            mapped = unavailable(exc)
+            if mapped is None:
                 raise
-            raise ServiceError(ErrorCode.unavailable, f"the queue (Redis) cannot serve requests: {exc}",
-                               retry_after=2.0) from exc
+            raise mapped from exc
 
     return wrapper
 
@@ -132,11 +115,12 @@ class RedisBroker:
         max_deliveries: int,
         timeout: float,
         max_task_age: float,
+        lock_ttl: float,
         consumer: str | None = None,
     ) -> None:
         """Values come from Settings (`runtime.build_broker`); `consumer` names this client in its consumer
         group (a fresh name when None). `timeout` bounds every command; tasks older than `max_task_age`
-        (past any deadline) are trimmed."""
+        (past any deadline) are trimmed; `lock_ttl` is how long a single-flight lock outlives its owner."""
         self.url = url
         self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=timeout,
                                              socket_timeout=timeout, health_check_interval=10)
@@ -150,8 +134,9 @@ class RedisBroker:
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._admit = self.redis.register_script(_ADMIT)
         self._deliver = self.redis.register_script(_DELIVER)
-        self._publish = self.redis.register_script(_PUBLISH)
+        self._singleflight = RedisSingleFlight(self.redis, self.keys, lock_ttl=lock_ttl, block_s=self.block_s)
         self._groups_ready: set[TaskKind] = set()
+        self._unsettled: set[TaskKind] = set()
 
     async def _ensure_group(self, kind: TaskKind) -> None:
         if kind in self._groups_ready:
@@ -159,7 +144,7 @@ class RedisBroker:
         try:
             await self.redis.xgroup_create(self.keys.stream(kind), GROUP, id="0", mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if error_code(exc) != "BUSYGROUP":
                 raise
         self._groups_ready.add(kind)
 
@@ -172,19 +157,24 @@ class RedisBroker:
             await self._ensure_group(kind)
         # The cut-off is on this clock, as the tasks' deadlines are; entry ids are on Redis's (TRIM_GRACE_S of skew).
         oldest_kept = int(time.time() * 1000) - self.max_age_ms
-        args: list[bytes | str | int] = [self.max_queue, oldest_kept, self.max_age_ms, len(tasks)]
+        args: list[bytes | str | int] = [self.max_queue, oldest_kept, self.max_age_ms, len(tasks), len(kinds)]
         for t in tasks:
             fields: list[bytes | str] = ["task", t.header()]
             for i, b in enumerate(t.blobs):
                 fields += [f"blob{i}", b]
             args += [kinds.index(t.kind) + 1, len(fields) // 2, *fields]
-        full, depth = await self._admit(keys=[self.keys.stream(k) for k in kinds], args=args)
+        markers = [self.keys.pending(r) for r in dict.fromkeys(t.reply_to for t in tasks)]
+        full, depth = await self._admit(keys=[self.keys.stream(k) for k in kinds] + markers, args=args)
         if full:
             raise queue_full(kinds[int(full) - 1], int(depth), self.max_queue)
 
     @_unavailable
     async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
-        reply_key = self.keys.reply(reply_to)
+        """Between results, at every pause of the blocking read, one EXISTS of the marker `submit` wrote: gone
+        before its TTL (past the deadline) means Redis lost the request's tasks (FLUSHALL, FLUSHDB, a restart
+        without persistence, eviction), so no result can come and the request fails now instead of at its
+        deadline. A result a worker still delivers for a lost task does not save it: the stream entry is gone."""
+        reply_key, marker = self.keys.reply(reply_to), self.keys.pending(reply_to)
         out: dict[str, Result] = {}
         try:
             while len(out) < len(task_ids):
@@ -196,60 +186,21 @@ class RedisBroker:
                     )
                 item = await self.redis.blpop([reply_key], timeout=max(0.01, min(left, self.block_s)))
                 if item is None:
+                    if not await self.redis.exists(marker):
+                        raise ServiceError(ErrorCode.unavailable, f"the queue (Redis) lost {len(task_ids) - len(out)}"
+                                           f" of this request's {len(task_ids)} tasks (flushed or restarted); retry",
+                                           retry_after=RETRY_AFTER_S)
                     continue
                 r = _read_result(item[1])
                 if r.task_id in task_ids:
                     out[r.task_id] = r
         finally:
-            await self.redis.delete(reply_key)
+            await self.redis.delete(reply_key, marker)
         return out
 
     @_unavailable
     async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
-        k = self.keys
-        hit = await self.redis.get(k.value(key))
-        if hit is not None:
-            return hit, True
-        me = k.waiter(uuid.uuid4().hex)
-        wait_ttl = int(max(1.0, remaining(deadline))) + 5
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(k.waiters(key), me).expire(k.waiters(key), wait_ttl).get(k.value(key))
-            _, _, hit = await pipe.execute()
-        if hit is not None:
-            await self.redis.srem(k.waiters(key), me)
-            return hit, True
-        if await self.redis.set(k.lock(key), self.consumer, nx=True, ex=wait_ttl):
-            await self.redis.srem(k.waiters(key), me)
-            return await self._compute_and_publish(key, compute, ttl, wait_ttl), False
-        return await self._wait_for(me, deadline), True
-
-    async def _compute_and_publish(self, key: str, compute: Compute, ttl: float, msg_ttl: int) -> bytes:
-        k = self.keys
-        keys = [k.value(key), k.waiters(key), k.lock(key)]
-        outcome: tuple[bytes | None, ServiceError] = (None, ServiceError(
-            ErrorCode.unavailable, "the identical computation was cancelled", retry_after=1.0))
-        try:
-            value = await compute()
-            outcome = (value, outcome[1])
-            return value
-        except Exception as exc:
-            outcome = (None, exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"{exc}"))
-            raise
-        finally:  # success, failure or cancellation: every waiter hears, and the lock is released
-            done, err = outcome
-            args = ([singleflight_message(done, None), done, int(ttl), msg_ttl] if done is not None
-                    else [singleflight_message(None, err), "", 1, msg_ttl])
-            await asyncio.shield(self._publish(keys=keys, args=args))
-
-    async def _wait_for(self, me: str, deadline: float) -> bytes:
-        while True:
-            left = remaining(deadline)
-            if left <= 0:
-                raise ServiceError(ErrorCode.timeout, "a concurrent identical computation did not finish in time")
-            item = await self.redis.blpop([me], timeout=max(0.01, min(left, self.block_s)))
-            if item is not None:
-                await self.redis.delete(me)
-                return singleflight_value(item[1])
+        return await self._singleflight.singleflight(key, compute, ttl, deadline)
 
     # ---- worker side ----------------------------------------------------------------------
     @_unavailable
@@ -257,17 +208,32 @@ class RedisBroker:
         try:
             entries = await self._read(kind, max_n, max_wait)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if error_code(exc) not in _GROUP_LOST:
                 raise
-            # Redis restarted without persistence (or was flushed): the group is gone, so make it again.
+            log.warning("the %s stream's consumer group is gone (%s: Redis was flushed, or restarted without "
+                        "persistence); making it again", kind.value, error_code(exc))
             self._groups_ready.discard(kind)
             entries = await self._read(kind, max_n, max_wait)
-        return [t for t in [await self._accept(kind, eid, fields) for eid, fields in entries] if t is not None]
+        try:
+            accepted = [await self._accept(kind, eid, fields) for eid, fields in entries]
+        except BaseException:
+            self._unsettled.add(kind)  # claimed in Redis, never handed out: read them again next time
+            raise
+        return [t for t in accepted if t is not None]
 
     async def _read(self, kind: TaskKind, max_n: int, max_wait: float) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Entries idle past the visibility timeout first (XAUTOCLAIM), then new ones (XREADGROUP)."""
+        """This consumer's own entries that a failed claim left pending, if any; else entries idle past the
+        visibility timeout (XAUTOCLAIM), then new ones (XREADGROUP). A claim that fails between reading and handing
+        out (Redis refused a write) would otherwise leave its entries to wait out the visibility timeout."""
         await self._ensure_group(kind)
         stream = self.keys.stream(kind)
+        if kind in self._unsettled:
+            mine = await self.redis.xreadgroup(GROUP, self.consumer, {stream: "0"}, count=max_n)
+            own: list[tuple[bytes, dict[bytes, bytes]]] = [e for _, items in mine or [] for e in items]
+            if len(own) < max_n:
+                self._unsettled.discard(kind)
+            if own:
+                return own
         _, entries, _ = await self.redis.xautoclaim(
             stream, GROUP, self.consumer, min_idle_time=self.visibility_ms, start_id="0-0", count=max_n
         )
@@ -375,9 +341,10 @@ class RedisBroker:
                 await self.redis.xclaim(self.keys.stream(kind), GROUP, self.consumer, min_idle_time=0,
                                         message_ids=ids, justid=True)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if error_code(exc) not in _GROUP_LOST:
                     raise
-                # the stream expired or was trimmed with its tasks (past their deadlines): nothing to renew
+                # the stream expired or was trimmed with its tasks (past their deadlines), or was flushed: nothing
+                # to renew
 
     @_unavailable
     async def ping(self) -> None:

@@ -156,7 +156,7 @@ class BrokenDelivery(MemoryBroker):
 async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: types.SimpleNamespace) -> None:
     """No half-alive worker: the heartbeat stops with the crashed loop, and the worker leaves the registry."""
     s = Settings()
-    broker = BrokenDelivery(max_queue=s.max_queue, result_ttl=s.result_ttl_s)
+    broker = BrokenDelivery(max_queue=s.max_queue, result_ttl=s.result_ttl_s, cache_max_bytes=s.cache_max_bytes)
     worker = Worker(broker, tiny_verifier, None, template_version="test", batch_size=8, batch_wait=0.05,
                     heartbeat_s=0.2, batch_timeout_s=600, max_image_pixels=4096 * 4096, worker_id="w-crash")
     run = asyncio.create_task(worker.run(asyncio.Event()))
@@ -165,6 +165,50 @@ async def test_a_crashed_loop_stops_the_whole_worker(tiny_verifier: Any, kit: ty
     with pytest.raises(ExceptionGroup) as err:
         await asyncio.wait_for(run, timeout=30)
     assert err.group_contains(RuntimeError, match="delivery bug")
+    assert await broker.workers() == []
+
+
+class MissesItsCancellation(MemoryBroker):
+    """Fault injection: the heartbeat fails with a bug, and the claim in progress swallows the cancellation that
+    follows, returning instead, as Python 3.11's asyncio.wait_for does when its inner result finished that moment."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.beats = 0
+        self.swallowed = 0
+
+    async def heartbeat(self, info: Any, ttl: float) -> None:
+        self.beats += 1
+        if self.beats > 1:
+            raise RuntimeError("heartbeat bug")
+        await super().heartbeat(info, ttl)
+
+    async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]:
+        try:
+            return await super().claim(kind, max_n, max_wait)
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed += 1
+            return []
+
+
+async def test_a_loop_that_misses_its_cancellation_still_ends_with_the_worker(tiny_verifier: Any) -> None:
+    """One loop failed and the other survived its cancellation: the worker lived on with no heartbeat (a zombie no
+    supervisor restarts). The survivor ends anyway, and the worker ends with the failure."""
+    s = Settings()
+    broker = MissesItsCancellation(max_queue=s.max_queue, result_ttl=s.result_ttl_s, cache_max_bytes=s.cache_max_bytes)
+    worker = Worker(broker, tiny_verifier, None, template_version="test", batch_size=8, batch_wait=0.5,
+                    heartbeat_s=0.2, batch_timeout_s=600, max_image_pixels=4096 * 4096, worker_id="w-zombie")
+    stop = asyncio.Event()
+    run = asyncio.create_task(worker.run(stop))
+    done, _ = await asyncio.wait({run}, timeout=20)
+    stop.set()  # lets a zombie end, so that the test can
+    await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 30)
+    assert done, "the worker lived on after a loop failed"
+    assert broker.swallowed == 1, "the claim never missed a cancellation: the fault was not reproduced"
+    failed = run.exception()
+    assert isinstance(failed, ExceptionGroup) and failed.subgroup(RuntimeError) is not None, failed
     assert await broker.workers() == []
 
 
@@ -327,18 +371,24 @@ def test_sigkilled_worker_tasks_are_reclaimed_and_sigterm_drains(
     assert "Traceback" not in survivor.log_tail(20_000)
 
 
+def registered_worker(services: Callable[..., Any], kit: types.SimpleNamespace, client: redis.Redis, name: str,
+                      **settings: Any) -> Any:
+    """`dvreward worker` (the tiny verifier, no decomposer) once it is in the registry."""
+    worker = services(name, "worker", kit.service_env(**settings, decomposer=""))
+    kit.wait_for(lambda: client.hlen("dvr:workers") or not worker.alive(), kit.STARTUP_S, "the worker to register",
+                 interval=0.2)
+    assert worker.alive(), worker.log_tail()
+    return worker
+
+
 def test_dvreward_worker_exits_with_status_3_when_a_batch_runs_past_the_batch_timeout(
     services: Callable[..., Any], redis_url: str, tiny_models: dict[str, Path], kit: types.SimpleNamespace,
 ) -> None:
     """A 1 ms batch timeout makes every batch 'hung': the process must exit (not wait for its engine thread)."""
-    env = kit.service_env(redis_url=redis_url, heartbeat_s=0.5, batch_timeout_s=0.001, batch_wait_ms=0,
-                          verifier=tiny_models["verifier"], decomposer="")
-    worker = services("worker-hung", "worker", env)
     client = redis.Redis.from_url(redis_url)
     try:
-        kit.wait_for(lambda: client.hlen("dvr:workers") or not worker.alive(), kit.STARTUP_S, "the worker to register",
-                     interval=0.2)
-        assert worker.alive(), worker.log_tail()
+        worker = registered_worker(services, kit, client, "worker-hung", redis_url=redis_url, heartbeat_s=0.5,
+                                   batch_timeout_s=0.001, batch_wait_ms=0, verifier=tiny_models["verifier"])
 
         async def submit() -> None:
             broker = build_broker(Settings(redis_url=redis_url))
@@ -351,6 +401,23 @@ def test_dvreward_worker_exits_with_status_3_when_a_batch_runs_past_the_batch_ti
         assert worker.wait(30) == 3, worker.log_tail()
         assert "engine is hung" in worker.log_tail()
         assert client.hlen("dvr:workers") == 0, "the hung worker left the registry before exiting"
+    finally:
+        client.close()
+
+
+def test_dvreward_worker_exits_with_status_4_when_a_loop_fails(
+    services: Callable[..., Any], redis_url: str, tiny_models: dict[str, Path], kit: types.SimpleNamespace,
+) -> None:
+    """A fault no retry mends (here the registry key holds another type: WRONGTYPE) ends the loop; the process exits
+    non-zero at once for its supervisor to restart it, instead of living on without that loop."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        worker = registered_worker(services, kit, client, "worker-broken", redis_url=redis_url, heartbeat_s=0.5,
+                                   verifier=tiny_models["verifier"])
+        with client.pipeline() as pipe:
+            pipe.delete("dvr:workers").set("dvr:workers", "not a hash", ex=60).execute()
+        assert worker.wait(30) == 4, worker.log_tail()
+        assert "stopped because a loop failed" in worker.log_tail() and "WRONGTYPE" in worker.log_tail()
     finally:
         client.close()
 

@@ -578,6 +578,166 @@ async def test_redis_claim_recovers_when_the_consumer_group_is_lost(
     assert task.task_id == "r9:v1"
 
 
+async def blocked_in(broker: RedisBroker, command: str, timeout: float = 30.0) -> None:
+    """Return once a client of this Redis is blocked in `command` (a white-box probe: CLIENT LIST)."""
+    end = time.monotonic() + timeout
+    while not any(c.get("cmd") == command and "b" in c.get("flags", "") for c in await broker.redis.client_list()):
+        assert time.monotonic() < end, f"no client ever blocked in {command}"
+        await asyncio.sleep(0.01)
+
+
+async def test_redis_a_claim_blocked_while_redis_is_flushed_recovers(
+    redis_brokers: Callable[..., RedisBroker],
+) -> None:
+    """FLUSHALL under a worker blocked in XREADGROUP: Redis answers UNBLOCKED (not NOGROUP), the worker makes its group
+    again and goes on."""
+    api, worker = redis_brokers("api"), redis_brokers("w", redis_timeout_s=8.0, lock_ttl_s=16)  # 4 s reads
+    await api.submit([make_task("f1:v0", "f1")])
+    (first,) = await claim_n(worker, TaskKind.verify, 1)
+    await worker.complete(first, verified(first.task_id, 0.5))
+    blocked = asyncio.create_task(worker.claim(TaskKind.verify, 4, 3.0))
+    await blocked_in(api, "xreadgroup")
+    await api.redis.flushall()
+    assert await asyncio.wait_for(blocked, 30) == []
+    await api.submit([make_task("f1:v1", "f1")])
+    (task,) = await claim_n(worker, TaskKind.verify, 1)
+    assert task.task_id == "f1:v1"
+
+
+async def test_redis_a_request_whose_tasks_redis_lost_fails_fast_with_503(
+    redis_brokers: Callable[..., RedisBroker], clock: Clock,
+) -> None:
+    """Its tasks flushed, no result can come: 503 within a blocking read, not a 504 at the deadline."""
+    api = redis_brokers("api", redis_timeout_s=2.0)
+    await api.submit([make_task("f2:v0", "f2", ttl=60), make_task("f2:v1", "f2", ttl=60)])
+    gathering = asyncio.create_task(api.gather("f2", {"f2:v0", "f2:v1"}, clock.time() + 60))
+    await blocked_in(api, "blpop")
+    await api.redis.flushall()
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        await asyncio.wait_for(gathering, 30)
+    assert err.value.code is ErrorCode.unavailable and err.value.retry_after
+    assert "lost 2 of this request's 2 tasks" in err.value.message
+    assert time.monotonic() - t0 < 10, "the request waited for results that could no longer come"
+
+
+async def test_redis_a_lock_left_by_a_dead_owner_is_taken_over_within_its_ttl(
+    redis_brokers: Callable[..., RedisBroker], clock: Clock,
+) -> None:
+    """An API that died computing leaves its lock, never renewed: callers take it over once it lapses (one of them
+    computes, the others hear its value), long before their deadline."""
+    api = redis_brokers("api2", lock_ttl_s=2.0, redis_timeout_s=1.0)
+    await api.redis.set(api.keys.lock("orphan"), api.keys.waiter("dead-api"), px=2000)  # as a SIGKILL leaves it
+    gate = Gate(b"recomputed")
+    gate.release.set()
+    t0 = time.monotonic()
+    deadline = clock.time() + 60  # a caller left to its deadline ends in a timeout error
+    out = await asyncio.wait_for(asyncio.gather(*(api.singleflight("orphan", gate.compute, 60, deadline)
+                                                  for _ in range(3))), 30)
+    assert gate.calls == 1 and sorted(out) == [(b"recomputed", False)] + [(b"recomputed", True)] * 2
+    assert time.monotonic() - t0 < 8, "the lapsed lock was taken over late"
+
+
+async def test_redis_a_live_owner_keeps_its_lock_past_its_ttl(
+    redis_brokers: Callable[..., RedisBroker], clock: Clock,
+) -> None:
+    """The owner renews its lock while computing: a computation longer than the lock's TTL is not taken over."""
+    owner, other = (redis_brokers(n, lock_ttl_s=2.0, redis_timeout_s=1.0) for n in ("owner", "other"))
+    gate = Gate(b"slow")
+    deadline = clock.time() + 60
+    first = asyncio.create_task(owner.singleflight("long", gate.compute, 60, deadline))
+    await asyncio.wait_for(gate.started.wait(), 30)
+    second = asyncio.create_task(other.singleflight("long", gate.compute, 60, deadline))
+    await waiting(other, "long", 1)
+    await asyncio.sleep(5)  # two and a half lock TTLs (Redis expires keys on its own clock)
+    assert gate.calls == 1, "a waiter took over the lock of a live owner"
+    gate.release.set()
+    assert sorted(await asyncio.gather(first, second)) == [(b"slow", False), (b"slow", True)]
+
+
+class SteppedLink:
+    """A TCP hop to Redis that passes what its client sends one chunk (a command, or a pipeline) at a time, as the
+    test steps it, until it is opened: it scripts how that client's commands interleave with another client's."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        self.url = ""
+        self.allowed = asyncio.Semaphore(0)
+        self.opened = False
+        self.answered = asyncio.Event()
+        self.links: list[tuple[asyncio.Task[Any] | None, asyncio.StreamWriter]] = []
+
+    async def step(self) -> None:
+        """Pass the client's next chunk, and return once Redis has answered it."""
+        self.answered.clear()
+        self.allowed.release()
+        await asyncio.wait_for(self.answered.wait(), 30)
+
+    def open(self) -> None:
+        self.opened = True
+        self.allowed.release()
+
+    async def __aenter__(self) -> SteppedLink:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for _, writer in self.links:
+            writer.close()  # both directions then end
+        await asyncio.gather(*(task for task, _ in self.links if task is not None), return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.links.append((asyncio.current_task(), client_w))
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if not self.opened:
+                    await self.allowed.acquire()
+                redis_w.write(data)
+                await redis_w.drain()
+            redis_w.close()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+                self.answered.set()
+            client_w.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+
+async def test_redis_joining_and_taking_the_lock_are_one_step(
+    redis_url: str, redis_brokers: Callable[..., RedisBroker], open_broker: Callable[..., Any], clock: Clock,
+) -> None:
+    """A caller that joined as a waiter while the owner computed gets the owner's value, even when the owner finishes
+    right after the caller joined: registering and taking the lock in two steps let it compute again in between.
+    The late caller's commands reach Redis one at a time, until it is registered; then the owner finishes."""
+    owner = redis_brokers("owner")
+    gate = Gate(b"once")
+    deadline = clock.time() + 30
+    computing = asyncio.create_task(owner.singleflight("race", gate.compute, 60, deadline))
+    await asyncio.wait_for(gate.started.wait(), 30)
+    again = Gate(b"twice")
+    again.release.set()
+    async with SteppedLink(redis_url) as link:
+        late = open_broker(link.url, "late")
+        joining = asyncio.create_task(late.singleflight("race", again.compute, 60, deadline))
+        for _ in range(20):  # its connection's handshake, then the commands of joining
+            if await owner.redis.scard(owner.keys.waiters("race")):
+                break
+            await link.step()
+        assert await owner.redis.scard(owner.keys.waiters("race")) == 1, "the late caller never joined"
+        gate.release.set()  # the owner finishes between the late caller's commands
+        assert await asyncio.wait_for(computing, 30) == (b"once", False)
+        link.open()
+        assert await asyncio.wait_for(joining, 30) == (b"once", True)
+    assert again.calls == 0, "a caller that had joined computed the value again"
+
+
 async def test_redis_waits_longer_than_the_socket_timeout_are_not_outages(
     redis_brokers: Callable[..., RedisBroker], clock: Clock,
 ) -> None:
