@@ -18,10 +18,11 @@ from server.queue.base import SingleFlight
 
 
 async def once(
-    broker: SingleFlight, principal: str, route: str, key: str | None, body: BaseModel, ttl: float, deadline: float,
-    run: Callable[[], Awaitable[BaseModel]],
+    broker: SingleFlight, principal: str, route: str, key: str | None, body: Callable[[], str], ttl: float,
+    deadline: float, run: Callable[[], Awaitable[BaseModel]],
 ) -> tuple[dict, bool]:
-    """(response JSON, replayed). Without a key, just runs.
+    """(response JSON, replayed). Without a key, just runs. `body` gives the digest of the request's logical body
+    (the same whichever form it came in: server.api.parts), and runs in a thread only when a key asks for it.
 
     Records are scoped by principal (API key): one client's key never meets another client's record.
     """
@@ -29,7 +30,7 @@ async def once(
         return (await run()).model_dump(mode="json"), False
     if not 1 <= len(key) <= 200:
         raise ServiceError(ErrorCode.bad_request, "Idempotency-Key must be 1 to 200 characters")
-    digest = await asyncio.to_thread(lambda: hashlib.sha256(body.model_dump_json().encode()).hexdigest())
+    digest = await asyncio.to_thread(body)
 
     async def compute() -> bytes:
         resp = (await run()).model_dump(mode="json")
