@@ -1,4 +1,4 @@
-"""Trainer images to base64 PNG / JPEG / WebP, importing torch, numpy or PIL only when given one of their objects.
+"""Trainer images to PNG / JPEG / WebP files, importing torch, numpy or PIL only when given one of their objects.
 
 Accepted images: PIL images, uint8 HWC numpy arrays, float CHW (or HWC) arrays / torch tensors in
 [0, 1], encoded bytes (sent as they are), and paths. A group may also be one 4-D batch (NCHW or NHWC).
@@ -8,7 +8,6 @@ filtering at the same size; zlib and numpy release the GIL, so encoding threads 
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import struct
@@ -205,6 +204,3 @@ def encode_image(x: Any, opts: EncodeOptions, what: str = "image") -> bytes:
     raise TypeError(f"{what}: unsupported image type {type(x).__module__}.{type(x).__qualname__}; give a PIL image, "
                     "a uint8 HWC array, a float CHW array/tensor in [0, 1], encoded bytes or a path")
 
-
-def encode_base64(x: Any, opts: EncodeOptions, what: str = "image") -> str:
-    return base64.b64encode(encode_image(x, opts, what)).decode("ascii")
