@@ -26,8 +26,9 @@ _CHANNELS = (1, 3, 4)
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    # JPEG q95 by default: a 448-image step costs ~0.7 s of client CPU and ~34 MB, where lossless PNG
-    # costs ~3 s (stored) to ~7 s (zlib level 1) and 230-350 MB (docs/BENCHMARKS.md).
+    # JPEG q95 by default: a 448-image step costs ~0.55 s of client CPU (sent as multipart, nearly all of it
+    # the encoding) and ~34 MB, where lossless PNG costs ~1 s (stored, multipart) to ~7 s (zlib level 1, JSON)
+    # and 230-350 MB (docs/BENCHMARKS.md).
     format: ImageFormat = "jpeg"
     quality: int | None = None  # JPEG / WebP quality; None = DEFAULT_QUALITY
     png_compress_level: int = 1  # zlib level: 1 is most of the size gain at a fraction of level 6's CPU
