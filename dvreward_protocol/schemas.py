@@ -6,7 +6,7 @@ server stack. Limits that depend on deployment settings are enforced by the API,
 /v1/score and /v1/verify also take their body as multipart/form-data (RFC 7578), which carries images as
 bytes instead of base64 (a third fewer bytes, and no encoding on either side): the first part, named
 `request`, is the JSON body described here, and each image is a part of its own, which the JSON names as
-`part:NAME` where it would hold the base64 string. Every other part must be named so.
+`part:NAME` where it would hold the base64 string (every part after the first is named by some image).
 """
 
 from __future__ import annotations

@@ -204,4 +204,3 @@ def encode_image(x: Any, opts: EncodeOptions, what: str = "image") -> bytes:
         return _pil_save(x, opts)
     raise TypeError(f"{what}: unsupported image type {type(x).__module__}.{type(x).__qualname__}; give a PIL image, "
                     "a uint8 HWC array, a float CHW array/tensor in [0, 1], encoded bytes or a path")
-

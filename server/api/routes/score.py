@@ -41,7 +41,8 @@ def _multipart(model: type[BaseModel]) -> dict[str, Any]:
         REQUEST_PART: {"$ref": f"#/components/schemas/{model.__name__}"}},
         "additionalProperties": {"type": "string", "format": "binary"},
         "description": f"the JSON body as the first part, {REQUEST_PART!r}; each image as a part of its own, which "
-                       f"the JSON names `{PART_REF}NAME` where it would hold base64. Every other part is named so."}
+                       f"the JSON names `{PART_REF}NAME` where it would hold base64 (every part after the first is "
+                       "named by some image)"}
     return {"requestBody": {"content": {MULTIPART: {"schema": schema, "encoding": {
         REQUEST_PART: {"contentType": "application/json"}}}}}}
 

@@ -56,13 +56,13 @@ async def readyz(broker: BrokerDep, failure: Failure, require_worker: RequireWor
     return {"status": "ready", "workers": len(workers)}
 
 
-ACCEPT_POST = {"Accept-Post": {"description": "the media types POST /v1/score and /v1/verify take: application/json, "
-                              "multipart/form-data; absent where the multipart form is off (as on servers before it)",
-                              "schema": {"type": "string"}}}
+ACCEPT_POST_DOC = {"Accept-Post": {"description": "the media types POST /v1/score and /v1/verify take: "
+                                  "application/json, multipart/form-data; absent where the multipart form is off "
+                                  "(as on servers before it)", "schema": {"type": "string"}}}
 
 
 @router.get("/v1/models", response_model=ModelsResponse, dependencies=[Authorized],
-            responses={200: {"headers": ACCEPT_POST}, 401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+            responses={200: {"headers": ACCEPT_POST_DOC}, 401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def models(broker: BrokerDep, settings: SettingsDep, response: Response) -> ModelsResponse:
     """Live workers and their models. Accept-Post says which request forms the scoring routes take (clients pick
     multipart, which carries images as bytes, where it is listed)."""
