@@ -1,21 +1,22 @@
 """The serving layer to its knee: API + Redis + workers whose verifier answers at once (bench/instant.py).
 
 Starts a private redis-server, --apis `dvreward api` processes and --workers instant workers, then offers
-/v1/verify requests of --images 512² JPEG q95 images (the client's default encoding) at increasing
-concurrency until throughput stops growing. Per level: images/s, p50/p99 latency, CPU per image of the
+/v1/verify requests of --images 512² JPEG q95 images (the client's default encoding; --transport: as binary
+multipart parts, the client's default, or base64 in JSON) at increasing concurrency until throughput stops
+growing. Per level: images/s, p50/p99 latency, CPU per image of the
 API processes, the workers and Redis (from /proc and Redis's own INFO), and Redis commands per image (INFO
 commandstats). One JSON line; on a small machine the load generator shares the cores, so judge the layer
 by CPU per image, not by images/s alone.
 
     python bench/scale.py
     python bench/scale.py --apis 2 --workers 2 --levels 1 2 4 8 16 32
+    python bench/scale.py --transport json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import json
 import os
@@ -36,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.client import make_step  # noqa: E402
 from bench.service import free_port, stop, wait_ready  # noqa: E402
+from dvreward_protocol.schemas import VerifyItemIn, VerifyRequest  # noqa: E402
+from trainer_client.wire import Body  # noqa: E402
 
 QUESTIONS = ["Is there a cat?", "Is the cat orange?", "Is the cat on a sofa?", "Is the image sharp?"]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -55,13 +58,15 @@ def redis_usage(client: redis.Redis) -> tuple[float, int, dict[str, int]]:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), sum(calls.values()), calls
 
 
-def request_body(n: int, size: int) -> bytes:
-    images = []
+def request_body(n: int, size: int, transport: str) -> tuple[bytes, str]:
+    """A /v1/verify body of `n` JPEGs and its Content-Type, written as the trainer client writes it."""
+    body = Body(transport == "multipart")
+    items = []
     for a in make_step(1, n, size, seed=0)[0]:
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, "JPEG", quality=95)
-        images.append(base64.b64encode(buf.getvalue()).decode())
-    return json.dumps({"items": [{"images": [im], "questions": QUESTIONS} for im in images]}).encode()
+        items.append(VerifyItemIn(images=[body.image(buf.getvalue())], questions=QUESTIONS))
+    return body.encode(VerifyRequest(items=items))
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Level:
     latencies: list[float] | None = None
 
 
-async def offer(urls: list[str], body: bytes, n_images: int, concurrency: int, seconds: float) -> Level:
+async def offer(urls: list[str], body: tuple[bytes, str], n_images: int, concurrency: int, seconds: float) -> Level:
     """`concurrency` requests in flight for `seconds` (round-robin over the APIs)."""
     level = Level(concurrency, latencies=[])
     end = time.monotonic() + seconds
@@ -82,8 +87,8 @@ async def offer(urls: list[str], body: bytes, n_images: int, concurrency: int, s
             i = k
             while time.monotonic() < end:
                 t0 = time.perf_counter()
-                r = await client.post(urls[i % len(urls)] + "/v1/verify", content=body,
-                                      headers={"content-type": "application/json"})
+                r = await client.post(urls[i % len(urls)] + "/v1/verify", content=body[0],
+                                      headers={"content-type": body[1]})
                 i += 1
                 if r.status_code == 200 and all(x["p"] is not None for x in r.json()["results"]):
                     level.images += n_images
@@ -109,9 +114,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--seconds", type=float, default=8.0, help="measured time per level")
+    ap.add_argument("--transport", choices=["multipart", "json"], default="multipart",
+                    help="the images as binary multipart parts (what the client sends where the API takes them) or "
+                    "as base64 in JSON")
     args = ap.parse_args()
 
-    body = request_body(args.images, args.size)
+    body = request_body(args.images, args.size, args.transport)
     tmp = tempfile.TemporaryDirectory(prefix="dvr-scale-")
     procs: list[subprocess.Popen[bytes]] = []
     log = open(Path(tmp.name) / "services.log", "wb")  # noqa: SIM115 - closed below
@@ -161,7 +169,8 @@ def main() -> None:
             **{k: knee[k] for k in ("images_per_s", "p50_s", "p99_s", "api_cpu_ms_per_image",
                                     "worker_cpu_ms_per_image", "redis_cpu_ms_per_image", "redis_commands_per_image")},
             "knee_concurrency": knee["concurrency"], "p99_s_at_half_the_knee": half["p99_s"],
-            "images_per_request": args.images, "image_size": args.size, "request_mb": round(len(body) / 1e6, 2),
+            "transport": args.transport, "images_per_request": args.images, "image_size": args.size,
+            "request_mb": round(len(body[0]) / 1e6, 2),
             "apis": args.apis, "workers": args.workers, "seconds_per_level": args.seconds, "levels": rows,
             "machine": platform.node(), "cpus": os.cpu_count(),
         }))

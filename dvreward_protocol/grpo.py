@@ -21,12 +21,15 @@ DEFAULT_EPS = 1e-4
 DEFAULT_CLIP = 5.0
 
 
-def group_key(prompt: str | None, source: str | None = None) -> Hashable | None:
+def group_key(prompt: str | None, source: str | bytes | None = None) -> Hashable | None:
     """What makes images one GRPO group: their prompt (as the reference keys groups), and for editing also the
-    source image (base64 as sent) they were edited from. None: a group of its own."""
+    source image they were edited from (its encoded bytes, or a text that stands for them). None: a group of its
+    own."""
     if prompt is None:
         return None
-    return prompt if source is None else (prompt, hashlib.sha256(source.encode()).hexdigest())
+    if source is None:
+        return prompt
+    return prompt, hashlib.sha256(source if isinstance(source, bytes) else source.encode()).hexdigest()
 
 
 def is_scored(r: float | None) -> TypeGuard[float]:

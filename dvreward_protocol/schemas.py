@@ -2,6 +2,11 @@
 
 Pure pydantic (no FastAPI, torch or PIL), so the trainer client imports it without the
 server stack. Limits that depend on deployment settings are enforced by the API, not here.
+
+/v1/score and /v1/verify also take their body as multipart/form-data (RFC 7578), which carries images as
+bytes instead of base64 (a third fewer bytes, and no encoding on either side): the first part, named
+`request`, is the JSON body described here, and each image is a part of its own, which the JSON names as
+`part:NAME` where it would hold the base64 string (every part after the first is named by some image).
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from dvreward_protocol.questions import Decomposition, Metadata, Question, Text
 from dvreward_protocol.reward import Aggregation, Gating
 
 Answer = Literal["prob", "binary"]
+MULTIPART = "multipart/form-data"
+REQUEST_PART = "request"  # the multipart form's first part: the JSON body
+PART_REF = "part:"  # an image string `part:NAME`: the bytes of the multipart form's part NAME
+IMAGE = "base64 PNG / JPEG / WebP (data URLs accepted); in a multipart/form-data body also `part:NAME`, the part NAME"
 
 
 class _Model(BaseModel):
@@ -35,9 +44,10 @@ class ScoreGroup(_Model):
     prompt: Text | None = Field(None, description="the generation prompt (or editing instruction); decomposed "
                                 "unless questions are given")
     questions: list[Question] | None = Field(None, description="explicit questions: skip the decomposer")
-    images: list[str] = Field(min_length=1, description="base64 PNG / JPEG / WebP (data URLs accepted)")
-    source: str | None = Field(None, description="editing: the image the group's images were edited from (base64); "
-                               "shown before each image, and the prompt is decomposed as an editing instruction")
+    images: list[str] = Field(min_length=1, description=IMAGE)
+    source: str | None = Field(None, description="editing: the image the group's images were edited from (as an "
+                               "image of `images`); shown before each image, and the prompt is decomposed as an "
+                               "editing instruction")
     metadata: Metadata = Field(default_factory=dict)
 
 
@@ -138,7 +148,7 @@ class DecomposeResponse(_Model):
 
 
 class VerifyItemIn(_Model):
-    images: list[str] = Field(min_length=1, description="one image, or source and result for editing")
+    images: list[str] = Field(min_length=1, description="one image, or source and result for editing; each " + IMAGE)
     questions: list[Text] = Field(min_length=1)
 
 

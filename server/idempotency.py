@@ -37,10 +37,11 @@ class Keeping:
 
 
 async def once(
-    broker: SingleFlight, principal: str, route: str, key: str | None, body: BaseModel,
+    broker: SingleFlight, principal: str, route: str, key: str | None, request: BaseModel, digest: Callable[[], str],
     run: Callable[[], Awaitable[BaseModel]], keeping: Keeping, deadline: float,
 ) -> tuple[dict, bool]:
-    """(response JSON, replayed). Without a key, just runs.
+    """(response JSON, replayed). Without a key, just runs. `digest` gives the digest of the request's logical body
+    (the same whichever form it came in: server.api.parts), and runs in a thread only when a key asks for it.
 
     Records are scoped by principal (API key): one client's key never meets another client's record.
     """
@@ -48,29 +49,29 @@ async def once(
         return (await run()).model_dump(mode="json"), False
     if not 1 <= len(key) <= 200:
         raise ServiceError(ErrorCode.bad_request, "Idempotency-Key must be 1 to 200 characters")
-    digest = await asyncio.to_thread(lambda: hashlib.sha256(body.model_dump_json().encode()).hexdigest())
+    body = await asyncio.to_thread(digest)
     fresh: list[dict[str, Any]] = []  # the response, when this call computed it
 
     async def compute() -> bytes:
         resp = (await run()).model_dump(mode="json")
         fresh.append(resp)
-        record = json.dumps({"body": digest, "response": _without_echoes(resp)}).encode()
+        record = json.dumps({"body": body, "response": _without_echoes(resp)}).encode()
         if len(record) <= keeping.max_bytes:
             return record
         log.warning("a %s response of %d bytes is not kept for Idempotency-Key replays (DVREWARD_IDEMPOTENCY_MAX_BYTES"
                     " is %d): a retry with its key is scored again", route, len(record), keeping.max_bytes)
-        return json.dumps({"body": digest, "not_kept": len(record)}).encode()
+        return json.dumps({"body": body, "not_kept": len(record)}).encode()
 
     skey = "idem:" + hashlib.sha256(f"{principal}\n{route}\n{key}".encode()).hexdigest()
     raw, replayed = await broker.singleflight(skey, compute, keeping.ttl, deadline)
     if fresh:
         return fresh[0], False
     stored = json.loads(raw)
-    if stored["body"] != digest:
+    if stored["body"] != body:
         raise ServiceError(ErrorCode.bad_request, "this Idempotency-Key was already used with a different body")
     if "not_kept" in stored:  # the first response was too large to keep
         return (await run()).model_dump(mode="json"), False
-    return _with_echoes(stored["response"], body), replayed
+    return _with_echoes(stored["response"], request), replayed
 
 
 def _without_echoes(resp: dict[str, Any]) -> dict[str, Any]:

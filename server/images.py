@@ -1,4 +1,4 @@
-"""Image bytes at the service boundary: base64 decoding, cheap header checks, full decoding.
+"""Image bytes at the service boundary: base64 decoding, size and cheap header checks, full decoding.
 
 The API only reads headers (format and size, which stops decompression bombs before any
 pixel is decoded) and forwards the original bytes; workers decode them.
@@ -45,11 +45,16 @@ def decode_base64(text: str, field: str, max_bytes: int) -> bytes:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ServiceError(ErrorCode.bad_image, f"{field}: not valid base64 ({exc})") from exc
+    check_size(data, field, max_bytes)
+    return data
+
+
+def check_size(data: bytes | memoryview, field: str, max_bytes: int) -> None:
+    """An image's bytes, however they came (decoded base64, a multipart part), are neither none nor too many."""
     if not data:
         raise ServiceError(ErrorCode.bad_image, f"{field}: image is empty (zero bytes)")
     if len(data) > max_bytes:
         raise ServiceError(ErrorCode.too_large, f"{field}: image is {len(data)} bytes, the limit is {max_bytes}")
-    return data
 
 
 def inspect_image(data: bytes, field: str, max_pixels: int) -> ImageInfo:

@@ -93,14 +93,15 @@ class ScoringService:
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s
 
-    async def once(self, principal: str, route: str, key: str | None, body: BaseModel,
+    async def once(self, principal: str, route: str, key: str | None, request: BaseModel, digest: Callable[[], str],
                    run: Callable[[], Awaitable[BaseModel]]) -> tuple[dict[str, Any], bool]:
-        """(response JSON, replayed): a request carrying an Idempotency-Key is answered from its first run.
+        """(response JSON, replayed): a request carrying an Idempotency-Key is answered from its first run; `digest`
+        gives the digest of the request, which a retry must match.
 
         Records are scoped by principal (the API key's digest): another key reusing the same
         Idempotency-Key never sees this one's response.
         """
-        return await once(self.broker, principal, route, key, body, run,
+        return await once(self.broker, principal, route, key, request, digest, run,
                           Keeping(self.config.result_ttl_s, self.config.idempotency_max_bytes), self.deadline())
 
     # ---- decomposition ----------------------------------------------------------------
@@ -247,7 +248,9 @@ class ScoringService:
         results = {k: r for k, r in outcomes.items() if isinstance(r, Result)}
         groups = [self._group(g, req, decs[g], [outcomes.get((g, i)) for i in range(len(checked.images[g]))])
                   for g in range(len(req.groups))]
-        keys = [group_key(group.prompt, group.source) for group in req.groups]
+        # a source counts by its bytes, however it travelled (by its text where it could not be read)
+        keys = [group_key(group.prompt, s if isinstance(s := checked.sources[g], bytes) else group.source)
+                for g, group in enumerate(req.groups)]
         adv = group_advantages([gr.rewards for gr in groups], std=req.advantages.std, eps=req.advantages.eps,
                                clip=req.advantages.clip, keys=keys)
         for gr, a in zip(groups, adv, strict=True):

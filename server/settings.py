@@ -263,6 +263,10 @@ class Settings(BaseSettings):
         120.0, gt=0, le=YEAR_S, description="deadline of one request; past it the API answers 504"
     )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest request body")
+    multipart_requests: bool = Field(
+        True, description="/v1/score and /v1/verify take multipart/form-data bodies too (images as binary parts, "
+        "no base64), as Accept-Post on GET /v1/models tells clients; false: JSON only, as servers before it"
+    )
     max_inflight_requests: int = Field(
         64, ge=1, description="requests with a body the API holds at once (reading, decoding or waiting for "
         "workers); one more gets 429 before its body is read"

@@ -56,7 +56,7 @@ def run(name: str, workdir: Path, url: str) -> str:
 
 
 def test_every_snippet_is_tested() -> None:
-    assert set(snippets()) == {"try-it", "offline", "client", "step"}
+    assert set(snippets()) == {"try-it", "offline", "client", "step", "multipart"}
 
 
 def test_try_it(workdir: Path, url: str) -> None:
@@ -66,6 +66,11 @@ def test_try_it(workdir: Path, url: str) -> None:
         (group,) = body["groups"]
         assert all(isinstance(r, float) and 0 < r < 1 for r in group["rewards"]), group
     assert decomposed["groups"][0]["questions"] and decomposed["models"]["decomposer"]
+
+
+def test_multipart(workdir: Path, url: str) -> None:
+    (result,) = json.loads(run("multipart", workdir, url))["results"]
+    assert result["error"] is None and len(result["p"]) == 2 and all(0 < p < 1 for p in result["p"])
 
 
 def test_offline(workdir: Path, url: str) -> None:

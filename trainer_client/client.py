@@ -3,7 +3,8 @@
 One `score()` call is one logical step: images are encoded in a thread pool, split into requests of at
 most `chunk_images` images (and `max_request_bytes`), sent concurrently, and reassembled in order
 (`jobs`). Every POST carries an `Idempotency-Key` (uuid4, the same across retries of that request), so a
-retry after a lost response is answered from the first attempt and nothing is scored twice.
+retry after a lost response is answered from the first attempt and nothing is scored twice. Images travel
+as binary multipart parts where the server takes them, else as base64 in JSON (`wire`).
 
 Each call is written once, as a flow (`flow`): `_Base` holds the flows, and the two clients differ
 only in how they carry out its effects, with threads or with asyncio.
@@ -36,7 +37,7 @@ from dvreward_protocol.schemas import (
     VerifyResponse,
 )
 from trainer_client.chunks import Part, plan_chunks
-from trainer_client.encoding import EncodeOptions, ImageFormat, encode_base64, split_group
+from trainer_client.encoding import EncodeOptions, ImageFormat, encode_image, split_group
 from trainer_client.errors import ServerError, Unavailable, check_base_url
 from trainer_client.flow import SEND_FAILURES, Backoff, Effect, Encode, Flow, Gather, Send, Sleep, parse, request
 from trainer_client.jobs import (
@@ -68,6 +69,7 @@ from trainer_client.submit import (
     group_scores,
     merge_step,
 )
+from trainer_client.wire import JSON, RequestFormat, offers_multipart
 
 # Generous read timeout: a step waits for the service's own deadline (120 s by default) plus queueing.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=120.0, pool=60.0)
@@ -97,12 +99,18 @@ class _Base:
         on_error: OnError = "raise",
         headers: Mapping[str, str] | None = None,
         submit_window_s: float = 0.005,
+        request_format: RequestFormat = "auto",
     ) -> None:
-        """`submit_window_s`: how long a submitted group waits for others to share its request."""
+        """`submit_window_s`: how long a submitted group waits for others to share its request. `request_format`:
+        how images travel; "auto" asks the server once (GET /v1/models) and sends them as binary multipart parts
+        where it takes them, else as base64 in JSON; "json" or "multipart" decide without asking."""
         if max_retries < 0 or chunk_images < 1 or max_concurrency < 1 or max_request_bytes < 1:
             raise ValueError("max_retries must be >= 0; chunk_images, max_concurrency, max_request_bytes >= 1")
         if not 0 <= submit_window_s <= 10:
             raise ValueError(f"submit_window_s must be in [0, 10] seconds, got {submit_window_s}")
+        if request_format not in ("auto", "json", "multipart"):
+            raise ValueError(f"request_format must be 'auto', 'json' or 'multipart', got {request_format!r}")
+        self.multipart: bool | None = None if request_format == "auto" else request_format == "multipart"
         self.submit_window_s = submit_window_s
         self.base_url = check_base_url(base_url)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
@@ -119,22 +127,32 @@ class _Base:
         self._encode_pool = ThreadPoolExecutor(encode_workers or min(8, os.cpu_count() or 1),
                                                thread_name_prefix="dvreward-encode")
 
-    def _encode_one(self, item: tuple[Any, str]) -> str:
-        return encode_base64(item[0], self.encode_options, item[1])
+    def _encode_one(self, item: tuple[Any, str]) -> bytes:
+        return encode_image(item[0], self.encode_options, item[1])
 
     # building blocks ---------------------------------------------------------------------
-    def _post(self, path: str, body: bytes, idempotency_key: str | None = None) -> Flow[httpx.Response]:
-        headers = {"Content-Type": "application/json"}
+    def _post(self, path: str, body: bytes, idempotency_key: str | None = None,
+              content_type: str = JSON) -> Flow[httpx.Response]:
+        headers = {"Content-Type": content_type}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
         return request(Send("POST", path, body, headers), self.backoff)
 
-    def _send(self, job: Job, model: type[M], parts: list[Part]) -> Flow[list[Sent[M]]]:
+    def _multipart(self) -> Flow[bool]:
+        """Whether images go as multipart parts: unless the client was told, asked of the server once (Accept-Post of
+        GET /v1/models); a server that does not list the form (an older one) gets JSON."""
+        if self.multipart is None:
+            response = yield from request(Send("GET", "/v1/models"), self.backoff)
+            self.multipart = offers_multipart(response.headers.get("Accept-Post"))
+        return self.multipart
+
+    def _send(self, job: Job, model: type[M], parts: list[Part], multipart: bool) -> Flow[list[Sent[M]]]:
         keys, work = encode_work(job, parts)
         enc = collect(keys, (yield Encode(work)))
         out = []
-        for sub in subrequests(job, parts, enc, self.max_request_bytes):
-            response = yield from self._post(job.path, job.body(sub, enc), uuid.uuid4().hex)
+        for sub in subrequests(job, parts, enc, self.max_request_bytes, multipart):
+            body, content_type = job.body(sub, enc, multipart)
+            response = yield from self._post(job.path, body, uuid.uuid4().hex, content_type)
             out.append(Sent(sub, parse(model, response), response.headers.get("Idempotent-Replayed") == "true"))
         return out
 
@@ -143,7 +161,8 @@ class _Base:
         set_sources(job, (yield Encode(work)) if work else [])
 
     def _run(self, job: Job, model: type[M]) -> Flow[list[Sent[M]]]:
-        done = yield Gather([self._send(job, model, c) for c in plan_chunks(job.sizes(), self.chunk_images)])
+        multipart = yield from self._multipart()
+        done = yield Gather([self._send(job, model, c, multipart) for c in plan_chunks(job.sizes(), self.chunk_images)])
         return [s for d in done for s in d]
 
     # the calls ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Trainer images to base64 PNG / JPEG / WebP, importing torch, numpy or PIL only when given one of their objects.
+"""Trainer images to PNG / JPEG / WebP files, importing torch, numpy or PIL only when given one of their objects.
 
 Accepted images: PIL images, uint8 HWC numpy arrays, float CHW (or HWC) arrays / torch tensors in
 [0, 1], encoded bytes (sent as they are), and paths. A group may also be one 4-D batch (NCHW or NHWC).
@@ -8,7 +8,6 @@ filtering at the same size; zlib and numpy release the GIL, so encoding threads 
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import struct
@@ -27,8 +26,9 @@ _CHANNELS = (1, 3, 4)
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    # JPEG q95 by default: a 448-image step costs ~0.7 s of client CPU and ~34 MB, where lossless PNG
-    # costs ~3 s (stored) to ~7 s (zlib level 1) and 230-350 MB (docs/BENCHMARKS.md).
+    # JPEG q95 by default: a 448-image step costs ~0.55 s of client CPU (sent as multipart, nearly all of it
+    # the encoding) and ~34 MB, where lossless PNG costs ~1 s (stored, multipart) to ~7 s (zlib level 1, JSON)
+    # and 230-350 MB (docs/BENCHMARKS.md).
     format: ImageFormat = "jpeg"
     quality: int | None = None  # JPEG / WebP quality; None = DEFAULT_QUALITY
     png_compress_level: int = 1  # zlib level: 1 is most of the size gain at a fraction of level 6's CPU
@@ -204,7 +204,3 @@ def encode_image(x: Any, opts: EncodeOptions, what: str = "image") -> bytes:
         return _pil_save(x, opts)
     raise TypeError(f"{what}: unsupported image type {type(x).__module__}.{type(x).__qualname__}; give a PIL image, "
                     "a uint8 HWC array, a float CHW array/tensor in [0, 1], encoded bytes or a path")
-
-
-def encode_base64(x: Any, opts: EncodeOptions, what: str = "image") -> str:
-    return base64.b64encode(encode_image(x, opts, what)).decode("ascii")

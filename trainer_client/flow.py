@@ -47,7 +47,7 @@ class Sleep:
 
 @dataclass(frozen=True)
 class Encode:
-    """Encode (image, label) pairs in the encode pool; the driver answers with the base64 strings in order."""
+    """Encode (image, label) pairs in the encode pool; the driver answers with the encoded files' bytes in order."""
 
     work: list[tuple[Any, str]]
 

@@ -40,10 +40,11 @@ from trainer_client.chunks import Part, split_by_bytes
 from trainer_client.encoding import split_group
 from trainer_client.errors import ImageFailed, ImageFailure, ScoringError
 from trainer_client.results import OnError, ScoreResult, VerifyResult
+from trainer_client.wire import Body, wire_size
 
 QuestionLike = Question | Mapping[str, Any]
 M = TypeVar("M", bound=BaseModel)
-Encoded = dict[tuple[int, int], list[str]]
+Encoded = dict[tuple[int, int], list[bytes]]  # encoded image files, by (group, unit)
 EncodeWork = list[tuple[Any, str]]  # (image, label for errors) in request order
 
 
@@ -55,19 +56,19 @@ class ScoreJob:
     metadata: list[dict[str, Any]]
     options: dict[str, Any]
     sources: list[Any | None]  # editing: the image each group was edited from
-    encoded_sources: list[str | None] | None = None  # base64, once per step (`encode_sources`)
+    encoded_sources: list[bytes | None] | None = None  # once per step (`encode_sources`)
     path: str = "/v1/score"
 
     def sizes(self) -> list[int]:
         return [len(g) for g in self.groups]
 
-    def source(self, g: int) -> str | None:
+    def source(self, g: int) -> bytes | None:
         assert self.encoded_sources is not None or self.sources[g] is None, "sources are encoded before sending"
         return self.encoded_sources[g] if self.encoded_sources is not None else None
 
     @property
     def keys(self) -> list[Hashable | None]:
-        """Each group's GRPO key, by the service's own rule (prompt, and the source as sent)."""
+        """Each group's GRPO key, by the service's own rule (prompt, and the source's bytes)."""
         return [group_key(p, self.source(g)) for g, p in enumerate(self.prompts)]
 
     def images(self, g: int, i: int) -> list[Any]:
@@ -76,13 +77,16 @@ class ScoreJob:
     def label(self, g: int, i: int, j: int) -> str:
         return f"images[{g}][{i}]"
 
-    def body(self, parts: list[Part], enc: Encoded) -> bytes:
+    def body(self, parts: list[Part], enc: Encoded, multipart: bool) -> tuple[bytes, str]:
+        """The request's body and Content-Type."""
+        body = Body(multipart)
         req = ScoreRequest(groups=[
             ScoreGroup(prompt=self.prompts[p.group], questions=self.questions[p.group], metadata=self.metadata[p.group],
-                       images=[enc[(p.group, i)][0] for i in range(p.start, p.stop)], source=self.source(p.group))
+                       images=[body.image(enc[(p.group, i)][0]) for i in range(p.start, p.stop)],
+                       source=None if (s := self.source(p.group)) is None else body.image(s))
             for p in parts
         ], **self.options)
-        return req.model_dump_json().encode()
+        return body.encode(req)
 
 
 @dataclass
@@ -100,10 +104,12 @@ class VerifyJob:
     def label(self, g: int, i: int, j: int) -> str:
         return f"images[{i}]" if len(self.items[i]) == 1 else f"images[{i}][{j}]"
 
-    def body(self, parts: list[Part], enc: Encoded) -> bytes:
-        req = VerifyRequest(items=[VerifyItemIn(images=enc[(0, i)], questions=self.questions[i])
+    def body(self, parts: list[Part], enc: Encoded, multipart: bool) -> tuple[bytes, str]:
+        body = Body(multipart)
+        req = VerifyRequest(items=[VerifyItemIn(images=[body.image(x) for x in enc[(0, i)]],
+                                                questions=self.questions[i])
                                    for p in parts for i in range(p.start, p.stop)])
-        return req.model_dump_json().encode()
+        return body.encode(req)
 
 
 Job = ScoreJob | VerifyJob
@@ -186,7 +192,7 @@ def source_work(job: ScoreJob) -> EncodeWork:
     return [(s, f"sources[{g}]") for g, s in enumerate(job.sources) if s is not None]
 
 
-def set_sources(job: ScoreJob, encoded: Iterable[str]) -> None:
+def set_sources(job: ScoreJob, encoded: Iterable[bytes]) -> None:
     it = iter(encoded)
     job.encoded_sources = [None if s is None else next(it) for s in job.sources]
 
@@ -216,18 +222,21 @@ def encode_work(job: Job, parts: list[Part]) -> tuple[list[tuple[int, int, int]]
     return keys, [(job.images(g, i)[j], job.label(g, i, j)) for g, i, j in keys]
 
 
-def collect(keys: list[tuple[int, int, int]], encoded: Iterable[str]) -> Encoded:
+def collect(keys: list[tuple[int, int, int]], encoded: Iterable[bytes]) -> Encoded:
     out: Encoded = {}
     for (g, i, _j), s in zip(keys, encoded, strict=True):
         out.setdefault((g, i), []).append(s)
     return out
 
 
-def subrequests(job: Job, parts: list[Part], enc: Encoded, max_request_bytes: int) -> list[list[Part]]:
-    """Requests under the byte limit; a group's source counts with each of its images (an upper bound)."""
+def subrequests(job: Job, parts: list[Part], enc: Encoded, max_request_bytes: int,
+                multipart: bool) -> list[list[Part]]:
+    """Requests under the byte limit, in the form they are sent; a group's source counts with each of its images
+    (an upper bound)."""
     def size(g: int, i: int) -> int:
         source = job.source(g) if isinstance(job, ScoreJob) else None
-        return sum(len(s) for s in enc[(g, i)]) + len(source or "") + 64
+        images = [*enc[(g, i)], *([source] if source is not None else [])]
+        return sum(wire_size(len(b), multipart) for b in images) + 64
 
     return split_by_bytes(parts, size, max_request_bytes)
 

@@ -13,9 +13,11 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
+from dvreward_protocol.schemas import MULTIPART
 from server.api.admission import Admission
 from server.api.edge import Authenticate, BodyGuard, HeadAsGet, Observe, error_response
 from server.api.metrics import Metrics
+from server.api.multipart import MultipartBody
 from server.api.routes import score, system
 from server.errors import ErrorCode, ServiceError
 from server.service import ScoringService
@@ -76,6 +78,20 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     return _error(request, 422, ErrorCode.bad_request.value, f"body: invalid JSON ({reason})")
 
 
+def _json_only(app: FastAPI) -> None:
+    """Where the multipart form is off (DVREWARD_MULTIPART_REQUESTS=false), the OpenAPI document does not offer it."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        schema = build()
+        for path in score.MULTIPART_PATHS if fresh else ():
+            schema["paths"][path]["post"]["requestBody"]["content"].pop(MULTIPART)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings, service: ScoringService, background: Background | None = None,
                on_background_death: Died | None = None) -> FastAPI:
     """`background` runs for the app's lifetime (the embedded worker); the broker closes on shutdown.
@@ -115,10 +131,15 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
 
+    if not settings.multipart_requests:
+        _json_only(app)
+
     # added innermost first: Observe sees every response, Authenticate runs before any body is read
     app.add_middleware(HeadAsGet)
+    app.add_middleware(MultipartBody)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
-                       admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes))
+                       admission=Admission(settings.max_inflight_requests, settings.max_inflight_bytes),
+                       multipart_paths=score.MULTIPART_PATHS if settings.multipart_requests else ())
     app.add_middleware(Authenticate, api_keys=settings.api_keys, public_routes=settings.public_routes)
     app.add_middleware(Observe, metrics=app.state.metrics)
     return app

@@ -1,4 +1,5 @@
-"""Typed dependencies: settings, service, metrics, principal and request id, from app and request state."""
+"""Typed dependencies: settings, service, metrics, principal, request id and a multipart body's images, from app
+and request state."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPBearer
 
 from server.api.metrics import Metrics
+from server.api.parts import Parts
 from server.queue.base import Broker
 from server.service import ScoringService
 from server.settings import Settings
@@ -41,6 +43,12 @@ def _principal(request: Request) -> str:
     return request.state.principal
 
 
+def _parts(request: Request) -> Parts | None:
+    """A multipart body's images (server.api.multipart put them in the request's state); None for a JSON body."""
+    parts = request.scope.get("state", {}).get("parts")
+    return Parts(parts) if parts is not None else None
+
+
 def _failure(request: Request) -> str | None:
     return request.app.state.failure
 
@@ -51,5 +59,6 @@ BrokerDep = Annotated[Broker, Depends(_broker)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 RequestId = Annotated[str, Depends(_request_id)]
 Principal = Annotated[str, Depends(_principal)]
+PartsDep = Annotated[Parts | None, Depends(_parts)]
 Failure = Annotated[str | None, Depends(_failure)]  # why this process can no longer serve, if it cannot
 Authorized = Security(bearer)

@@ -1,7 +1,8 @@
 """The ASGI edge every request passes before FastAPI sees it, outermost first:
 
 Observe (request id, metrics, the answer to a crash) -> Authenticate (the API key, before any body
-byte is read) -> BodyGuard (content type, size, admission and arrival time of the body).
+byte is read) -> BodyGuard (content type, size, admission and arrival time of the body) -> MultipartBody
+(server.api.multipart: the multipart form split into its JSON and its images).
 
 Pure ASGI rather than FastAPI middleware: a body that is about to be refused is never buffered, and
 every response, including those written here, carries a request id and is counted.
@@ -16,13 +17,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dvreward_protocol.schemas import ErrorInfo, ErrorResponse
+from dvreward_protocol.schemas import MULTIPART, ErrorInfo, ErrorResponse
 from server.api.admission import Admission, Permit
 from server.api.metrics import Metrics
 from server.errors import ErrorCode
@@ -154,18 +155,31 @@ class Authenticate:
         return key if ok and scheme.lower() == b"bearer" else None
 
 
-def _is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+def media_type(content_type: str) -> str:
+    """`type/subtype` of a Content-Type, without its parameters."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def accept_post(multipart: bool) -> str:
+    """The Accept-Post header (the media types a POST may send) of a route that takes JSON, and multipart or not."""
+    return f"application/json, {MULTIPART}" if multipart else "application/json"
+
+
+def _accepted(media: str, multipart: bool) -> bool:
+    json = media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    return json or (multipart and media == MULTIPART)
 
 
 class BodyGuard:
-    """Refuses a body that is not JSON (415), over the limit (413, with or without Content-Length), more than the API
-    may hold at once (429 with Retry-After, from the headers: `Admission`), or not fully received within the timeout
-    (408, connection closed), before the app reads any of it. A body without Content-Type is read as JSON."""
+    """Refuses a body that is not JSON (415; multipart/form-data too where `multipart_paths` take it), over the
+    limit (413, with or without Content-Length), more than the API may hold at once (429 with Retry-After, from the
+    headers: `Admission`), or not fully received within the timeout (408, connection closed), before the app reads
+    any of it. A body without Content-Type is read as JSON."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, admission: Admission) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, admission: Admission,
+                 multipart_paths: Collection[str] = ()) -> None:
         self.app, self.max_bytes, self.timeout_s, self.admission = app, max_bytes, timeout_s, admission
+        self.multipart_paths = frozenset(multipart_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -174,10 +188,12 @@ class BodyGuard:
         rid = request_id(scope)
         content_type = headers.get("content-type")
         has_body = scope["method"] in ("POST", "PUT", "PATCH")
-        if has_body and content_type is not None and not _is_json(content_type):
-            return await error_response(415, ErrorCode.unsupported_media_type, f"the body must be JSON "
-                                        f"(Content-Type: application/json), got {content_type[:100]!r}",
-                                        rid)(scope, receive, send)
+        multipart = scope["path"] in self.multipart_paths
+        if has_body and content_type is not None and not _accepted(media_type(content_type), multipart):
+            return await error_response(
+                415, ErrorCode.unsupported_media_type, "the body must be JSON (Content-Type: application/json)"
+                + (f" or {MULTIPART} (images as parts: see /docs)" if multipart else "") + f", got "
+                f"{content_type[:100]!r}", rid, headers={"Accept-Post": accept_post(multipart)})(scope, receive, send)
         declared = headers.get("content-length")
         size = int(declared) if declared is not None and declared.isdigit() else 0
         if size > self.max_bytes:

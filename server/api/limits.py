@@ -6,8 +6,9 @@ import math
 
 from dvreward_protocol.questions import QUALITY_ASPECTS, SEMANTIC_TAGS, blank
 from dvreward_protocol.schemas import ScoreRequest, VerifyRequest
+from server.api.parts import Parts, image_bytes
 from server.errors import ErrorCode, ServiceError
-from server.images import ImageInfo, decode_base64, inspect_image
+from server.images import ImageInfo, inspect_image
 from server.service import Checked, ScoreImages
 from server.settings import Settings
 
@@ -69,10 +70,10 @@ def check_tokens(field: str, infos: list[ImageInfo], questions: list[str], s: Se
                            "(DVREWARD_MAX_BATCH_TOKENS): use fewer or shorter questions, or smaller images")
 
 
-def checked_image(field: str, text: str, s: Settings) -> tuple[Checked, ImageInfo | None]:
+def checked_image(field: str, text: str, s: Settings, parts: Parts | None) -> tuple[Checked, ImageInfo | None]:
     """One image's bytes and header, or the error that fails this image only (never the whole request)."""
     try:
-        data = decode_base64(text, field, s.max_image_bytes)
+        data = image_bytes(field, text, parts, s.max_image_bytes)
         return data, inspect_image(data, field, s.max_image_pixels)
     except ServiceError as exc:
         return exc, None
@@ -85,9 +86,10 @@ def _item_tokens(field: str, infos: list[ImageInfo | None], questions: list[str]
         check_tokens(field, known, questions, s)
 
 
-def check_score(req: ScoreRequest, s: Settings) -> ScoreImages:
+def check_score(req: ScoreRequest, s: Settings, parts: Parts | None = None) -> ScoreImages:
     """Request-level limits raise (an item the token budget cannot hold too: the request's questions overflow it);
-    an image that cannot be read is that image's error, a source that cannot be read its group's."""
+    an image that cannot be read is that image's error, a source that cannot be read its group's. `parts`: the
+    images of a multipart body."""
     n_images = sum(len(g.images) + (g.source is not None) for g in req.groups)
     _too_many("groups", len(req.groups), s.max_groups, "groups")
     _too_many("images", n_images, s.max_images, "images in the request (sources included)")
@@ -105,20 +107,22 @@ def check_score(req: ScoreRequest, s: Settings) -> ScoreImages:
     sources: list[Checked | None] = []
     for g, group in enumerate(req.groups):
         source, source_info = (None, None) if group.source is None else checked_image(
-            f"groups[{g}].source", group.source, s)
+            f"groups[{g}].source", group.source, s, parts)
         out: list[Checked] = []
         for i, text in enumerate(group.images):
-            data, info = checked_image(f"groups[{g}].images[{i}]", text, s)
+            data, info = checked_image(f"groups[{g}].images[{i}]", text, s, parts)
             if group.questions is not None:  # decomposed questions are bounded by the decomposer's output
                 shown = [source_info, info] if group.source is not None else [info]
                 _item_tokens(f"groups[{g}].images[{i}]", shown, [q.text for q in group.questions], s)
             out.append(data)
         images.append(out)
         sources.append(source)
+    if parts is not None:
+        parts.check_all_named()
     return ScoreImages(images, sources)
 
 
-def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes] | ServiceError]:
+def check_verify(req: VerifyRequest, s: Settings, parts: Parts | None = None) -> list[list[bytes] | ServiceError]:
     """Request-level limits raise; an item whose image cannot be scored gets that error as its own."""
     _too_many("images", sum(len(it.images) for it in req.items), s.max_images, "images in the request")
     for i, it in enumerate(req.items):
@@ -131,9 +135,11 @@ def check_verify(req: VerifyRequest, s: Settings) -> list[list[bytes] | ServiceE
             check_prompt(f"items[{i}].questions[{k}]", q, s)
     out: list[list[bytes] | ServiceError] = []
     for i, it in enumerate(req.items):
-        checked = [checked_image(f"items[{i}].images[{j}]", text, s) for j, text in enumerate(it.images)]
+        checked = [checked_image(f"items[{i}].images[{j}]", text, s, parts) for j, text in enumerate(it.images)]
         blobs = [data for data, _ in checked if not isinstance(data, ServiceError)]
         _item_tokens(f"items[{i}]", [info for _, info in checked], list(it.questions), s)
         failed = next((d for d, _ in checked if isinstance(d, ServiceError)), None)
         out.append(failed if failed is not None else blobs)
+    if parts is not None:
+        parts.check_all_named()
     return out

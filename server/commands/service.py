@@ -35,7 +35,8 @@ WORKER_SETTINGS |= {"verifier_engine", "verifier_url", "decomposer_url", "verifi
                     "vllm_max_model_len"}
 API_SETTINGS = {"port", "api_keys", "allow_anonymous", "public_routes", "max_body_bytes", "max_inflight_requests",
                 "max_inflight_bytes", "max_images", "max_image_bytes", "max_questions", "max_prompt_chars",
-                "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item", "worker_grace_s"}
+                "max_groups", "request_timeout_s", "body_timeout_s", "max_images_per_item", "worker_grace_s",
+                "multipart_requests"}
 API_SETTINGS |= {"idempotency_max_bytes", "cache_max_bytes"}
 
 

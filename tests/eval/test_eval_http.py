@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -91,6 +92,15 @@ def _inputs(tmp_path: Path, n: int) -> list[ScoreInput]:
     return out
 
 
+def _service(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.MockTransport:
+    """A scripted service without the multipart form: it answers the client's question about it (GET /v1/models)
+    as such a server does, and `handler` everything else."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"workers": []}) if request.url.path == "/v1/models" else handler(request)
+
+    return httpx.MockTransport(handle)
+
+
 def _ok(request: httpx.Request) -> httpx.Response:
     items = json.loads(request.content)["items"]
     return httpx.Response(200, json={
@@ -111,7 +121,7 @@ def test_retries_429_and_503_honouring_retry_after_with_one_idempotency_key(tmp_
         return answers.pop(0) if answers else _ok(request)
 
     sleeps: list[float] = []
-    backend = HTTPBackend("http://svc", "k", transport=httpx.MockTransport(handler))
+    backend = HTTPBackend("http://svc", "k", transport=_service(handler))
     backend.client._sleep = sleeps.append  # record instead of waiting
     outcomes = backend.score(_inputs(tmp_path, 2))
     assert [o.p for o in outcomes] == [[0.25, 0.25], [0.25, 0.25]] and backend.model_id == "m"
@@ -122,7 +132,7 @@ def test_retries_429_and_503_honouring_retry_after_with_one_idempotency_key(tmp_
 
 def test_gives_up_after_retries_and_isolates_refused_images(tmp_path):
     sleeps: list[float] = []
-    busy = HTTPBackend("http://svc", transport=httpx.MockTransport(lambda r: httpx.Response(503)), max_retries=2)
+    busy = HTTPBackend("http://svc", transport=_service(lambda r: httpx.Response(503)), max_retries=2)
     busy.client._sleep = sleeps.append
     with pytest.raises(ServiceUnavailableError, match=r"after 3 attempts: .*HTTP 503"):
         busy.score(_inputs(tmp_path, 1))
@@ -137,7 +147,7 @@ def test_gives_up_after_retries_and_isolates_refused_images(tmp_path):
             return httpx.Response(422, json={"error": {"code": "bad_image", "message": "items[0].images[0]: nope"}})
         return _ok(request)
 
-    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler), max_questions=1)
+    backend = HTTPBackend("http://svc", transport=_service(handler), max_questions=1)
     outcomes = backend.score(inputs)
     assert [o.error is None for o in outcomes] == [True, True, False, True]
     assert "HTTP 422" in outcomes[2].error and "nope" in outcomes[2].error and outcomes[2].p is None
@@ -153,7 +163,7 @@ def test_transport_errors_are_retried_then_stop_the_run(tmp_path):
             raise httpx.ConnectError("connection refused", request=request)
         return _ok(request)
 
-    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler), max_retries=2)
+    backend = HTTPBackend("http://svc", transport=_service(handler), max_retries=2)
     backend.client._sleep = lambda s: None
     assert [o.p for o in backend.score(_inputs(tmp_path, 1))] == [[0.25, 0.25]]
     assert len(calls) == 3 and len(set(calls)) == 1
@@ -161,7 +171,7 @@ def test_transport_errors_are_retried_then_stop_the_run(tmp_path):
     def down(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(down), max_retries=1)
+    backend = HTTPBackend("http://svc", transport=_service(down), max_retries=1)
     backend.client._sleep = lambda s: None
     with pytest.raises(ServiceUnavailableError, match="after 2 attempts: transport"):
         backend.score(_inputs(tmp_path, 1))
@@ -178,7 +188,7 @@ def test_service_failures_stop_the_run_and_are_never_split(tmp_path, status, cod
         seen.append(len(json.loads(request.content)["items"]))
         return httpx.Response(status, json={"error": {"code": code, "message": "boom"}})
 
-    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler), max_retries=2)
+    backend = HTTPBackend("http://svc", transport=_service(handler), max_retries=2)
     backend.client._sleep = lambda s: None
     with pytest.raises(ServiceUnavailableError, match=f"{code}: boom") as info:
         backend.score(_inputs(tmp_path, 4))
@@ -199,7 +209,7 @@ def test_payload_too_large_isolates_the_image_and_item_errors_stay_per_image(tmp
         body["results"][-1] = {"p": None, "error": {"code": "bad_image", "message": "undecodable"}}
         return httpx.Response(200, json=body)
 
-    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler))
+    backend = HTTPBackend("http://svc", transport=_service(handler))
     outcomes = backend.score(inputs)
     assert outcomes[1].p is None and "HTTP 413" in outcomes[1].error and "image too large" in outcomes[1].error
     assert outcomes[0].error == "bad_image: undecodable" and outcomes[2].error == "bad_image: undecodable"
@@ -217,14 +227,14 @@ def test_a_5xx_mid_run_exits_1_without_error_lines_and_resumes(tmp_path):
 
     opts = EvalOptions(images=images, questions=questions, out=tmp_path / "out", server="http://svc", batch_size=2,
                        progress=False)
-    first = run_eval(opts, HTTPBackend("http://svc", transport=httpx.MockTransport(handler)), err=io.StringIO())
+    first = run_eval(opts, HTTPBackend("http://svc", transport=_service(handler)), err=io.StringIO())
     assert first.exit_code == 1
     lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(r["error"] is None for r in lines)  # the failed batch is pending, not failed
     assert first.summary["counts"]["pending"] == 2 and first.summary["counts"]["errors"] == 0
 
     state["fail"] = False
-    again = run_eval(opts, HTTPBackend("http://svc", transport=httpx.MockTransport(handler)), err=io.StringIO())
+    again = run_eval(opts, HTTPBackend("http://svc", transport=_service(handler)), err=io.StringIO())
     assert again.exit_code == 0 and again.summary["complete"] is True
     assert again.summary["counts"]["scored"] == 4 and again.summary["counts"]["errors"] == 0
 
@@ -255,7 +265,7 @@ def test_image_files_share_the_service_image_policy(tmp_path):
         sent.extend(base64.b64decode(it["images"][0]) for it in json.loads(request.content)["items"])
         return _ok(request)
 
-    backend = HTTPBackend("http://svc", transport=httpx.MockTransport(handler))
+    backend = HTTPBackend("http://svc", transport=_service(handler))
     outcomes = backend.score([ScoreInput(p, ("Is it red?",)) for p in (png, bmp, truncated)])
     assert [o.error is None for o in outcomes] == [True, True, False]
     assert sent[0] == png.read_bytes() and sent[1].startswith(b"\x89PNG")  # BMP re-encoded as PNG

@@ -1,4 +1,5 @@
-"""Bad requests against the running embedded server: each gets a 4xx with a JSON error naming the field.
+"""Bad requests against the running embedded server: each gets a 4xx with a JSON error naming the field, in the
+JSON form and (on /v1/score and /v1/verify) in the multipart form alike.
 
 The server (see EMBEDDED_LIMITS in conftest) allows 6 images, 6 questions per group, 4 groups,
 300-character prompts, 1,000,000-pixel images and 200,000-byte bodies.
@@ -6,12 +7,15 @@ The server (see EMBEDDED_LIMITS in conftest) allows 6 images, 6 questions per gr
 
 from __future__ import annotations
 
+import base64
+import binascii
+import copy
 import io
 import json
 import struct
 import types
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -224,19 +228,63 @@ def _per_image_request(k: types.SimpleNamespace, path: str, images: list[str]) -
                                {"images": [k.png_b64(2)], "questions": ["Is it red?"]}]}}
 
 
+# ---- the same requests in the multipart form (images as parts): the same errors ------------------------------------
+JSON = "application/json"
+
+
+def multipart(body: bytes | dict[str, Any], parts: Sequence[tuple[str, bytes]] = (), **headers: str) -> Kwargs:
+    """httpx's multipart/form-data: the JSON body first (named `request`), then the parts in order."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    files = [("request", (None, raw, JSON)), *((name, (None, data, "image/png")) for name, data in parts)]
+    return {"files": files, "headers": headers}
+
+
+def _b64_bytes(text: Any) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True) if isinstance(text, str) and text else None
+    except binascii.Error:
+        return None
+
+
+def as_multipart(kwargs: Kwargs) -> Kwargs:
+    """The same request as multipart: each image that is base64 in the JSON moves to a part of its own (the rest,
+    undecodable on purpose, stays inline: the form allows both)."""
+    headers = {k: v for k, v in kwargs.get("headers", {}).items() if k.lower() != "content-type"}
+    if "json" not in kwargs:
+        return multipart(kwargs.get("content", b""), **headers)
+    body = copy.deepcopy(kwargs["json"])
+    parts: list[tuple[str, bytes]] = []
+
+    def move(container: Any, key: str | int) -> None:
+        data = _b64_bytes(container[key])
+        if data is not None:
+            parts.append((f"img{len(parts)}", data))
+            container[key] = f"part:img{len(parts) - 1}"
+
+    for unit in [*(body.get("groups") or []), *(body.get("items") or [])] if isinstance(body, dict) else []:
+        if isinstance(unit, dict) and isinstance(unit.get("images"), list):
+            for i in range(len(unit["images"])):
+                move(unit["images"], i)
+        if isinstance(unit, dict) and unit.get("source") is not None:
+            move(unit, "source")
+    return multipart(body, parts, **headers)
+
+
+# Score and verify take multipart; a body streamed without a length is not bytes to put in a part (test_multipart has
+# that case).
+FORMS = [(*c, "json") for c in CASES] + [(*c, "multipart") for c in CASES
+                                         if c[1] != "/v1/decompose" and c[0] != "chunked-body-over-limit"]
+PER_IMAGE_FORMS = [(*c, form) for form in ("json", "multipart") for c in PER_IMAGE]
+
+
 @pytest.fixture(scope="module")
 def client(embedded_server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=embedded_server, timeout=60) as c:
         yield c
 
 
-@pytest.mark.parametrize(("path", "make", "status", "code", "needles"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_with_a_clear_json_error(
-    client: httpx.Client, kit: types.SimpleNamespace, path: str, make: Callable[[types.SimpleNamespace], Kwargs],
-    status: int, code: str, needles: list[str],
-) -> None:
-    r = client.post(path, **make(kit))
+def assert_refused(r: httpx.Response, status: int, code: str, needles: list[str]) -> None:
+    """A JSON error of this status and code whose message holds each needle."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     error = r.json()["error"]
@@ -246,14 +294,8 @@ def test_bad_input_is_refused_with_a_clear_json_error(
         assert needle in error["message"], (needle, error["message"])
 
 
-@pytest.mark.parametrize(("path", "make", "bad", "code", "needles"), [c[1:] for c in PER_IMAGE],
-                         ids=[c[0] for c in PER_IMAGE])
-def test_an_image_that_cannot_be_scored_fails_alone(
-    client: httpx.Client, kit: types.SimpleNamespace, path: str, make: Callable[[types.SimpleNamespace], list[str]],
-    bad: int, code: str, needles: list[str],
-) -> None:
-    images = make(kit)
-    r = client.post(path, **_per_image_request(kit, path, images))
+def assert_fails_alone(r: httpx.Response, path: str, bad: int, code: str, needles: list[str]) -> None:
+    """A 200 to a `_per_image_request` where image `bad` alone failed, with this code and the needles."""
     assert r.status_code == 200, r.text
     body = r.json()
     if path == "/v1/score":
@@ -270,6 +312,31 @@ def test_an_image_that_cannot_be_scored_fails_alone(
     assert error["code"] == code, error
     for needle in needles:
         assert needle in error["message"], (needle, error["message"])
+
+
+@pytest.mark.parametrize(("path", "make", "status", "code", "needles", "form"), [c[1:] for c in FORMS],
+                         ids=[f"{c[0]}-{c[-1]}" for c in FORMS])
+def test_bad_input_is_refused_with_a_clear_json_error(
+    client: httpx.Client, kit: types.SimpleNamespace, path: str, make: Callable[[types.SimpleNamespace], Kwargs],
+    status: int, code: str, needles: list[str], form: str,
+) -> None:
+    """Multipart: the same request with its images as parts (its body the JSON part) gets the JSON form's error."""
+    r = client.post(path, **(make(kit) if form == "json" else as_multipart(make(kit))))
+    assert_refused(r, status, code, needles)
+    if form == "multipart":
+        assert r.json()["error"] == client.post(path, **make(kit)).json()["error"], "the same message as JSON"
+
+
+@pytest.mark.parametrize(("path", "make", "bad", "code", "needles", "form"), [c[1:] for c in PER_IMAGE_FORMS],
+                         ids=[f"{c[0]}-{c[-1]}" for c in PER_IMAGE_FORMS])
+def test_an_image_that_cannot_be_scored_fails_alone(
+    client: httpx.Client, kit: types.SimpleNamespace, path: str, make: Callable[[types.SimpleNamespace], list[str]],
+    bad: int, code: str, needles: list[str], form: str,
+) -> None:
+    """Multipart: each image that is base64 in the JSON form goes as a part, and fails alone as in JSON."""
+    kwargs = _per_image_request(kit, path, make(kit))
+    r = client.post(path, **(kwargs if form == "json" else as_multipart(kwargs)))
+    assert_fails_alone(r, path, bad, code, needles)
 
 
 def test_an_image_that_fails_to_decode_in_the_worker_is_an_explicit_per_image_error(

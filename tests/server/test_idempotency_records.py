@@ -17,6 +17,7 @@ import redis
 
 from dvreward_protocol.reward import Aggregation, Gating
 from dvreward_protocol.schemas import GroupResult, ModelIds, ScoreGroup, ScoreRequest, ScoreResponse, Timings
+from server.api.parts import digest
 from server.errors import ErrorCode, ServiceError
 from server.idempotency import Keeping, once
 from server.queue.memory import MemoryBroker
@@ -68,7 +69,8 @@ async def kept_bytes(broker: Any) -> int:
 
 
 def call(broker: Any, body: ScoreRequest, scorer: Scorer, max_bytes: int, key: str = "k1") -> Awaitable[Any]:
-    return once(broker, "principal", "score", key, body, scorer.run, Keeping(60, max_bytes), time.time() + 30)
+    return once(broker, "principal", "score", key, body, lambda: digest(body, None), scorer.run, Keeping(60, max_bytes),
+                time.time() + 30)
 
 
 async def test_a_record_leaves_out_the_echoed_metadata_and_a_replay_restores_it(broker: Any) -> None:

@@ -56,7 +56,9 @@ class Script:
 
 
 def _client(script: Script, **kwargs) -> tuple[DVRewardClient, list[float]]:
-    client = DVRewardClient("http://dvreward.test", transport=httpx.MockTransport(script), **kwargs)
+    """The script answers the scoring requests alone: the client sends JSON without asking the server first."""
+    client = DVRewardClient("http://dvreward.test", transport=httpx.MockTransport(script), request_format="json",
+                            **kwargs)
     sleeps: list[float] = []
     client._sleep = sleeps.append  # record instead of waiting
     return client, sleeps
@@ -163,7 +165,7 @@ async def test_async_client_retries():
         sleeps.append(s)
 
     async with AsyncDVRewardClient("http://dvreward.test", transport=httpx.MockTransport(script),
-                                   backoff_base=0.1) as client:
+                                   backoff_base=0.1, request_format="json") as client:
         client._sleep = record
         result = await client.score(["p"], [[b"\x89PNG fake"]], questions=[Q])
     assert result.flat_rewards() == [0.5]

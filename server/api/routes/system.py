@@ -10,7 +10,8 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dvreward_protocol.schemas import ErrorResponse, ModelsResponse
-from server.api.deps import Authorized, BrokerDep, Failure, MetricsDep
+from server.api.deps import Authorized, BrokerDep, Failure, MetricsDep, SettingsDep
+from server.api.edge import accept_post
 from server.api.metrics import queue_exposition
 from server.errors import ErrorCode, ServiceError
 
@@ -55,9 +56,18 @@ async def readyz(broker: BrokerDep, failure: Failure, require_worker: RequireWor
     return {"status": "ready", "workers": len(workers)}
 
 
+ACCEPT_POST_DOC = {"Accept-Post": {"description": "the media types POST /v1/score and /v1/verify take: "
+                                  "application/json, multipart/form-data; absent where the multipart form is off "
+                                  "(as on servers before it)", "schema": {"type": "string"}}}
+
+
 @router.get("/v1/models", response_model=ModelsResponse, dependencies=[Authorized],
-            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def models(broker: BrokerDep) -> ModelsResponse:
+            responses={200: {"headers": ACCEPT_POST_DOC}, 401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def models(broker: BrokerDep, settings: SettingsDep, response: Response) -> ModelsResponse:
+    """Live workers and their models. Accept-Post says which request forms the scoring routes take (clients pick
+    multipart, which carries images as bytes, where it is listed)."""
+    if settings.multipart_requests:
+        response.headers["Accept-Post"] = accept_post(True)
     return ModelsResponse(workers=await broker.workers())
 
 
