@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from server.engines.loading import public_id, public_name
 from server.engines.prompts import template_version
-from server.queue.base import Broker
+from server.queue.base import Broker, ServiceJobs, WorkerJobs
 from server.service import ScoringService, ServiceConfig
 from server.settings import Settings, decomposer_limits
 from server.worker import Worker, WorkerHung
@@ -43,7 +43,8 @@ def build_broker(settings: Settings, consumer: str | None = None) -> Broker:
         settings.redis_url, prefix=settings.queue_prefix, max_queue=settings.max_queue,
         result_ttl=settings.result_ttl_s, visibility_timeout=settings.visibility_timeout_s,
         max_deliveries=settings.max_deliveries, timeout=settings.redis_timeout_s,
-        max_task_age=settings.request_timeout_s + TRIM_GRACE_S, lock_ttl=settings.lock_ttl_s, consumer=consumer,
+        max_task_age=settings.request_timeout_s + TRIM_GRACE_S, lock_ttl=settings.lock_ttl_s,
+        max_connections=settings.redis_max_connections, consumer=consumer,
     )
 
 
@@ -123,8 +124,8 @@ def remote_options(settings: Settings, api_key: str | None) -> RemoteOptions:
                          timeout_s=settings.remote_timeout_s, retries=settings.remote_retries)
 
 
-def build_service(settings: Settings, broker: Broker) -> ScoringService:
-    return ScoringService(broker, ServiceConfig(
+def build_service(settings: Settings, jobs: ServiceJobs) -> ScoringService:
+    return ScoringService(jobs, ServiceConfig(
         verifier=public_name(settings.verifier, settings.public_verifier),
         decomposer=settings.decomposer or None, pipeline=settings.pipeline,
         template_version=template_version(settings.verifier_system_prompt),
@@ -134,11 +135,10 @@ def build_service(settings: Settings, broker: Broker) -> ScoringService:
         verifier_system_prompt=settings.verifier_system_prompt,
         request_timeout_s=settings.request_timeout_s, cache_ttl_s=settings.cache_ttl_s,
         result_ttl_s=settings.result_ttl_s, worker_grace_s=settings.worker_grace_s,
-        idempotency_max_bytes=settings.idempotency_max_bytes,
     ))
 
 
-def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
+def build_worker(settings: Settings, jobs: WorkerJobs, verifier: Verifier | None,
                  decomposer: Decomposer | None, metrics: WorkerMetrics | None = None) -> Worker:
     """Results name the models publicly (name and checkpoint digest); their paths only go to the log."""
     ids = (public_id(settings.verifier, settings.public_verifier) if verifier else None,
@@ -146,7 +146,7 @@ def build_worker(settings: Settings, broker: Broker, verifier: Verifier | None,
     log.info("worker models: verifier %s = %s, decomposer %s = %s", settings.verifier, ids[0], settings.decomposer,
              ids[1])
     return Worker(
-        broker, verifier, decomposer, template_version=template_version(settings.verifier_system_prompt),
+        jobs, verifier, decomposer, template_version=template_version(settings.verifier_system_prompt),
         batch_size=settings.batch_size,
         batch_wait=settings.batch_wait_ms / 1000, heartbeat_s=settings.heartbeat_s,
         batch_timeout_s=settings.batch_timeout_s,
@@ -209,7 +209,7 @@ def build_app(settings: Settings, worker_engines: tuple[Verifier | None, Decompo
     broker = build_broker(settings)
     service = build_service(settings, broker)
     if worker_engines is None:
-        return create_app(settings, service)
+        return create_app(settings, broker, service)
     worker = build_worker(settings, broker, *worker_engines, metrics=worker_metrics)
-    return create_app(settings, service, background=lambda died: running(worker, died, settings),
+    return create_app(settings, broker, service, background=lambda died: running(worker, died, settings),
                       on_background_death=on_worker_death)

@@ -12,11 +12,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
-
-from pydantic import BaseModel
 
 from dvreward_protocol.grpo import group_advantages, group_key, lone_image_warnings
 from dvreward_protocol.questions import Decomposition, DecompositionError, Question, blank, validate_questions
@@ -36,9 +33,8 @@ from dvreward_protocol.schemas import (
     Warning,
 )
 from server.errors import ErrorCode, ServiceError
-from server.idempotency import Keeping, once
 from server.liveness import WorkerWatch
-from server.queue.base import Broker
+from server.queue.base import ServiceJobs, singleflight
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
 
 
@@ -61,10 +57,20 @@ class ServiceConfig:
     cache_ttl_s: float
     result_ttl_s: float
     worker_grace_s: float  # no live worker for a kind of task this long: 503 at once, not 504 at the deadline
-    idempotency_max_bytes: int
 
 
 Checked = bytes | ServiceError  # an image's bytes, or why this image alone cannot be scored
+
+
+@dataclass(frozen=True)
+class Questions:
+    """A group's questions: decomposed (cached or not) or explicit (`cached` None)."""
+
+    decomposition: Decomposition
+    cached: bool | None
+
+
+GroupQuestions = Questions | ServiceError  # or the error that failed that group alone
 
 
 @dataclass(frozen=True)
@@ -84,25 +90,14 @@ def _ms(t0: float) -> float:
 
 
 class ScoringService:
-    def __init__(self, broker: Broker, config: ServiceConfig) -> None:
-        self.broker = broker
+    def __init__(self, jobs: ServiceJobs, config: ServiceConfig) -> None:
+        self.jobs = jobs
         self.config = config
-        self.watch = WorkerWatch(broker, config.worker_grace_s)
+        self.watch = WorkerWatch(jobs, config.worker_grace_s)
         self._late: set[asyncio.Task[None]] = set()  # decompositions finishing after their request's deadline
 
     def deadline(self) -> float:
         return time.time() + self.config.request_timeout_s
-
-    async def once(self, principal: str, route: str, key: str | None, request: BaseModel, digest: Callable[[], str],
-                   run: Callable[[], Awaitable[BaseModel]]) -> tuple[dict[str, Any], bool]:
-        """(response JSON, replayed): a request carrying an Idempotency-Key is answered from its first run; `digest`
-        gives the digest of the request, which a retry must match.
-
-        Records are scoped by principal (the API key's digest): another key reusing the same
-        Idempotency-Key never sees this one's response.
-        """
-        return await once(self.broker, principal, route, key, request, digest, run,
-                          Keeping(self.config.result_ttl_s, self.config.idempotency_max_bytes), self.deadline())
 
     # ---- decomposition ----------------------------------------------------------------
     def cache_key(self, prompt: str, editing: bool = False) -> str:
@@ -112,7 +107,7 @@ class ScoringService:
                           c.decomposer_max_new_tokens, c.decomposer_caps] + (["edit"] if editing else []))
         return "decomp:" + hashlib.sha256(raw.encode()).hexdigest()
 
-    async def decompose_one(self, prompt: str, deadline: float, editing: bool = False) -> tuple[Decomposition, bool]:
+    async def decompose_one(self, prompt: str, deadline: float, editing: bool = False) -> Questions:
         if not self.config.decomposer:
             raise ServiceError(
                 ErrorCode.bad_request,
@@ -124,18 +119,18 @@ class ScoringService:
         async def compute() -> bytes:
             reply = task_id  # one decomposition, its own replies
             await self.watch.require(TaskKind.decompose)
-            await self.broker.submit([Task(task_id, reply, deadline, DecomposePayload(prompt=prompt,
+            await self.jobs.submit([Task(task_id, reply, deadline, DecomposePayload(prompt=prompt,
                                                                                       editing=editing))])
             try:
-                result = await self.watch.waiting(TaskKind.decompose, self.broker.gather(reply, {task_id}, deadline))
+                result = await self.watch.waiting(TaskKind.decompose, self.jobs.gather(reply, {task_id}, deadline))
             except ServiceError as exc:
                 if exc.code is ErrorCode.timeout:  # the worker may still finish it: keep that work
                     self._publish_late(key, reply, task_id)
                 raise
             return _decomposition(result[task_id]).model_dump_json().encode()
 
-        raw, cached = await self.broker.singleflight(key, compute, self.config.cache_ttl_s, deadline)
-        return Decomposition.model_validate_json(raw), cached
+        raw, cached = await singleflight(self.jobs, key, compute, self.config.cache_ttl_s, deadline)
+        return Questions(Decomposition.model_validate_json(raw), cached)
 
     def _publish_late(self, key: str, reply: str, task_id: str) -> None:
         """Cache a decomposition its worker finishes after the request's deadline, so the retry finds it."""
@@ -145,7 +140,7 @@ class ScoringService:
 
         async def publish() -> None:
             try:
-                got = await self.broker.gather(reply, {task_id}, time.time() + self.config.result_ttl_s)
+                got = await self.jobs.gather(reply, {task_id}, time.time() + self.config.result_ttl_s)
                 raw = _decomposition(got[task_id]).model_dump_json().encode()
             except ServiceError as exc:
                 log.info("decomposition %s did not finish late either: %s", task_id, exc.message)
@@ -154,7 +149,7 @@ class ScoringService:
             async def value() -> bytes:
                 return raw
 
-            await self.broker.singleflight(key, value, self.config.cache_ttl_s, time.time() + 30)
+            await singleflight(self.jobs, key, value, self.config.cache_ttl_s, time.time() + 30)
             log.info("decomposition %s finished after its request's deadline; cached", task_id)
 
         task = asyncio.create_task(publish(), name=f"late-{task_id}")
@@ -170,8 +165,8 @@ class ScoringService:
         ms = _ms(t0)
         return DecomposeResponse(
             request_id=request_id,
-            decompositions=[by_prompt[p][0] for p in prompts],
-            cached=[by_prompt[p][1] for p in prompts],
+            decompositions=[by_prompt[p].decomposition for p in prompts],
+            cached=[bool(by_prompt[p].cached) for p in prompts],
             timings=Timings(decompose_ms=ms, total_ms=ms),
         )
 
@@ -188,8 +183,8 @@ class ScoringService:
         if not tasks:
             return []
         await self.watch.require(TaskKind.verify)
-        await self.broker.submit(tasks)
-        got = await self.watch.waiting(TaskKind.verify, self.broker.gather(reply, {t.task_id for t in tasks}, deadline))
+        await self.jobs.submit(tasks)
+        got = await self.watch.waiting(TaskKind.verify, self.jobs.gather(reply, {t.task_id for t in tasks}, deadline))
         return [got[t.task_id] for t in tasks]
 
     async def verify(self, req: VerifyRequest, blobs: list[list[bytes] | ServiceError],
@@ -230,7 +225,7 @@ class ScoringService:
         t_dec = _ms(t0)
         t1 = time.perf_counter()
         # a group whose decomposition failed sends nothing: its images carry that error instead
-        texts = {g: [q.text for q in d[0].questions] for g, d in enumerate(decs) if isinstance(d, tuple)}
+        texts = {g: [q.text for q in d.decomposition.questions] for g, d in enumerate(decs) if isinstance(d, Questions)}
         outcomes: dict[tuple[int, int], Result | ServiceError] = {}
         items: dict[tuple[int, int], tuple[list[bytes], list[str]]] = {}
         for g in texts:
@@ -266,7 +261,7 @@ class ScoringService:
             timings=Timings(decompose_ms=t_dec, verify_ms=t_ver, total_ms=_ms(t0)),
         )
 
-    def _group(self, g: int, req: ScoreRequest, dec: tuple[Decomposition, bool | None] | ServiceError,
+    def _group(self, g: int, req: ScoreRequest, dec: GroupQuestions,
                results: list[Result | ServiceError | None]) -> GroupResult:
         group = req.groups[g]
         if isinstance(dec, ServiceError):
@@ -275,8 +270,7 @@ class ScoringService:
             return GroupResult(prompt=group.prompt, questions=[], rewards=[None] * len(results),
                                errors=[err] * len(results), advantages=[], images=images, decomposition_cached=None,
                                metadata=group.metadata)
-        decomposition, cached = dec
-        questions = list(decomposition.questions)
+        questions = list(dec.decomposition.questions)
         images = []
         for i, r in enumerate(results):
             assert r is not None, "every image of a decomposed group has a verification result"
@@ -288,17 +282,15 @@ class ScoringService:
                                    ) from exc
         return GroupResult(prompt=group.prompt, questions=questions, rewards=[im.reward for im in images],
                            errors=[im.error for im in images], advantages=[], images=images,
-                           decomposition_cached=cached, metadata=group.metadata)
+                           decomposition_cached=dec.cached, metadata=group.metadata)
 
-    async def _decompositions(
-        self, req: ScoreRequest, deadline: float
-    ) -> list[tuple[Decomposition, bool | None] | ServiceError]:
-        """Per group: (decomposition, cached), or the ServiceError that failed it (that group only)."""
-        out: dict[int, tuple[Decomposition, bool | None] | ServiceError] = {}
+    async def _decompositions(self, req: ScoreRequest, deadline: float) -> list[GroupQuestions]:
+        """Per group: its questions, or the ServiceError that failed it (that group only)."""
+        out: dict[int, GroupQuestions] = {}
         pending: dict[tuple[str, bool], list[int]] = {}  # (prompt, editing) -> groups
         for g, group in enumerate(req.groups):
             if group.questions is not None:
-                out[g] = (_explicit(g, group.prompt, group.questions), None)
+                out[g] = Questions(_explicit(g, group.prompt, group.questions), None)
             elif group.prompt and not blank(group.prompt):
                 pending.setdefault((group.prompt, group.source is not None), []).append(g)
             else:
@@ -314,21 +306,21 @@ class ScoringService:
         return [out[g] for g in range(len(req.groups))]
 
 
-def _check_weights(req: ScoreRequest, decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> None:
+def _check_weights(req: ScoreRequest, decs: list[GroupQuestions]) -> None:
     """Client errors that depend on the questions are found before any image is verified."""
     for g, dec in enumerate(decs):
-        if isinstance(dec, tuple):
+        if isinstance(dec, Questions):
             try:
-                check_weights(dec[0].questions, req.aggregation, req.tag_weights)
+                check_weights(dec.decomposition.questions, req.aggregation, req.tag_weights)
             except ValueError as exc:
                 raise ServiceError(ErrorCode.bad_request, f"groups[{g}]: {exc}") from exc
 
 
 def score_warnings(groups: list[GroupResult], keys: list[Hashable | None],
-                   decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> list[Warning]:
+                   decs: list[GroupQuestions]) -> list[Warning]:
     """Results that scored but will not train as a user may expect, per group."""
     out = [Warning(group=g, code="question_cap", message=w)
-           for g, d in enumerate(decs) if isinstance(d, tuple) for w in d[0].warnings]
+           for g, d in enumerate(decs) if isinstance(d, Questions) for w in d.decomposition.warnings]
     return out + lone_image_warnings([gr.rewards for gr in groups], keys)
 
 
@@ -349,9 +341,9 @@ def _image_result(index: int, questions: list[Question], r: Result | ServiceErro
                        answers=dict(zip(ids, answers, strict=True)) if answers is not None else None, failed=s.failed)
 
 
-def _decomposer_of(decs: list[tuple[Decomposition, bool | None] | ServiceError]) -> dict[str, str | None]:
+def _decomposer_of(decs: list[GroupQuestions]) -> dict[str, str | None]:
     """The decomposer that wrote the questions (its own output, fresh or cached); none for explicit questions."""
-    made = [d[0] for d in decs if isinstance(d, tuple) and d[0].pipeline != "explicit"]
+    made = [d.decomposition for d in decs if isinstance(d, Questions) and d.decomposition.pipeline != "explicit"]
     return {"decomposer": made[0].model, "pipeline": made[0].pipeline} if made else {"decomposer": None,
                                                                                      "pipeline": None}
 

@@ -289,6 +289,11 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         3.0, gt=0, le=YEAR_S, description="a Redis command unanswered this long means Redis is down (503)"
     )
+    redis_max_connections: int = Field(
+        256, ge=4, le=65536, description="connections one process opens to Redis at most, each request's blocking "
+        "wait for results included; a command finding none free within redis_timeout_s is a 503; above "
+        "max_inflight_requests"
+    )
     batch_timeout_s: float = Field(
         600.0, gt=0, le=YEAR_S,
         description="a batch the engine has not finished in this long marks the worker hung: it exits",
@@ -329,6 +334,14 @@ class Settings(BaseSettings):
         if self.max_inflight_bytes < self.max_body_bytes:
             raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) is below max_body_bytes "
                              f"({self.max_body_bytes}): a body within the limit could never be admitted")
+        return self
+
+    @model_validator(mode="after")
+    def _connections_hold_the_requests(self) -> Settings:
+        if self.redis_max_connections <= self.max_inflight_requests:
+            raise ValueError(f"redis_max_connections ({self.redis_max_connections}) must exceed max_inflight_requests "
+                             f"({self.max_inflight_requests}): each request in flight may hold one while it waits for "
+                             "its results, and submitting needs another")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""A worker: claims batches from the broker, runs the engines off the event loop, delivers results.
+"""A worker: claims batches from the queue, runs the engines off the event loop, delivers results.
 
 One loop per task kind owns its batch (a batch the engine fails is retried item by item, so
 only the item at fault gets the error), a heartbeat keeps the worker visible to /readyz and
@@ -29,7 +29,7 @@ from dvreward_protocol.schemas import WorkerInfo
 from server.engines.base import Decomposer, EngineError, ItemScores, Verifier, VerifyItem
 from server.errors import ErrorCode, ServiceError
 from server.images import load_image
-from server.queue.base import Broker, collect_batch
+from server.queue.base import WorkerJobs, collect_batch
 from server.queue.messages import Decomposed, DecomposePayload, Result, Task, TaskKind, Verified, VerifyPayload
 from server.worker_metrics import WorkerMetrics
 
@@ -54,7 +54,7 @@ class WorkerHung(RuntimeError):
 class Worker:
     def __init__(
         self,
-        broker: Broker,
+        jobs: WorkerJobs,
         verifier: Verifier | None,
         decomposer: Decomposer | None,
         *,
@@ -71,7 +71,7 @@ class Worker:
         """`public_ids` (verifier, decomposer) are the names results report; by default the engines' ids."""
         if verifier is None and decomposer is None:
             raise ValueError("a worker needs a verifier, a decomposer, or both")
-        self.broker = broker
+        self.jobs = jobs
         self.verifier = verifier
         self.decomposer = decomposer
         self.batch_size = batch_size
@@ -138,7 +138,7 @@ class Worker:
                     group.create_task(halting(loop))
         finally:
             try:
-                await self.broker.remove_worker(self.worker_id)
+                await self.jobs.remove_worker(self.worker_id)
             except ServiceError as exc:
                 log.warning("could not deregister worker %s: %s", self.worker_id, exc.message)
 
@@ -146,7 +146,7 @@ class Worker:
         while not stop.is_set():
             self.info.heartbeat_at = time.time()
             try:
-                await self.broker.heartbeat(self.info, ttl=3 * self.heartbeat_s)
+                await self.jobs.heartbeat(self.info, ttl=3 * self.heartbeat_s)
                 self._unregistered = None
             except ServiceError as exc:
                 log.warning("heartbeat failed: %s", exc.message)
@@ -157,7 +157,7 @@ class Worker:
         self, stop: asyncio.Event, kind: TaskKind, handle: Callable[[list[Task]], Awaitable[list[Result]]]
     ) -> None:
         async def fetch(n: int, timeout: float) -> list[Task]:
-            return await self.broker.claim(kind, n, timeout)
+            return await self.jobs.claim(kind, n, timeout)
 
         backoff = Backoff()
         while not stop.is_set():
@@ -189,7 +189,7 @@ class Worker:
             while True:
                 await asyncio.sleep(self.heartbeat_s)
                 try:
-                    await self.broker.extend(tasks)
+                    await self.jobs.extend(tasks)
                 except ServiceError as exc:
                     log.warning("renewing the claim on %d tasks failed: %s", len(tasks), exc.message)
 
@@ -205,22 +205,21 @@ class Worker:
             renewer.cancel()
 
     async def _deliver_all(self, stop: asyncio.Event, done: list[tuple[Task, Result]]) -> bool:
-        """Keep each result until the queue is back; once stopping, one failure leaves the rest of the batch to
-        re-delivery (one Redis timeout each would hold the stop for the whole batch). False if anything is left."""
+        """The batch's results in one round trip, kept until the queue is back; once stopping, a failure leaves them
+        to re-delivery (retrying would hold the stop). False if they are left."""
         backoff = Backoff()
-        for n, (task, result) in enumerate(done):
-            while True:
-                try:
-                    await self.broker.complete(task, result)
-                    break
-                except ServiceError as exc:
-                    if stop.is_set():
-                        log.warning("stopping with %d results undelivered (%s); their tasks stay pending and are "
-                                    "re-delivered", len(done) - n, exc.message)
-                        return False
-                    delay = backoff.next()
-                    log.warning("delivering %s failed (%s); retrying in %.1f s", task.task_id, exc.message, delay)
-                    await _pause(stop, delay)
+        while done:
+            try:
+                await self.jobs.complete(done)
+                break
+            except ServiceError as exc:
+                if stop.is_set():
+                    log.warning("stopping with %d results undelivered (%s); their tasks stay pending and are "
+                                "re-delivered", len(done), exc.message)
+                    return False
+                delay = backoff.next()
+                log.warning("delivering %d results failed (%s); retrying in %.1f s", len(done), exc.message, delay)
+                await _pause(stop, delay)
         return True
 
     async def _verify(self, tasks: list[Task]) -> list[Result]:

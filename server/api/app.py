@@ -20,6 +20,8 @@ from server.api.metrics import Metrics
 from server.api.multipart import MultipartBody
 from server.api.routes import score, system
 from server.errors import ErrorCode, ServiceError
+from server.idempotency import Idempotency, Keeping
+from server.queue.base import Broker
 from server.service import ScoringService
 from server.settings import Settings
 
@@ -92,9 +94,11 @@ def _json_only(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings, service: ScoringService, background: Background | None = None,
+def create_app(settings: Settings, broker: Broker, service: ScoringService, background: Background | None = None,
                on_background_death: Died | None = None) -> FastAPI:
-    """`background` runs for the app's lifetime (the embedded worker); the broker closes on shutdown.
+    """The service's routes over `broker` (probes, metrics and idempotency records use it directly; scoring goes
+    through `service`). `background` runs for the app's lifetime (the embedded worker); the broker closes on
+    shutdown.
 
     If the background ends by itself, the process can no longer serve: `app.state.failure` says why (/healthz and
     /readyz answer 503 with it) and `on_background_death` decides what the process does."""
@@ -115,7 +119,7 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
                 async with background(died):
                     yield
         finally:
-            await service.broker.close()
+            await broker.close()
 
     # /docs and /redoc serve their JavaScript and CSS from the package, not a CDN: they work air-gapped. The assets
     # live under /docs, so that a public /docs (DVREWARD_PUBLIC_ROUTES) loads them without a key.
@@ -123,6 +127,9 @@ def create_app(settings: Settings, service: ScoringService, background: Backgrou
                   description="Decompositional Verifiable Reward: rewards for RL of image generators.")
     app.state.settings = settings
     app.state.service = service
+    app.state.broker = broker
+    app.state.idempotency = Idempotency(broker, Keeping(settings.result_ttl_s, settings.idempotency_max_bytes),
+                                        settings.request_timeout_s)
     app.state.failure = None
     app.state.metrics = Metrics()
     app.include_router(score.router)

@@ -10,6 +10,7 @@ from fastapi.security import HTTPBearer
 
 from server.api.metrics import Metrics
 from server.api.parts import Parts
+from server.idempotency import Idempotency
 from server.queue.base import Broker
 from server.service import ScoringService
 from server.settings import Settings
@@ -28,7 +29,11 @@ def _service(request: Request) -> ScoringService:
 
 
 def _broker(request: Request) -> Broker:
-    return request.app.state.service.broker
+    return request.app.state.broker
+
+
+def _idempotency(request: Request) -> Idempotency:
+    return request.app.state.idempotency
 
 
 def _metrics(request: Request) -> Metrics:
@@ -56,6 +61,7 @@ def _failure(request: Request) -> str | None:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ServiceDep = Annotated[ScoringService, Depends(_service)]
 BrokerDep = Annotated[Broker, Depends(_broker)]
+IdempotencyDep = Annotated[Idempotency, Depends(_idempotency)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 RequestId = Annotated[str, Depends(_request_id)]
 Principal = Annotated[str, Depends(_principal)]

@@ -206,7 +206,8 @@ def _worker(args: argparse.Namespace) -> int:
     check(s, models=loaded_models(s), listen=_metrics_ports(s, [s.worker_metrics_port]), redis=True)
     _warn_of_claims(s)
     metrics = WorkerMetrics(s.device)
-    worker = build_worker(s, build_broker(s), *_load_engines(s, metrics), metrics=metrics)
+    broker = build_broker(s)
+    worker = build_worker(s, broker, *_load_engines(s, metrics), metrics=metrics)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -228,7 +229,7 @@ def _worker(args: argparse.Namespace) -> int:
                          EXIT_WORKER_DIED, exc_info=failed)
             died = True
         finally:
-            await worker.broker.close()
+            await broker.close()
         if died:  # an engine thread may still run the abandoned batch, and interpreter exit would wait for it
             logging.shutdown()
             os._exit(EXIT_WORKER_DIED)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,12 +30,24 @@ class QueueStats:
 
 
 class TaskQueue(Protocol):
-    """Work to do: the API submits tasks, workers claim them in batches."""
+    """The API's side of the work: tasks in."""
 
     async def submit(self, tasks: Sequence[Task]) -> None:
         """Enqueue all or nothing, in one atomic step: ServiceError(rate_limited) when the queue is full,
         ServiceError(too_large) when the tasks could never fit."""
         ...
+
+
+class Replies(Protocol):
+    """The API's side of the results: a request gathers its tasks' results."""
+
+    async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
+        """Wait (blocking, no polling) until every task has a result, or raise ServiceError(timeout)."""
+        ...
+
+
+class WorkQueue(Protocol):
+    """A worker's side of the work: claim a batch, keep it claimed, complete it; one round trip each."""
 
     async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]: ...
 
@@ -44,36 +55,34 @@ class TaskQueue(Protocol):
         """Keep claimed tasks from being re-delivered while they are still being worked on."""
         ...
 
-    async def queue_depth(self, kind: TaskKind) -> int:
-        """Tasks counted against the queue bound: queued, or claimed and not yet completed."""
-        ...
-
-    async def queue_stats(self) -> dict[TaskKind, QueueStats]:
-        """Every kind's queue, read now (for /metrics and autoscaling)."""
+    async def complete(self, done: Sequence[tuple[Task, Result]]) -> None:
+        """Deliver each result, at most once per task id however often its task was delivered, and acknowledge the
+        tasks; all of them or (on an error) none."""
         ...
 
 
-class Replies(Protocol):
-    """Results on their way back: a worker completes a task, the API gathers its request's results."""
+class Lease(Protocol):
+    """The right to compute one value that other callers wait for. Entered while computing (it is kept alive);
+    leaving it without `publish` tells every waiter that the computation failed, with the error raised (or
+    ServiceError(unavailable) for a cancellation)."""
 
-    async def complete(self, task: Task, result: Result) -> None:
-        """Deliver the result (idempotent on task id), then acknowledge the task."""
+    async def __aenter__(self) -> Lease: ...
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None: ...
+
+    async def publish(self, value: bytes, ttl: float) -> None:
+        """Keep the value for `ttl` seconds and hand it to every waiter."""
         ...
 
-    async def gather(self, reply_to: str, task_ids: set[str], deadline: float) -> dict[str, Result]:
-        """Wait (blocking, no polling) until every task has a result, or raise ServiceError(timeout); raise
-        ServiceError(unavailable) at once if the backend lost the tasks (a flushed or restarted Redis)."""
-        ...
 
+class OnceStore(Protocol):
+    """Values computed once however many callers ask for them at the same time (decompositions, idempotent
+    responses)."""
 
-class SingleFlight(Protocol):
-    """A cache that computes each value once, however many callers ask for it concurrently."""
-
-    async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
-        """The cached value of `key`, or compute it once however many callers ask concurrently.
-
-        Returns (value, was_cached). A failed compute is not cached; its error reaches every waiter.
-        """
+    async def join(self, key: str, deadline: float) -> bytes | Lease:
+        """The kept value of `key`, or this caller's lease to compute it, decided in one atomic step; a caller that
+        finds it being computed waits for that value until the deadline (ServiceError(timeout)), gets that
+        computation's error, or takes the lease over from an owner that died."""
         ...
 
 
@@ -87,14 +96,46 @@ class WorkerRegistry(Protocol):
     async def workers(self) -> list[WorkerInfo]: ...
 
 
-class Broker(TaskQueue, Replies, SingleFlight, WorkerRegistry, Protocol):
-    """The four jobs over one backend (in-process or Redis), which both implementations satisfy."""
+class QueueMonitor(Protocol):
+    """What probes and autoscalers read."""
 
     async def ping(self) -> None:
         """Raise ServiceError(unavailable) when the backend cannot be reached."""
         ...
 
+    async def queue_depth(self, kind: TaskKind) -> int:
+        """Tasks counted against the queue bound: queued, or claimed and not yet completed."""
+        ...
+
+    async def queue_stats(self) -> dict[TaskKind, QueueStats]:
+        """Every kind's queue, read now (for /metrics and autoscaling)."""
+        ...
+
+
+class ServiceJobs(TaskQueue, Replies, OnceStore, WorkerRegistry, Protocol):
+    """What the scoring service uses: tasks in, results back, decompositions once, which workers live."""
+
+
+class WorkerJobs(WorkQueue, WorkerRegistry, Protocol):
+    """What a worker uses: its batches, and its entry in the registry."""
+
+
+class Broker(TaskQueue, Replies, WorkQueue, OnceStore, WorkerRegistry, QueueMonitor, Protocol):
+    """Every job over one backend (in-process or Redis), which both implementations satisfy."""
+
     async def close(self) -> None: ...
+
+
+async def singleflight(store: OnceStore, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
+    """(value, was_kept): the value of `key`, computed by one caller however many ask at once. A failed computation
+    is not kept; its error reaches every waiter."""
+    got = await store.join(key, deadline)
+    if isinstance(got, bytes):
+        return got, True
+    async with got:
+        value = await compute()
+        await got.publish(value, ttl)
+    return value, False
 
 
 def too_many(kind: TaskKind, n: int, max_queue: int) -> None:
@@ -110,18 +151,13 @@ def queue_full(kind: TaskKind, depth: int, max_queue: int) -> ServiceError:
                         retry_after=1.0)
 
 
-def singleflight_message(value: bytes | None, error: ServiceError | None) -> bytes:
-    if error is not None:
-        return json.dumps({"ok": False, "code": error.code.value, "message": error.message}).encode()
-    assert value is not None
-    return json.dumps({"ok": True, "value": value.decode()}).encode()
-
-
-def singleflight_value(raw: bytes) -> bytes:
-    msg = json.loads(raw)
-    if not msg["ok"]:
-        raise ServiceError(ErrorCode(msg["code"]), msg["message"])
-    return msg["value"].encode()
+def lease_error(exc: BaseException | None) -> ServiceError:
+    """What the waiters of a computation that ended without a value hear."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if exc is None or isinstance(exc, asyncio.CancelledError):
+        return ServiceError(ErrorCode.unavailable, "the identical computation was cancelled", retry_after=1.0)
+    return ServiceError(ErrorCode.internal, f"{exc}")
 
 
 async def collect_batch(

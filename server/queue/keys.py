@@ -24,13 +24,6 @@ class Keys:
         """Marks a request whose tasks Redis holds, from admission until its gather ends (or its tasks' TTL)."""
         return f"{self.prefix}:pending:{reply_to}"
 
-    def done(self, task_id: str) -> str:
-        """Marks a delivered task: re-delivery after a crash must not deliver twice."""
-        return f"{self.prefix}:done:{task_id}"
-
-    def deliveries(self, task_id: str) -> str:
-        return f"{self.prefix}:deliveries:{task_id}"
-
     def value(self, key: str) -> str:
         return f"{self.prefix}:sf:value:{key}"
 

@@ -7,8 +7,7 @@ import time
 from collections.abc import Sequence
 
 from dvreward_protocol.schemas import WorkerInfo
-from server.errors import ErrorCode, ServiceError
-from server.queue.base import Compute, QueueStats, queue_full, too_many, wait_until
+from server.queue.base import Lease, QueueStats, lease_error, queue_full, too_many, wait_until
 from server.queue.messages import Result, Task, TaskKind
 
 ENTRY_BYTES = 200  # what a cached entry costs beyond its key and value (dict slot, tuple, objects), roughly
@@ -56,29 +55,18 @@ class MemoryBroker:
             self._replies.pop(reply_to, None)
         return out
 
-    async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
+    async def join(self, key: str, deadline: float) -> bytes | Lease:
+        """Atomic by construction: nothing awaits between the look-ups and taking the lease."""
         hit = self._values.get(key)
         if hit and hit[1] > time.time():
-            return hit[0], True
+            return hit[0]
         fut = self._inflight.get(key)
         if fut is not None:
-            return await wait_until(deadline, asyncio.shield(fut), "a concurrent identical computation"), True
+            return await wait_until(deadline, asyncio.shield(fut), "a concurrent identical computation")
         fut = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even with no waiter
         self._inflight[key] = fut
-        try:
-            value = await compute()
-            self._remember(key, value, ttl)
-            fut.set_result(value)
-            return value, False
-        except Exception as exc:
-            fut.set_exception(exc)
-            raise
-        finally:
-            self._inflight.pop(key, None)
-            if not fut.done():  # the computing request was cancelled: its waiters must not hang
-                fut.set_exception(ServiceError(ErrorCode.unavailable, "the identical computation was cancelled",
-                                               retry_after=1.0))
+        return _MemoryLease(self, key, fut)
 
     def _remember(self, key: str, value: bytes, ttl: float) -> None:
         """Bounded by bytes, as the values' sizes vary by orders of magnitude: expired entries are swept regularly,
@@ -116,17 +104,18 @@ class MemoryBroker:
         self._claimed[kind].update(t.task_id for t in out)
         return out
 
-    async def complete(self, task: Task, result: Result) -> None:
-        self._claimed[task.kind].discard(task.task_id)
+    async def complete(self, done: Sequence[tuple[Task, Result]]) -> None:
         now = time.time()
-        if self._done.get(task.task_id, 0) > now:
-            return
         if len(self._done) > 100_000:  # bounded: forget deliveries older than the result TTL
             self._done = {k: v for k, v in self._done.items() if v > now}
-        self._done[task.task_id] = now + self.result_ttl
-        q = self._replies.get(task.reply_to)
-        if q is not None:  # nobody waits any more when the request has finished or timed out
-            q.put_nowait(result)
+        for task, result in done:
+            self._claimed[task.kind].discard(task.task_id)
+            if self._done.get(task.task_id, 0) > now:
+                continue
+            self._done[task.task_id] = now + self.result_ttl
+            q = self._replies.get(task.reply_to)
+            if q is not None:  # nobody waits any more when the request has finished or timed out
+                q.put_nowait(result)
 
     async def extend(self, tasks: Sequence[Task]) -> None:
         return None  # in-process tasks are never re-delivered: a crash takes the whole process
@@ -157,6 +146,24 @@ class MemoryBroker:
 
     async def close(self) -> None:
         return None
+
+
+class _MemoryLease:
+    def __init__(self, broker: MemoryBroker, key: str, fut: asyncio.Future[bytes]) -> None:
+        self.broker, self.key, self.fut = broker, key, fut
+
+    async def __aenter__(self) -> _MemoryLease:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.broker._inflight.pop(self.key, None)
+        if not self.fut.done():  # failed or cancelled: the waiters must not hang
+            self.fut.set_exception(lease_error(exc))
+
+    async def publish(self, value: bytes, ttl: float) -> None:
+        self.broker._remember(self.key, value, ttl)
+        self.broker._inflight.pop(self.key, None)
+        self.fut.set_result(value)
 
 
 def _entry_bytes(key: str, value: bytes) -> int:

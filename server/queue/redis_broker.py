@@ -1,11 +1,11 @@
 """Redis Streams broker: consumer groups, at-least-once delivery, XAUTOCLAIM of dead workers' tasks.
 
-Results are delivered by an atomic script (mark done + push to the request's reply list) before
-XACK, so a crash between the two re-delivers a task that is then acknowledged without a second
-reply. Every key carries a TTL (the streams too, and they are trimmed past the tasks' deadlines,
-so Redis memory is bounded by the queue limit while workers are down). Image bytes travel as raw
-stream fields, never pickled. A Redis that loses its data (FLUSHALL, a restart without persistence)
-costs the requests in flight a quick 503, and workers make their consumer groups again.
+A worker reads a batch in one or two round trips and completes it in one script that delivers the results of the
+entries still pending and acknowledges them in the same atomic step, so a task delivered twice (its worker crashed
+or stalled past the visibility timeout) has its result delivered once. Every key carries a TTL (the streams too,
+and they are trimmed past the tasks' deadlines, so Redis memory is bounded by the queue limit while workers are
+down). Image bytes travel as raw stream fields, never pickled. A Redis that loses its data (FLUSHALL, a restart
+without persistence) costs the requests in flight a quick 503, and workers make their consumer groups again.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -24,11 +25,11 @@ from redis.exceptions import RedisError, ResponseError
 
 from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError, validation_problems
-from server.queue.base import Compute, QueueStats, queue_full, remaining, too_many
+from server.queue.base import Lease, QueueStats, queue_full, remaining, too_many
 from server.queue.keys import GROUP, Keys
 from server.queue.messages import Result, Task, TaskKind
 from server.queue.redis_errors import RETRY_AFTER_S, error_code, unavailable
-from server.queue.redis_singleflight import RedisSingleFlight
+from server.queue.redis_singleflight import RedisOnceStore
 
 log = logging.getLogger("dvreward.queue")
 P = ParamSpec("P")
@@ -71,14 +72,51 @@ for m = nstreams + 1, #KEYS do redis.call('SET', KEYS[m], '1', 'PX', ttl) end
 return {0, 0}
 """
 
-# KEYS: done, reply. ARGV: result, ttl. Delivers once per task id.
-_DELIVER = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  return 1
+# KEYS: the streams, then the reply lists. ARGV: group, consumer, reply ttl ms, stream count, entry count, then per
+# entry: stream index, entry id, reply index (0: no result), result. A result is delivered only for an entry still
+# pending (XCLAIM ... JUSTID answers those, and counts no delivery), which is then acknowledged and deleted in the
+# same step: a copy of the task completed again later (a re-delivered one, or a zombie worker's) finds nothing pending
+# and delivers nothing. A stream gone with its group (past every deadline, or flushed) delivers nothing either.
+# Declared (#!lua) so that a Redis out of memory refuses it whole, as _ADMIT.
+_COMPLETE = """#!lua
+local group, consumer, ttl, nstreams, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local ids, plan, i = {}, {}, 6
+for e = 1, n do
+  local s = tonumber(ARGV[i])
+  plan[e] = {s, ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]}
+  ids[s] = ids[s] or {}
+  table.insert(ids[s], ARGV[i + 1])
+  i = i + 4
 end
-return 0
+local pending = {}
+for s, list in pairs(ids) do
+  local args = {'XCLAIM', KEYS[s], group, consumer, 0}
+  for _, id in ipairs(list) do args[#args + 1] = id end
+  args[#args + 1] = 'JUSTID'
+  local claimed = redis.pcall(unpack(args))
+  if type(claimed) == 'table' and claimed.err and not string.find(claimed.err, '^NOGROUP') then
+    return redis.error_reply(claimed.err)
+  end
+  if not claimed.err then
+    for _, id in ipairs(claimed) do pending[s .. ' ' .. id] = true end
+    redis.call('XACK', KEYS[s], group, unpack(list))
+    redis.call('XDEL', KEYS[s], unpack(list))
+  end
+end
+local out = {}
+for _, p in ipairs(plan) do
+  if p[3] > 0 and pending[p[1] .. ' ' .. p[2]] then
+    out[p[3]] = out[p[3]] or {}
+    table.insert(out[p[3]], p[4])
+  end
+end
+local delivered = 0
+for r, results in pairs(out) do
+  redis.call('RPUSH', KEYS[nstreams + r], unpack(results))
+  redis.call('PEXPIRE', KEYS[nstreams + r], ttl)
+  delivered = delivered + #results
+end
+return delivered
 """
 
 # A blocked XREADGROUP whose stream or group was deleted (FLUSHALL, FLUSHDB) is answered UNBLOCKED; any other
@@ -103,6 +141,39 @@ def _unavailable(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corouti
     return wrapper
 
 
+Entry = tuple[bytes, dict[bytes, bytes] | None]  # a stream entry as read: id, fields (None once deleted)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A claimed entry to acknowledge and delete, with the result its request gets, if any."""
+
+    kind: TaskKind
+    entry: str
+    reply_to: str | None
+    result: Result | None
+
+
+def _refused(kind: TaskKind, entry: str, header: bytes, exc: ValidationError) -> Settled:
+    """A task this worker cannot read (written by another DVReward version): its request hears why, and it leaves
+    the stream, instead of failing every worker that claims it."""
+    log.error("task %s in the %s stream cannot be read by this worker: %s", entry, kind.value, exc)
+    try:
+        head = json.loads(header)
+    except ValueError:
+        head = None
+    if isinstance(head, dict) and isinstance(head.get("task_id"), str) and isinstance(head.get("reply_to"), str):
+        return Settled(kind, entry, head["reply_to"], Result.failure(
+            head["task_id"], ErrorCode.internal,
+            f"a worker could not read this task ({validation_problems(exc)[0]}); {SAME_VERSION}"))
+    return Settled(kind, entry, None, None)
+
+
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
 class RedisBroker:
     def __init__(
         self,
@@ -116,14 +187,18 @@ class RedisBroker:
         timeout: float,
         max_task_age: float,
         lock_ttl: float,
+        max_connections: int,
         consumer: str | None = None,
     ) -> None:
         """Values come from Settings (`runtime.build_broker`); `consumer` names this client in its consumer
-        group (a fresh name when None). `timeout` bounds every command; tasks older than `max_task_age`
-        (past any deadline) are trimmed; `lock_ttl` is how long a single-flight lock outlives its owner."""
+        group (a fresh name when None). `timeout` bounds every command, and a wait for one of the
+        `max_connections` (blocking reads hold theirs while they wait); tasks older than `max_task_age` (past any
+        deadline) are trimmed; `lock_ttl` is how long a single-flight lock outlives its owner."""
         self.url = url
-        self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=timeout,
-                                             socket_timeout=timeout, health_check_interval=10)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, decode_responses=False,
+            socket_connect_timeout=timeout, socket_timeout=timeout, health_check_interval=10)
+        self.redis = aioredis.Redis.from_pool(pool)
         self.block_s = timeout / 2
         self.max_age_ms = int(max_task_age * 1000)
         self.keys = Keys(prefix)
@@ -133,10 +208,10 @@ class RedisBroker:
         self.max_deliveries = max_deliveries
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._admit = self.redis.register_script(_ADMIT)
-        self._deliver = self.redis.register_script(_DELIVER)
-        self._singleflight = RedisSingleFlight(self.redis, self.keys, lock_ttl=lock_ttl, block_s=self.block_s)
+        self._complete = self.redis.register_script(_COMPLETE)
+        self._once = RedisOnceStore(self.redis, self.keys, lock_ttl=lock_ttl, block_s=self.block_s)
         self._groups_ready: set[TaskKind] = set()
-        self._unsettled: set[TaskKind] = set()
+        self._unsettled: dict[TaskKind, tuple[list[Entry], list[Entry]]] = {}  # read by a claim that failed
 
     async def _ensure_group(self, kind: TaskKind) -> None:
         if kind in self._groups_ready:
@@ -184,126 +259,126 @@ class RedisBroker:
                         ErrorCode.timeout,
                         f"{len(task_ids) - len(out)} of {len(task_ids)} tasks did not finish before the deadline",
                     )
-                item = await self.redis.blpop([reply_key], timeout=max(0.01, min(left, self.block_s)))
-                if item is None:
+                got = await self.redis.blmpop(max(0.01, min(left, self.block_s)), 1, reply_key, direction="LEFT",
+                                              count=len(task_ids) - len(out))
+                if got is None:
                     if not await self.redis.exists(marker):
                         raise ServiceError(ErrorCode.unavailable, f"the queue (Redis) lost {len(task_ids) - len(out)}"
                                            f" of this request's {len(task_ids)} tasks (flushed or restarted); retry",
                                            retry_after=RETRY_AFTER_S)
                     continue
-                r = _read_result(item[1])
-                if r.task_id in task_ids:
-                    out[r.task_id] = r
+                for raw in got[1]:
+                    r = _read_result(raw)
+                    if r.task_id in task_ids:
+                        out[r.task_id] = r
         finally:
             await self.redis.delete(reply_key, marker)
         return out
 
     @_unavailable
-    async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
-        return await self._singleflight.singleflight(key, compute, ttl, deadline)
+    async def join(self, key: str, deadline: float) -> bytes | Lease:
+        return await self._once.join(key, deadline)
 
     # ---- worker side ----------------------------------------------------------------------
     @_unavailable
     async def claim(self, kind: TaskKind, max_n: int, max_wait: float) -> list[Task]:
+        """Entries read in one or two round trips, plus one when some were re-delivered (their delivery counts) and
+        one to settle those that need no work (over-delivered, unreadable, deleted). Entries a failed claim had read
+        are handed out by the next one, instead of waiting out the visibility timeout past their deadlines."""
+        held = self._unsettled.pop(kind, None)
+        if held is not None:
+            fresh, again = held
+        else:
+            try:
+                fresh, again = await self._read(kind, max_n, max_wait)
+            except ResponseError as exc:
+                if error_code(exc) not in _GROUP_LOST:
+                    raise
+                log.warning("the %s stream's consumer group is gone (%s: Redis was flushed, or restarted without "
+                            "persistence); making it again", kind.value, error_code(exc))
+                self._groups_ready.discard(kind)
+                fresh, again = await self._read(kind, max_n, max_wait)
         try:
-            entries = await self._read(kind, max_n, max_wait)
-        except ResponseError as exc:
-            if error_code(exc) not in _GROUP_LOST:
-                raise
-            log.warning("the %s stream's consumer group is gone (%s: Redis was flushed, or restarted without "
-                        "persistence); making it again", kind.value, error_code(exc))
-            self._groups_ready.discard(kind)
-            entries = await self._read(kind, max_n, max_wait)
-        try:
-            accepted = [await self._accept(kind, eid, fields) for eid, fields in entries]
+            return await self._accept(kind, fresh, again)
         except BaseException:
-            self._unsettled.add(kind)  # claimed in Redis, never handed out: read them again next time
+            self._unsettled[kind] = (fresh, again)  # claimed in Redis, never handed out
             raise
-        return [t for t in accepted if t is not None]
 
-    async def _read(self, kind: TaskKind, max_n: int, max_wait: float) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """This consumer's own entries that a failed claim left pending, if any; else entries idle past the
-        visibility timeout (XAUTOCLAIM), then new ones (XREADGROUP). A claim that fails between reading and handing
-        out (Redis refused a write) would otherwise leave its entries to wait out the visibility timeout."""
+    async def _read(self, kind: TaskKind, max_n: int, max_wait: float) -> tuple[list[Entry], list[Entry]]:
+        """(first deliveries, re-deliveries): entries idle past the visibility timeout (XAUTOCLAIM), then new ones
+        (XREADGROUP)."""
         await self._ensure_group(kind)
         stream = self.keys.stream(kind)
-        if kind in self._unsettled:
-            mine = await self.redis.xreadgroup(GROUP, self.consumer, {stream: "0"}, count=max_n)
-            own: list[tuple[bytes, dict[bytes, bytes]]] = [e for _, items in mine or [] for e in items]
-            if len(own) < max_n:
-                self._unsettled.discard(kind)
-            if own:
-                return own
-        _, entries, _ = await self.redis.xautoclaim(
+        _, again, _ = await self.redis.xautoclaim(
             stream, GROUP, self.consumer, min_idle_time=self.visibility_ms, start_id="0-0", count=max_n
         )
-        if len(entries) < max_n:
+        fresh: list[Entry] = []
+        if len(again) < max_n:
             got = await self.redis.xreadgroup(
-                GROUP, self.consumer, {stream: ">"}, count=max_n - len(entries),
-                block=max(1, int(min(max_wait, self.block_s) * 1000)) if not entries else None,
+                GROUP, self.consumer, {stream: ">"}, count=max_n - len(again),
+                block=max(1, int(min(max_wait, self.block_s) * 1000)) if not again else None,
             )
-            for _, items in got or []:
-                entries.extend(items)
-        return entries
+            fresh = [e for _, items in got or [] for e in items]
+        return fresh, again
 
-    async def _accept(self, kind: TaskKind, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Task | None:
-        """Turn a stream entry into a task, settling duplicates and over-delivered ones on the spot."""
+    async def _accept(self, kind: TaskKind, fresh: list[Entry], again: list[Entry]) -> list[Task]:
+        """Turn stream entries into tasks. A first delivery needs no look-up (it cannot have completed: completing
+        deletes the entry); a re-delivered one carries its delivery count, and past the limit fails at once."""
         stream = self.keys.stream(kind)
-        if not fields or b"task" not in fields:  # deleted while pending: nothing left to do
-            await self.redis.xack(stream, GROUP, entry_id)
-            return None
-        blobs = [fields[f"blob{i}".encode()] for i in range(len(fields) - 1)]
-        try:
-            task = Task.from_header(fields[b"task"], blobs, receipt=entry_id.decode())
-        except ValidationError as exc:
-            await self._refuse(stream, entry_id, fields[b"task"], exc)
-            return None
-        if await self.redis.exists(self.keys.done(task.task_id)):
-            await self._ack(task)
-            return None
-        dkey = self.keys.deliveries(task.task_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(dkey).expire(dkey, self.result_ttl)
-            task.delivery, _ = await pipe.execute()
-        if task.delivery > self.max_deliveries:
-            await self.complete(task, Result.failure(
-                task.task_id, ErrorCode.delivery_limit,
-                f"task was delivered {task.delivery - 1} times without completing (workers crashed or timed out)",
-            ))
-            return None
-        return task
+        counts = await self._deliveries(stream, [eid for eid, _ in again])
+        tasks: list[Task] = []
+        settle: list[Settled] = []
+        for (eid, fields), first in [(e, True) for e in fresh] + [(e, False) for e in again]:
+            entry = eid.decode()
+            if not fields or b"task" not in fields:  # deleted while pending: nothing left to do
+                settle.append(Settled(kind, entry, None, None))
+                continue
+            try:
+                task = Task.from_header(fields[b"task"], [fields[f"blob{i}".encode()] for i in range(len(fields) - 1)],
+                                        receipt=entry)
+            except ValidationError as exc:
+                settle.append(_refused(kind, entry, fields[b"task"], exc))
+                continue
+            # absent from the counts: claimed away meanwhile, so re-delivered
+            task.delivery = 1 if first else counts.get(entry, 2)
+            if task.delivery > self.max_deliveries:
+                settle.append(Settled(kind, entry, task.reply_to, Result.failure(
+                    task.task_id, ErrorCode.delivery_limit, f"task was delivered {task.delivery - 1} times without "
+                    "completing (workers crashed or timed out)")))
+            else:
+                tasks.append(task)
+        if settle:
+            await self._settle(settle)
+        return tasks
 
-    async def _refuse(self, stream: str, entry_id: bytes, header: bytes, exc: ValidationError) -> None:
-        """A task this worker cannot read (written by another DVReward version): its request hears why, and
-        it leaves the stream, instead of failing every worker that claims it."""
-        log.error("task %s in %s cannot be read by this worker: %s", entry_id.decode(), stream, exc)
-        try:
-            head = json.loads(header)
-        except ValueError:
-            head = None
-        if isinstance(head, dict) and isinstance(head.get("task_id"), str) and isinstance(head.get("reply_to"), str):
-            await self._send(head["task_id"], head["reply_to"], Result.failure(
-                head["task_id"], ErrorCode.internal,
-                f"a worker could not read this task ({validation_problems(exc)[0]}); {SAME_VERSION}"))
-        await self._drop(stream, entry_id.decode())
+    async def _deliveries(self, stream: str, ids: list[bytes]) -> dict[str, int]:
+        """How often each re-delivered entry was delivered (the consumer group counts it), in one XPENDING."""
+        if not ids:
+            return {}
+        # this consumer holds these and at most a batch besides them in that range
+        rows = await self.redis.xpending_range(stream, GROUP, min=min(ids, key=_entry_order),
+                                               max=max(ids, key=_entry_order), count=len(ids) + 1000,
+                                               consumername=self.consumer)
+        return {row["message_id"].decode(): int(row["times_delivered"]) for row in rows}
 
-    async def _ack(self, task: Task) -> None:
-        assert task.receipt is not None, "a claimed task carries its stream entry id"
-        await self._drop(self.keys.stream(task.kind), task.receipt)
-
-    async def _drop(self, stream: str, entry_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, entry_id).xdel(stream, entry_id)
-            await pipe.execute()
-
-    async def _send(self, task_id: str, reply_to: str, result: Result) -> None:
-        await self._deliver(keys=[self.keys.done(task_id), self.keys.reply(reply_to)],
-                            args=[result.to_json(), self.result_ttl])
+    async def _settle(self, done: Sequence[Settled]) -> int:
+        """One script: results delivered for the entries still pending, all of them acknowledged and deleted."""
+        kinds = list(dict.fromkeys(d.kind for d in done))
+        replies = list(dict.fromkeys(d.reply_to for d in done if d.reply_to is not None and d.result is not None))
+        args: list[bytes | str | int] = [GROUP, self.consumer, self.result_ttl * 1000, len(kinds), len(done)]
+        for d in done:
+            reply = replies.index(d.reply_to) + 1 if d.reply_to is not None and d.result is not None else 0
+            args += [kinds.index(d.kind) + 1, d.entry, reply, d.result.to_json() if d.result is not None else ""]
+        keys = [self.keys.stream(k) for k in kinds] + [self.keys.reply(r) for r in replies]
+        return int(await self._complete(keys=keys, args=args))
 
     @_unavailable
-    async def complete(self, task: Task, result: Result) -> None:
-        await self._send(task.task_id, task.reply_to, result)
-        await self._ack(task)
+    async def complete(self, done: Sequence[tuple[Task, Result]]) -> None:
+        if not done:
+            return
+        for task, _ in done:
+            assert task.receipt is not None, "a claimed task carries its stream entry id"
+        await self._settle([Settled(t.kind, t.receipt, t.reply_to, r) for t, r in done if t.receipt is not None])
 
     @_unavailable
     async def heartbeat(self, info: WorkerInfo, ttl: float) -> None:

@@ -10,6 +10,7 @@ the lapsed lock over (or finds the value), instead of waiting out their deadline
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from server.errors import ErrorCode, ServiceError
-from server.queue.base import Compute, remaining, singleflight_message, singleflight_value
+from server.queue.base import lease_error, remaining
 from server.queue.keys import Keys
 
 log = logging.getLogger("dvreward.queue")
@@ -63,7 +64,7 @@ return 1
 """
 
 
-class RedisSingleFlight:
+class RedisOnceStore:
     def __init__(self, redis: Any, keys: Keys, *, lock_ttl: float, block_s: float) -> None:
         """`lock_ttl`: how long a lock outlives its owner's last renewal; `block_s`: the longest blocking read."""
         self.redis = redis
@@ -75,7 +76,7 @@ class RedisSingleFlight:
         self._renew = redis.register_script(_RENEW)
         self._publish = redis.register_script(_PUBLISH)
 
-    async def singleflight(self, key: str, compute: Compute, ttl: float, deadline: float) -> tuple[bytes, bool]:
+    async def join(self, key: str, deadline: float) -> bytes | _RedisLease:
         k = self.keys
         me = k.waiter(uuid.uuid4().hex)
         msg_ttl = int(max(1.0, remaining(deadline))) + 5
@@ -83,45 +84,70 @@ class RedisSingleFlight:
             state, hit = await self._join(keys=[k.value(key), k.lock(key), k.waiters(key)],
                                           args=[me, self.lock_ms, msg_ttl * 1000])
             if state == HIT:
-                return hit, True
+                return hit
             if state == OWNER:
-                return await self._compute_and_publish(key, me, compute, ttl, msg_ttl), False
+                return _RedisLease(self, key, me, msg_ttl)
             left = remaining(deadline)
             if left <= 0:
                 raise ServiceError(ErrorCode.timeout, "a concurrent identical computation did not finish in time")
             item = await self.redis.blpop([me], timeout=max(0.01, min(left, self.recheck_s)))
             if item is not None:
                 await self.redis.delete(me)
-                return singleflight_value(item[1]), True
+                return _value(item[1])
 
-    async def _compute_and_publish(self, key: str, me: str, compute: Compute, ttl: float, msg_ttl: int) -> bytes:
-        k = self.keys
-        outcome: tuple[bytes | None, ServiceError] = (None, ServiceError(
-            ErrorCode.unavailable, "the identical computation was cancelled", retry_after=1.0))
-        renewer = asyncio.create_task(self._keep(k.lock(key), me))
-        try:
-            value = await compute()
-            outcome = (value, outcome[1])
-            return value
-        except Exception as exc:
-            outcome = (None, exc if isinstance(exc, ServiceError) else ServiceError(ErrorCode.internal, f"{exc}"))
-            raise
-        finally:  # success, failure or cancellation: every waiter hears, and the lock is released
-            renewer.cancel()
-            done, err = outcome
-            args = ([singleflight_message(done, None), done, int(ttl), msg_ttl, me] if done is not None
-                    else [singleflight_message(None, err), "", 1, msg_ttl, me])
-            await asyncio.shield(self._publish(keys=[k.value(key), k.waiters(key), k.lock(key)], args=args))
 
-    async def _keep(self, lock: str, me: str) -> None:
+class _RedisLease:
+    """Renewed while entered; publishing (or leaving without a value) reaches every waiter and releases the lock."""
+
+    def __init__(self, store: RedisOnceStore, key: str, me: str, msg_ttl: int) -> None:
+        self.store, self.me, self.msg_ttl = store, me, msg_ttl
+        k = store.keys
+        self.script_keys = [k.value(key), k.waiters(key), k.lock(key)]
+        self.published = False
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _RedisLease:
+        self._renewer = asyncio.create_task(self._keep())
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        if not self.published:  # failed or cancelled: every waiter hears, and the lock is released
+            await asyncio.shield(self._send([_message(None, lease_error(exc)), "", 1, self.msg_ttl, self.me]))
+
+    async def publish(self, value: bytes, ttl: float) -> None:
+        await asyncio.shield(self._send([_message(value, None), value, int(ttl), self.msg_ttl, self.me]))
+        self.published = True
+
+    async def _send(self, args: list[Any]) -> None:
+        await self.store._publish(keys=self.script_keys, args=args)
+
+    async def _keep(self) -> None:
         """Renew the lock while computing. A renewal Redis refuses is tried again at the next period; a lock found
         lost (Redis flushed or restarted, or renewals failed for a whole TTL) is not taken back: a waiter may hold it
         now, and publishing reaches whoever still waits."""
+        lock = self.script_keys[2]
         while True:
-            await asyncio.sleep(self.renew_s)
+            await asyncio.sleep(self.store.renew_s)
             try:
-                if not await self._renew(keys=[lock], args=[me, self.lock_ms]):
+                if not await self.store._renew(keys=[lock], args=[self.me, self.store.lock_ms]):
                     log.warning("the single-flight lock %s lapsed while its computation ran", lock)
                     return
             except (RedisError, OSError) as exc:
                 log.warning("renewing the single-flight lock %s failed (%s); retrying", lock, exc)
+
+
+def _message(value: bytes | None, error: ServiceError | None) -> bytes:
+    """What a waiter receives: the value, or the error that ended the computation (JSON, never pickle)."""
+    if error is not None:
+        return json.dumps({"ok": False, "code": error.code.value, "message": error.message}).encode()
+    assert value is not None
+    return json.dumps({"ok": True, "value": value.decode()}).encode()
+
+
+def _value(raw: bytes) -> bytes:
+    msg = json.loads(raw)
+    if not msg["ok"]:
+        raise ServiceError(ErrorCode(msg["code"]), msg["message"])
+    return msg["value"].encode()

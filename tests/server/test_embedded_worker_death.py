@@ -67,7 +67,7 @@ def test_a_crashed_embedded_worker_loop_turns_healthz_and_readyz_503(
     broker = ClaimBug(build_broker(s))
     worker = build_worker(s, broker, tiny_verifier, None)  # type: ignore[arg-type]
     deaths: list[BaseException] = []
-    app = create_app(s, build_service(s, broker), background=lambda died: running(worker, died),  # type: ignore[arg-type]
+    app = create_app(s, broker, build_service(s, broker), background=lambda died: running(worker, died),  # type: ignore[arg-type]
                      on_background_death=deaths.append)
     with kit.serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         kit.wait_for(lambda: c.get("/readyz").status_code == 503 and deaths, 30, "the crashed loop to be reported")

@@ -116,5 +116,6 @@ async def test_a_decomposition_finishing_after_the_deadline_is_cached(
             await asyncio.sleep(0.1)
             if not service._late:
                 break
-        decomposition, cached = await service.decompose_one("a red cat on a blue sofa", service.deadline())
-    assert cached and decomposition.questions and decomposer.calls == 1, "the retry is the late work, not new work"
+        again = await service.decompose_one("a red cat on a blue sofa", service.deadline())
+    assert again.cached and again.decomposition.questions and decomposer.calls == 1, \
+        "the retry is the late work, not new work"

@@ -243,9 +243,10 @@ def test_protocol_errors_have_allow_415_request_ids_and_are_all_counted(
 
     drop_service_settings(monkeypatch)
     s = Settings(verifier=str(tiny_models["verifier"]), decomposer="", max_body_bytes=10_000)
-    service = build_service(s, BrokenSubmit(build_broker(s)))  # type: ignore[arg-type]
+    broker = BrokenSubmit(build_broker(s))
+    service = build_service(s, broker)  # type: ignore[arg-type]
     rid = {"X-Request-Id": "proto-1"}
-    with kit.serve_in_thread(create_app(s, service)) as url, httpx.Client(base_url=url, timeout=30) as c:
+    with kit.serve_in_thread(create_app(s, broker, service)) as url, httpx.Client(base_url=url, timeout=30) as c:
         r405 = c.get("/v1/score", headers=rid)
         assert r405.status_code == 405 and r405.headers["Allow"] == "POST", r405.headers
         for ctype, content in (("text/plain", b'{"groups": []}'), ("application/x-www-form-urlencoded", b"a=1")):

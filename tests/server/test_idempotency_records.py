@@ -19,7 +19,8 @@ from dvreward_protocol.reward import Aggregation, Gating
 from dvreward_protocol.schemas import GroupResult, ModelIds, ScoreGroup, ScoreRequest, ScoreResponse, Timings
 from server.api.parts import digest
 from server.errors import ErrorCode, ServiceError
-from server.idempotency import Keeping, once
+from server.idempotency import Idempotency, Keeping, Replay
+from server.queue.base import singleflight
 from server.queue.memory import MemoryBroker
 from server.runtime import build_broker
 from server.settings import Settings
@@ -68,9 +69,17 @@ async def kept_bytes(broker: Any) -> int:
     return sum([await broker.redis.strlen(k) for k in keys])
 
 
-def call(broker: Any, body: ScoreRequest, scorer: Scorer, max_bytes: int, key: str = "k1") -> Awaitable[Any]:
-    return once(broker, "principal", "score", key, body, lambda: digest(body, None), scorer.run, Keeping(60, max_bytes),
-                time.time() + 30)
+async def call(broker: Any, body: ScoreRequest, scorer: Scorer, max_bytes: int,
+               key: str = "k1") -> tuple[dict[str, Any], bool]:
+    """What a route does: (response JSON, replayed)."""
+    got = await Idempotency(broker, Keeping(60, max_bytes), 30).claim("principal", "score", key, body,
+                                                                      lambda: digest(body, None))
+    if isinstance(got, Replay):
+        return got.response, True
+    async with got:
+        resp = await scorer.run()
+        await got.keep(resp)
+    return resp.model_dump(mode="json"), False
 
 
 async def test_a_record_leaves_out_the_echoed_metadata_and_a_replay_restores_it(broker: Any) -> None:
@@ -109,14 +118,14 @@ async def test_the_in_process_cache_keeps_its_byte_budget_dropping_the_oldest() 
 
     deadline = time.time() + 30
     for i in range(12):  # 2.4 MB into a 1 MiB budget
-        assert await broker.singleflight(f"k{i}", compute(value), 60, deadline) == (value, False)
+        assert await singleflight(broker, f"k{i}", compute(value), 60, deadline) == (value, False)
         assert broker._cached_bytes <= 1024**2
     assert sum(len(k) + len(v) for k, (v, _) in broker._values.items()) <= broker._cached_bytes
-    assert await broker.singleflight("k11", compute(b"new"), 60, deadline) == (value, True), "the newest stays"
-    assert await broker.singleflight("k0", compute(b"new"), 60, deadline) == (b"new", False), "the oldest went"
+    assert await singleflight(broker, "k11", compute(b"new"), 60, deadline) == (value, True), "the newest stays"
+    assert await singleflight(broker, "k0", compute(b"new"), 60, deadline) == (b"new", False), "the oldest went"
     huge = b"h" * (1024**2 + 1)
-    assert await broker.singleflight("huge", compute(huge), 60, deadline) == (huge, False)
-    assert await broker.singleflight("huge", compute(b"again"), 60, deadline) == (b"again", False), \
+    assert await singleflight(broker, "huge", compute(huge), 60, deadline) == (huge, False)
+    assert await singleflight(broker, "huge", compute(b"again"), 60, deadline) == (b"again", False), \
         "a value larger than the whole budget is not kept"
 
 

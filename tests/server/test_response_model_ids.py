@@ -21,8 +21,9 @@ async def test_ids_come_from_the_worker_that_did_the_work(redis_url: str, tiny_m
                    pipeline="dsg")
     decomposer = await asyncio.to_thread(
         load_decomposer, Settings(verifier=str(tiny_models["verifier"]), decomposer=str(tiny_models["decomposer"])))
-    service = build_service(api, build_broker(api))
-    worker = Worker(build_broker(api), tiny_verifier, decomposer, template_version="test", batch_size=32,
+    api_broker, worker_broker = build_broker(api), build_broker(api)
+    service = build_service(api, api_broker)
+    worker = Worker(worker_broker, tiny_verifier, decomposer, template_version="test", batch_size=32,
                     batch_wait=0.01, heartbeat_s=0.5, batch_timeout_s=600, max_image_pixels=4096 * 4096)
     image = kit.png_bytes(1)
     deaths: list[BaseException] = []
@@ -34,8 +35,8 @@ async def test_ids_come_from_the_worker_that_did_the_work(redis_url: str, tiny_m
             explicit = await service.score(ScoreRequest.model_validate(
                 {"groups": [{"questions": kit.explicit_questions(), "images": ["x"]}]}), images, "b")
     finally:
-        await worker.broker.close()
-        await service.broker.close()
+        await worker_broker.close()
+        await api_broker.close()
     assert deaths == [], "the worker ran until told to stop"
     assert decomposed.groups[0].rewards[0] is not None, decomposed.groups[0].images
     assert decomposed.models.verifier == tiny_verifier.model_id

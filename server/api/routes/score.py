@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from dvreward_protocol.schemas import (
@@ -23,9 +24,19 @@ from dvreward_protocol.schemas import (
     VerifyResponse,
 )
 from server.api import limits
-from server.api.deps import Authorized, MetricsDep, PartsDep, Principal, RequestId, ServiceDep, SettingsDep
+from server.api.deps import (
+    Authorized,
+    IdempotencyDep,
+    MetricsDep,
+    PartsDep,
+    Principal,
+    RequestId,
+    ServiceDep,
+    SettingsDep,
+)
 from server.api.metrics import Metrics
 from server.api.parts import digest
+from server.idempotency import Replay
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 408, 413, 415, 422, 429, 500, 502, 503, 504)
@@ -47,61 +58,74 @@ def _multipart(model: type[BaseModel]) -> dict[str, Any]:
         REQUEST_PART: {"contentType": "application/json"}}}}}}
 
 
-def _reply(body: dict[str, Any], request_id: str, replayed: bool) -> JSONResponse:
-    """The service's body (built and validated as its models) with the request's headers.
+def _reply(content: bytes, timings: dict[str, float], request_id: str, replayed: bool) -> Response:
+    """A response body (the service's, serialized from its models, or a replayed one) with the request's headers.
 
     A Response is sent as is: FastAPI does not validate it a second time against `response_model`, which stays
     for the OpenAPI schema.
     """
     headers = {"X-Request-Id": request_id}
-    for name, value in body.get("timings", {}).items():
+    for name, value in timings.items():
         headers[f"X-{name.replace('_ms', '').title()}-Time-Ms"] = str(value)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(body, headers=headers)
+    return Response(content, media_type="application/json", headers=headers)
+
+
+def _answer(resp: ScoreResponse | VerifyResponse | DecomposeResponse | Replay, request_id: str) -> Response:
+    if isinstance(resp, Replay):
+        return _reply(json.dumps(resp.response).encode(), resp.response["timings"], request_id, True)
+    return _reply(resp.model_dump_json().encode(), resp.timings.model_dump(), request_id, False)
 
 
 @router.post("/score", response_model=ScoreResponse, openapi_extra=_multipart(ScoreRequest))
 async def score(req: ScoreRequest, request_id: RequestId, service: ServiceDep, settings: SettingsDep,
-                metrics: MetricsDep, principal: Principal, parts: PartsDep,
-                idempotency_key: IdemKey = None) -> JSONResponse:
+                metrics: MetricsDep, principal: Principal, parts: PartsDep, idempotency: IdempotencyDep,
+                idempotency_key: IdemKey = None) -> Response:
     """Rewards, per-question evidence and GRPO advantages for groups of images."""
     images = await asyncio.to_thread(limits.check_score, req, settings, parts)
-    body, replayed = await service.once(principal, "score", idempotency_key, req, lambda: digest(req, parts),
-                                        lambda: service.score(req, images, request_id))
-    for g in body["groups"] if not replayed else ():  # a replay scored nothing: count work once
-        for r in g["rewards"]:
+    record = await idempotency.claim(principal, "score", idempotency_key, req, lambda: digest(req, parts))
+    if isinstance(record, Replay):  # a replay scored nothing: it counts no work
+        return _answer(record, request_id)
+    async with record:
+        resp = await service.score(req, images, request_id)
+        await record.keep(resp)
+    for g in resp.groups:
+        for r in g.rewards:
             metrics.images.labels("ok" if r is not None else "failed").inc()
-        for im in g.get("images") or ():
-            _count_sources(metrics, (im.get("p_source") or {}).values())
-        if g.get("decomposition_cached") is not None:
-            metrics.cache.labels("hit" if g["decomposition_cached"] else "miss").inc()
-    for w in body["warnings"] if not replayed else ():
-        metrics.warnings.labels(w["code"]).inc()
-    return _reply(body, request_id, replayed)
+        for im in g.images or ():
+            _count_sources(metrics, (im.p_source or {}).values())
+        if g.decomposition_cached is not None:
+            metrics.cache.labels("hit" if g.decomposition_cached else "miss").inc()
+    for w in resp.warnings:
+        metrics.warnings.labels(w.code).inc()
+    return _answer(resp, request_id)
 
 
 @router.post("/decompose", response_model=DecomposeResponse)
 async def decompose(req: DecomposeRequest, request_id: RequestId, service: ServiceDep,
-                    settings: SettingsDep) -> JSONResponse:
+                    settings: SettingsDep) -> Response:
     """Prompts to atomic yes/no questions (cached by prompt, pipeline, model and template version)."""
     limits.check_prompts(req.prompts, settings)
-    body = (await service.decompose(req.prompts, request_id, req.editing)).model_dump(mode="json")
-    return _reply(body, request_id, False)
+    return _answer(await service.decompose(req.prompts, request_id, req.editing), request_id)
 
 
 @router.post("/verify", response_model=VerifyResponse, openapi_extra=_multipart(VerifyRequest))
 async def verify(req: VerifyRequest, request_id: RequestId, service: ServiceDep, settings: SettingsDep,
-                 metrics: MetricsDep, principal: Principal, parts: PartsDep,
-                 idempotency_key: IdemKey = None) -> JSONResponse:
+                 metrics: MetricsDep, principal: Principal, parts: PartsDep, idempotency: IdempotencyDep,
+                 idempotency_key: IdemKey = None) -> Response:
     """P(yes) for explicit questions about images; no decomposition."""
     blobs = await asyncio.to_thread(limits.check_verify, req, settings, parts)
-    body, replayed = await service.once(principal, "verify", idempotency_key, req, lambda: digest(req, parts),
-                                        lambda: service.verify(req, blobs, request_id))
-    for r in body["results"] if not replayed else ():
-        metrics.images.labels("ok" if r["p"] is not None else "failed").inc()
-        _count_sources(metrics, r.get("p_source") or ())
-    return _reply(body, request_id, replayed)
+    record = await idempotency.claim(principal, "verify", idempotency_key, req, lambda: digest(req, parts))
+    if isinstance(record, Replay):
+        return _answer(record, request_id)
+    async with record:
+        resp = await service.verify(req, blobs, request_id)
+        await record.keep(resp)
+    for r in resp.results:
+        metrics.images.labels("ok" if r.p is not None else "failed").inc()
+        _count_sources(metrics, r.p_source or ())
+    return _answer(resp, request_id)
 
 
 def _count_sources(metrics: Metrics, sources: Iterable[str]) -> None:

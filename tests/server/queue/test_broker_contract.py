@@ -184,9 +184,9 @@ async def test_round_trip_keeps_header_payload_and_blob_bytes(make_broker: MakeB
 
     decomposition = Decomposition(prompt="a red cat", questions=(Question(id="q1", text="Is there a cat?",
                                                                           tag="Existence"),))
-    await broker.complete(claimed["r1:v0"], verified("r1:v0", 0.25, 0.75))
-    await broker.complete(claimed["r1:v1"], Result.failure("r1:v1", ErrorCode.bad_image, "not an image"))
-    await broker.complete(got_dec, Result(task_id="r1:dec", value=Decomposed(decomposition=decomposition)))
+    await broker.complete([(claimed["r1:v0"], verified("r1:v0", 0.25, 0.75))])
+    await broker.complete([(claimed["r1:v1"], Result.failure("r1:v1", ErrorCode.bad_image, "not an image"))])
+    await broker.complete([(got_dec, Result(task_id="r1:dec", value=Decomposed(decomposition=decomposition)))])
     results = await broker.gather("r1", {"r1:v0", "r1:v1", "r1:dec"}, base.time.time() + 5)
     assert results["r1:v0"] == verified("r1:v0", 0.25, 0.75), "typed values arrive equal"
     assert results["r1:v1"].value is None and results["r1:v1"].error is not None
@@ -204,7 +204,7 @@ async def test_gather_times_out_with_timeout_error(make_broker: MakeBroker, cloc
     broker = make_broker()
     await broker.submit([make_task("r2:v0", "r2"), make_task("r2:v1", "r2")])
     (first, *_) = await claim_n(broker, TaskKind.verify, 2)
-    await broker.complete(first, verified(first.task_id, 0.5))
+    await broker.complete([(first, verified(first.task_id, 0.5))])
     with pytest.raises(ServiceError) as err:
         await broker.gather("r2", {"r2:v0", "r2:v1"}, clock.time() + 0.3)
     assert err.value.code is ErrorCode.timeout and err.value.status == 504
@@ -257,7 +257,7 @@ async def test_claimed_tasks_count_against_the_bound_until_completed(make_broker
     with pytest.raises(ServiceError) as err:
         await broker.submit([make_task("k:v2", "k")])
     assert err.value.code is ErrorCode.rate_limited
-    await broker.complete(t0, verified(t0.task_id, 0.5))
+    await broker.complete([(t0, verified(t0.task_id, 0.5))])
     assert await broker.queue_depth(TaskKind.verify) == 1
     await broker.submit([make_task("k:v2", "k")])
 
@@ -266,10 +266,10 @@ async def test_completing_a_task_twice_delivers_one_result(make_broker: MakeBrok
     broker = make_broker()
     await broker.submit([make_task("r4:v0", "r4"), make_task("r4:v1", "r4")])
     t0, t1 = sorted(await claim_n(broker, TaskKind.verify, 2), key=lambda t: t.task_id)
-    await broker.complete(t0, verified(t0.task_id, 0.1))
-    await broker.complete(t0, verified(t0.task_id, 0.9))  # e.g. a re-delivered copy finishing late
+    await broker.complete([(t0, verified(t0.task_id, 0.1))])
+    await broker.complete([(t0, verified(t0.task_id, 0.9))])  # e.g. a re-delivered copy finishing late
     assert await queued_replies(broker, "r4") == 1
-    await broker.complete(t1, verified(t1.task_id, 0.2))
+    await broker.complete([(t1, verified(t1.task_id, 0.2))])
     assert await queued_replies(broker, "r4") == 2
     got = await broker.gather("r4", {t0.task_id, t1.task_id}, clock.time() + 5)
     assert p_of(got[t0.task_id]) == (0.1,), "the first result wins"
@@ -302,15 +302,15 @@ async def test_singleflight_computes_once_for_concurrent_callers(make_broker: Ma
     broker = make_broker()
     gate = Gate(b'{"value": 42}')
     deadline = clock.time() + 30
-    callers = [asyncio.create_task(broker.singleflight("k1", gate.compute, 60, deadline)) for _ in range(5)]
+    callers = [asyncio.create_task(base.singleflight(broker, "k1", gate.compute, 60, deadline)) for _ in range(5)]
     await gate.open_when_waited_for(broker, "k1", 4)
     out = await asyncio.gather(*callers)
     assert gate.calls == 1
     assert [v for v, _ in out] == [b'{"value": 42}'] * 5
     assert sorted(c for _, c in out) == [False, True, True, True, True], "exactly one caller computed"
-    assert await broker.singleflight("k1", gate.compute, 60, deadline) == (b'{"value": 42}', True)
+    assert await base.singleflight(broker, "k1", gate.compute, 60, deadline) == (b'{"value": 42}', True)
     assert gate.calls == 1
-    assert await broker.singleflight("k2", gate.compute, 60, deadline) == (b'{"value": 42}', False)
+    assert await base.singleflight(broker, "k2", gate.compute, 60, deadline) == (b'{"value": 42}', False)
     assert gate.calls == 2, "another key computes anew"
 
 
@@ -318,12 +318,12 @@ async def test_singleflight_value_expires_after_its_ttl(make_broker: MakeBroker,
     broker = make_broker()
     gate = Gate(b"v")
     gate.release.set()
-    assert await broker.singleflight("ttl", gate.compute, 60, clock.time() + 30) == (b"v", False)
+    assert await base.singleflight(broker, "ttl", gate.compute, 60, clock.time() + 30) == (b"v", False)
     await clock.advance(30)
-    assert await broker.singleflight("ttl", gate.compute, 60, clock.time() + 30) == (b"v", True)
+    assert await base.singleflight(broker, "ttl", gate.compute, 60, clock.time() + 30) == (b"v", True)
     if isinstance(broker, MemoryBroker):  # Redis expires keys on its own clock, which no test can move
         await clock.advance(31)
-        assert await broker.singleflight("ttl", gate.compute, 60, clock.time() + 30) == (b"v", False)
+        assert await base.singleflight(broker, "ttl", gate.compute, 60, clock.time() + 30) == (b"v", False)
 
 
 async def test_singleflight_failure_reaches_every_waiter_and_is_not_cached(
@@ -332,7 +332,7 @@ async def test_singleflight_failure_reaches_every_waiter_and_is_not_cached(
     broker = make_broker()
     gate = Gate(ServiceError(ErrorCode.decomposition_failed, "the decomposer wrote no JSON"))
     deadline = clock.time() + 30
-    callers = [asyncio.create_task(broker.singleflight("k", gate.compute, 60, deadline)) for _ in range(5)]
+    callers = [asyncio.create_task(base.singleflight(broker, "k", gate.compute, 60, deadline)) for _ in range(5)]
     await gate.open_when_waited_for(broker, "k", 4)
     out = await asyncio.gather(*callers, return_exceptions=True)
     assert gate.calls == 1
@@ -342,7 +342,7 @@ async def test_singleflight_failure_reaches_every_waiter_and_is_not_cached(
 
     works = Gate(b"ok")
     works.release.set()
-    assert await broker.singleflight("k", works.compute, 60, deadline) == (b"ok", False)
+    assert await base.singleflight(broker, "k", works.compute, 60, deadline) == (b"ok", False)
     assert works.calls == 1, "a failure must not be cached"
 
 
@@ -352,7 +352,7 @@ async def test_singleflight_unexpected_exception_does_not_strand_waiters(
     broker = make_broker()
     gate = Gate(RuntimeError("bug in compute"))
     deadline = clock.time() + 30  # a stranded waiter would end in a timeout error at this deadline
-    callers = [asyncio.create_task(broker.singleflight("crash", gate.compute, 60, deadline)) for _ in range(3)]
+    callers = [asyncio.create_task(base.singleflight(broker, "crash", gate.compute, 60, deadline)) for _ in range(3)]
     await gate.open_when_waited_for(broker, "crash", 2)
     out = await asyncio.gather(*callers, return_exceptions=True)
     assert gate.calls == 1 and sum(isinstance(e, RuntimeError) for e in out) >= 1, out
@@ -362,7 +362,7 @@ async def test_singleflight_unexpected_exception_does_not_strand_waiters(
 
     works = Gate(b"fine")
     works.release.set()
-    assert await broker.singleflight("crash", works.compute, 60, deadline) == (b"fine", False)
+    assert await base.singleflight(broker, "crash", works.compute, 60, deadline) == (b"fine", False)
 
 
 async def test_singleflight_cancelled_compute_releases_waiters(make_broker: MakeBroker, clock: Clock) -> None:
@@ -370,10 +370,10 @@ async def test_singleflight_cancelled_compute_releases_waiters(make_broker: Make
     broker = make_broker()
     gate = Gate(b"never")
     deadline = clock.time() + 30  # a waiter left to its deadline ends in a timeout error, not "cancelled"
-    owner = asyncio.create_task(broker.singleflight("cancel", gate.compute, 60, deadline))
+    owner = asyncio.create_task(base.singleflight(broker, "cancel", gate.compute, 60, deadline))
     await asyncio.wait_for(gate.started.wait(), 30)
     unused = Gate(AssertionError("a waiter must not compute while the owner holds the key"))
-    waiter = asyncio.create_task(broker.singleflight("cancel", unused.compute, 60, deadline))
+    waiter = asyncio.create_task(base.singleflight(broker, "cancel", unused.compute, 60, deadline))
     await waiting(broker, "cancel", 1)
     owner.cancel()
     with pytest.raises(ServiceError) as err:
@@ -383,7 +383,7 @@ async def test_singleflight_cancelled_compute_releases_waiters(make_broker: Make
 
     works = Gate(b"fine")
     works.release.set()
-    assert await broker.singleflight("cancel", works.compute, 60, deadline) == (b"fine", False)
+    assert await base.singleflight(broker, "cancel", works.compute, 60, deadline) == (b"fine", False)
 
 
 async def test_heartbeat_workers_and_remove_worker(make_broker: MakeBroker) -> None:
@@ -434,8 +434,8 @@ async def test_queue_stats_count_queued_claimed_and_undelivered_tasks(make_broke
     assert stats[TaskKind.decompose] == base.QueueStats(length=1, pending=0, lag=1)
     first, second = sorted(await claim_n(broker, TaskKind.verify, 2), key=lambda t: t.task_id)
     assert (await broker.queue_stats())[TaskKind.verify] == base.QueueStats(length=5, pending=2, lag=3)
-    await broker.complete(first, verified(first.task_id, 0.5))
-    await broker.complete(second, verified(second.task_id, 0.5))
+    await broker.complete([(first, verified(first.task_id, 0.5))])
+    await broker.complete([(second, verified(second.task_id, 0.5))])
     assert (await broker.queue_stats())[TaskKind.verify] == base.QueueStats(length=3, pending=0, lag=3)
     assert (await broker.queue_stats())[TaskKind.decompose] == base.QueueStats(length=1, pending=0, lag=1)
 
@@ -461,7 +461,7 @@ async def test_redis_lag_is_unknown_not_zero_when_redis_cannot_count_it(
     (held,) = await claim_n(older, TaskKind.verify, 1)
     (done,) = await claim_n(newer, TaskKind.verify, 1)
     await api.submit([make_task("lag:v2", "lag")])
-    await newer.complete(done, verified(done.task_id, 0.5))
+    await newer.complete([(done, verified(done.task_id, 0.5))])
     stats = (await api.queue_stats())[TaskKind.verify]
     assert stats == base.QueueStats(length=2, pending=1, lag=None)
     (last,) = await claim_n(newer, TaskKind.verify, 1)  # a later delivery makes the lag countable again
@@ -485,10 +485,10 @@ async def test_redis_redelivers_a_dead_consumers_task_via_xautoclaim(
     pending = await alive.redis.xpending(alive.keys.stream(TaskKind.verify), GROUP)
     assert {c["name"]: c["pending"] for c in pending["consumers"]} == {b"alive": 1}
 
-    await alive.complete(again, verified("r6:v0", 0.3))
+    await alive.complete([(again, verified("r6:v0", 0.3))])
     got = await api.gather("r6", {"r6:v0"}, clock.time() + 5)
     assert p_of(got["r6:v0"]) == (0.3,)
-    await dead.complete(lost, verified("r6:v0", 0.9))  # the zombie finishes late
+    await dead.complete([(lost, verified("r6:v0", 0.9))])  # the zombie finishes late
     assert await api.redis.llen(api.keys.reply("r6")) == 0, "a late duplicate must not deliver a second result"
     assert await api.redis.xlen(api.keys.stream(TaskKind.verify)) == 0
 
@@ -520,15 +520,15 @@ async def test_redis_every_key_has_a_ttl(redis_brokers: Callable[..., RedisBroke
     broker = redis_brokers("w")
     await broker.submit([make_task("r8:v0", "r8"), make_task("r8:v1", "r8")])
     t0, t1 = await claim_n(broker, TaskKind.verify, 2)
-    await broker.complete(t0, verified(t0.task_id, 0.5))  # t1's result stays undelivered
+    await broker.complete([(t0, verified(t0.task_id, 0.5))])  # t1's result stays undelivered
     await broker.heartbeat(worker_info("w"), ttl=30)
 
     async def value() -> bytes:
         return b"v"
 
-    await broker.singleflight("cached", value, 60, clock.time() + 5)
+    await base.singleflight(broker, "cached", value, 60, clock.time() + 5)
     keys = [k.decode() async for k in broker.redis.scan_iter(match=f"{PREFIX}:*")]
-    assert any(":done:" in k for k in keys) and any(":reply:" in k for k in keys)
+    assert any(":pending:" in k for k in keys) and any(":reply:" in k for k in keys)
     assert any(":sf:value:" in k for k in keys) and f"{PREFIX}:workers" in keys and any(":stream:" in k for k in keys)
     no_ttl = [k for k in keys if await broker.redis.ttl(k) < 0]
     assert no_ttl == [], f"keys without a TTL: {no_ttl}"
@@ -558,7 +558,8 @@ async def test_redis_singleflight_across_api_replicas(
     replicas = [redis_brokers(f"api{i}") for i in range(3)]
     gate = Gate(b"shared")
     deadline = clock.time() + 30
-    callers = [asyncio.create_task(r.singleflight("x", gate.compute, 60, deadline)) for r in replicas for _ in "ab"]
+    callers = [asyncio.create_task(base.singleflight(r, "x", gate.compute, 60, deadline))
+               for r in replicas for _ in "ab"]
     await gate.open_when_waited_for(replicas[0], "x", 5)
     out = await asyncio.gather(*callers)
     assert gate.calls == 1 and {v for v, _ in out} == {b"shared"}
@@ -572,7 +573,7 @@ async def test_redis_claim_recovers_when_the_consumer_group_is_lost(
     await api.submit([make_task("r9:v0", "r9")])
     (before,) = await claim_n(worker, TaskKind.verify, 1)
     await api.redis.flushall()
-    await worker.complete(before, verified(before.task_id, 0.5))  # finishing across the loss is fine
+    await worker.complete([(before, verified(before.task_id, 0.5))])  # finishing across the loss is fine
     await api.submit([make_task("r9:v1", "r9")])  # stream re-created, group not
     (task,) = await claim_n(worker, TaskKind.verify, 1)
     assert task.task_id == "r9:v1"
@@ -594,7 +595,7 @@ async def test_redis_a_claim_blocked_while_redis_is_flushed_recovers(
     api, worker = redis_brokers("api"), redis_brokers("w", redis_timeout_s=8.0, lock_ttl_s=16)  # 4 s reads
     await api.submit([make_task("f1:v0", "f1")])
     (first,) = await claim_n(worker, TaskKind.verify, 1)
-    await worker.complete(first, verified(first.task_id, 0.5))
+    await worker.complete([(first, verified(first.task_id, 0.5))])
     blocked = asyncio.create_task(worker.claim(TaskKind.verify, 4, 3.0))
     await blocked_in(api, "xreadgroup")
     await api.redis.flushall()
@@ -611,7 +612,7 @@ async def test_redis_a_request_whose_tasks_redis_lost_fails_fast_with_503(
     api = redis_brokers("api", redis_timeout_s=2.0)
     await api.submit([make_task("f2:v0", "f2", ttl=60), make_task("f2:v1", "f2", ttl=60)])
     gathering = asyncio.create_task(api.gather("f2", {"f2:v0", "f2:v1"}, clock.time() + 60))
-    await blocked_in(api, "blpop")
+    await blocked_in(api, "blmpop")
     await api.redis.flushall()
     t0 = time.monotonic()
     with pytest.raises(ServiceError) as err:
@@ -632,7 +633,7 @@ async def test_redis_a_lock_left_by_a_dead_owner_is_taken_over_within_its_ttl(
     gate.release.set()
     t0 = time.monotonic()
     deadline = clock.time() + 60  # a caller left to its deadline ends in a timeout error
-    out = await asyncio.wait_for(asyncio.gather(*(api.singleflight("orphan", gate.compute, 60, deadline)
+    out = await asyncio.wait_for(asyncio.gather(*(base.singleflight(api, "orphan", gate.compute, 60, deadline)
                                                   for _ in range(3))), 30)
     assert gate.calls == 1 and sorted(out) == [(b"recomputed", False)] + [(b"recomputed", True)] * 2
     assert time.monotonic() - t0 < 8, "the lapsed lock was taken over late"
@@ -645,9 +646,9 @@ async def test_redis_a_live_owner_keeps_its_lock_past_its_ttl(
     owner, other = (redis_brokers(n, lock_ttl_s=2.0, redis_timeout_s=1.0) for n in ("owner", "other"))
     gate = Gate(b"slow")
     deadline = clock.time() + 60
-    first = asyncio.create_task(owner.singleflight("long", gate.compute, 60, deadline))
+    first = asyncio.create_task(base.singleflight(owner, "long", gate.compute, 60, deadline))
     await asyncio.wait_for(gate.started.wait(), 30)
-    second = asyncio.create_task(other.singleflight("long", gate.compute, 60, deadline))
+    second = asyncio.create_task(base.singleflight(other, "long", gate.compute, 60, deadline))
     await waiting(other, "long", 1)
     await asyncio.sleep(5)  # two and a half lock TTLs (Redis expires keys on its own clock)
     assert gate.calls == 1, "a waiter took over the lock of a live owner"
@@ -719,13 +720,13 @@ async def test_redis_joining_and_taking_the_lock_are_one_step(
     owner = redis_brokers("owner")
     gate = Gate(b"once")
     deadline = clock.time() + 30
-    computing = asyncio.create_task(owner.singleflight("race", gate.compute, 60, deadline))
+    computing = asyncio.create_task(base.singleflight(owner, "race", gate.compute, 60, deadline))
     await asyncio.wait_for(gate.started.wait(), 30)
     again = Gate(b"twice")
     again.release.set()
     async with SteppedLink(redis_url) as link:
         late = open_broker(link.url, "late")
-        joining = asyncio.create_task(late.singleflight("race", again.compute, 60, deadline))
+        joining = asyncio.create_task(base.singleflight(late, "race", again.compute, 60, deadline))
         for _ in range(20):  # its connection's handshake, then the commands of joining
             if await owner.redis.scard(owner.keys.waiters("race")):
                 break
@@ -748,7 +749,7 @@ async def test_redis_waits_longer_than_the_socket_timeout_are_not_outages(
 
     async def slow_worker() -> None:
         await asyncio.sleep(2.5)
-        await worker.complete(task, verified(task.task_id, 0.4))
+        await worker.complete([(task, verified(task.task_id, 0.4))])
 
     async def slow_compute() -> bytes:
         await asyncio.sleep(2.5)
@@ -757,8 +758,8 @@ async def test_redis_waits_longer_than_the_socket_timeout_are_not_outages(
     deadline = clock.time() + 30
     results, leader, waiter, _ = await asyncio.gather(
         api.gather("r10", {"r10:v0"}, deadline),
-        worker.singleflight("slow", slow_compute, 60, deadline),
-        api.singleflight("slow", slow_compute, 60, deadline),
+        base.singleflight(worker, "slow", slow_compute, 60, deadline),
+        base.singleflight(api, "slow", slow_compute, 60, deadline),
         slow_worker(),
     )
     assert p_of(results["r10:v0"]) == (0.4,)

@@ -21,6 +21,7 @@ from redis.exceptions import (
 
 from dvreward_protocol.schemas import WorkerInfo
 from server.errors import ErrorCode, ServiceError
+from server.queue import base
 from server.queue.messages import Result, Task, TaskKind, VerifyPayload
 from server.queue.redis_broker import RedisBroker
 from server.queue.redis_errors import error_code, unavailable
@@ -87,9 +88,9 @@ def every_call(api: RedisBroker, worker: RedisBroker, claimed: Task) -> dict[str
     """One call of each kind that writes, from either side."""
     return {
         "submit": lambda: api.submit([task("r:v1")]),
-        "singleflight": lambda: api.singleflight("k", value, 60, time.time() + 10),
+        "singleflight": lambda: base.singleflight(api, "k", value, 60, time.time() + 10),
         "heartbeat": lambda: worker.heartbeat(info(), 30),
-        "complete": lambda: worker.complete(claimed, Result.failure(claimed.task_id, ErrorCode.bad_image, "x")),
+        "complete": lambda: worker.complete([(claimed, Result.failure(claimed.task_id, ErrorCode.bad_image, "x"))]),
         "claim": lambda: worker.claim(TaskKind.verify, 4, 0.05),
     }
 
@@ -149,11 +150,15 @@ async def test_a_read_only_replica_is_a_503_until_promoted(
 async def test_tasks_a_refused_claim_had_read_are_handed_out_at_the_next_claim(
     brokers: list[RedisBroker], private_redis: RedisProcess,
 ) -> None:
-    """Redis hands the entries out, then refuses the write that counts the delivery: the claim fails, and the next
-    one gets them at once, not after the visibility timeout (60 s), past their requests' deadlines."""
+    """Redis hands the entries out, then refuses the write that settles one of them (an entry no worker can read):
+    the claim fails, and the next one gets the others at once, not after the visibility timeout (60 s), past their
+    requests' deadlines, and counts them delivered once. First deliveries alone need no write: a Redis out of memory
+    still hands them out."""
     api, worker = brokers
     assert await worker.claim(TaskKind.verify, 4, 0.05) == []  # its group is made: the next claim reads at once
     await api.submit([task("r:v0"), task("r:v1")])
+    await api.redis.xadd(api.keys.stream(TaskKind.verify), {"task": b"{written by another version"})
+    await api.submit([task("r:v2")])
     admin = redis.Redis.from_url(private_redis.url)
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)
@@ -165,5 +170,30 @@ async def test_tasks_a_refused_claim_had_read_are_handed_out_at_the_next_claim(
         admin.config_set("maxmemory", 0)
         admin.close()
     got = await worker.claim(TaskKind.verify, 4, 0.05)
-    assert sorted(t.task_id for t in got) == ["r:v0", "r:v1"] and {t.delivery for t in got} == {1}
+    assert sorted(t.task_id for t in got) == ["r:v0", "r:v1", "r:v2"] and {t.delivery for t in got} == {1}
     assert await worker.claim(TaskKind.verify, 4, 0.05) == [], "handed out once"
+    assert await api.redis.xlen(api.keys.stream(TaskKind.verify)) == 3, "the unreadable entry left the stream"
+
+
+async def test_a_redis_out_of_memory_still_hands_out_first_deliveries(
+    brokers: list[RedisBroker], private_redis: RedisProcess,
+) -> None:
+    """Claiming new tasks writes nothing but the consumer group's own bookkeeping, so workers keep draining the queue
+    while Redis refuses writes; completing them waits until it accepts writes again (and is then delivered once)."""
+    api, worker = brokers
+    assert await worker.claim(TaskKind.verify, 4, 0.05) == []
+    await api.submit([task("m:v0")])
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    try:
+        (got,) = await worker.claim(TaskKind.verify, 4, 0.05)
+        with pytest.raises(ServiceError) as err:
+            await worker.complete([(got, Result.failure(got.task_id, ErrorCode.bad_image, "x"))])
+        assert "out of memory" in err.value.message
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    await worker.complete([(got, Result.failure(got.task_id, ErrorCode.bad_image, "x"))])
+    results = await api.gather("r", {"m:v0"}, time.time() + 10)
+    assert results["m:v0"].error is not None and results["m:v0"].error.code is ErrorCode.bad_image
