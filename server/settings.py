@@ -330,14 +330,10 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _inflight_holds_a_body(self) -> Settings:
+    def _inflight_bounds(self) -> Settings:
         if self.max_inflight_bytes < self.max_body_bytes:
             raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) is below max_body_bytes "
                              f"({self.max_body_bytes}): a body within the limit could never be admitted")
-        return self
-
-    @model_validator(mode="after")
-    def _connections_hold_the_requests(self) -> Settings:
         if self.redis_max_connections <= self.max_inflight_requests:
             raise ValueError(f"redis_max_connections ({self.redis_max_connections}) must exceed max_inflight_requests "
                              f"({self.max_inflight_requests}): each request in flight may hold one while it waits for "

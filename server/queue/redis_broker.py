@@ -41,43 +41,39 @@ T = TypeVar("T")
 TRIM_GRACE_S = 5.0  # clock skew between API replicas and Redis that trimming by deadline tolerates
 SAME_VERSION = "the API and the workers must run the same DVReward version"  # tasks and results are theirs
 
-# KEYS: the streams, then the requests' markers. ARGV: max queue, oldest entry id kept (ms), key ttl ms, task
-# count, stream count, then per task: stream index, field count, fields. Trims entries past every deadline, then
-# admits all tasks or none (returns the index and depth of a full stream), so concurrent submits can never overfill
-# a queue; the markers say, while they last, that Redis still holds the requests' tasks. Declared (#!lua, Redis 7)
-# so that a Redis out of memory refuses it whole: otherwise the XTRIM counts as the script's first write, and Redis
-# lets a script that has written write on, past maxmemory.
-_ADMIT = """#!lua
-local maxq, min_id, ttl, ntasks = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local nstreams = tonumber(ARGV[5])
-local counts, plan, i = {}, {}, 6
-for n = 1, ntasks do
-  local s, nf = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  counts[s] = (counts[s] or 0) + 1
-  plan[n] = {s, i + 2, nf}
-  i = i + 2 + 2 * nf
-end
-for s, n in pairs(counts) do
-  if min_id > 0 then redis.call('XTRIM', KEYS[s], 'MINID', min_id) end
+# Admission is one MULTI: each stream trimmed past every deadline, the tasks added (XADD: image bytes go straight
+# into the stream, never through Lua, where each would cost five times as much Redis CPU), then this script, which
+# takes them out again if a stream now holds more than the queue limit. Nothing runs between them, so the tasks
+# are admitted all or none and concurrent submits can never overfill a queue, as one script would; the markers say,
+# while they last, that Redis still holds the requests' tasks. KEYS: the streams, then the requests' markers. ARGV:
+# max queue, key ttl ms, then per stream the count of tasks just added. Returns the index of a full stream and its
+# depth without them, or {0, 0}. A Redis out of memory refuses the XADDs, so the transaction, whole.
+_ADMITTED = """#!lua
+local maxq, ttl, nstreams = tonumber(ARGV[1]), ARGV[2], #ARGV - 2
+for s = 1, nstreams do
+  local added = tonumber(ARGV[2 + s])
   local depth = redis.call('XLEN', KEYS[s])
-  if depth + n > maxq then return {s, depth} end
+  if depth > maxq then
+    for t = 1, nstreams do
+      local ids = {}
+      for i, e in ipairs(redis.call('XREVRANGE', KEYS[t], '+', '-', 'COUNT', ARGV[2 + t])) do ids[i] = e[1] end
+      redis.call('XDEL', KEYS[t], unpack(ids))
+    end
+    return {s, depth - added}
+  end
 end
-for _, p in ipairs(plan) do
-  local fields = {}
-  for j = p[2], p[2] + 2 * p[3] - 1 do fields[#fields + 1] = ARGV[j] end
-  redis.call('XADD', KEYS[p[1]], '*', unpack(fields))
-end
-for s, _ in pairs(counts) do redis.call('PEXPIRE', KEYS[s], ttl) end
+for s = 1, nstreams do redis.call('PEXPIRE', KEYS[s], ttl) end
 for m = nstreams + 1, #KEYS do redis.call('SET', KEYS[m], '1', 'PX', ttl) end
 return {0, 0}
 """
+
 
 # KEYS: the streams, then the reply lists. ARGV: group, consumer, reply ttl ms, stream count, entry count, then per
 # entry: stream index, entry id, reply index (0: no result), result. A result is delivered only for an entry still
 # pending (XCLAIM ... JUSTID answers those, and counts no delivery), which is then acknowledged and deleted in the
 # same step: a copy of the task completed again later (a re-delivered one, or a zombie worker's) finds nothing pending
 # and delivers nothing. A stream gone with its group (past every deadline, or flushed) delivers nothing either.
-# Declared (#!lua) so that a Redis out of memory refuses it whole, as _ADMIT.
+# Declared (#!lua) so that a Redis out of memory refuses it whole.
 _COMPLETE = """#!lua
 local group, consumer, ttl, nstreams, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local ids, plan, i = {}, {}, 6
@@ -207,7 +203,6 @@ class RedisBroker:
         self.visibility_ms = int(visibility_timeout * 1000)
         self.max_deliveries = max_deliveries
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
-        self._admit = self.redis.register_script(_ADMIT)
         self._complete = self.redis.register_script(_COMPLETE)
         self._once = RedisOnceStore(self.redis, self.keys, lock_ttl=lock_ttl, block_s=self.block_s)
         self._groups_ready: set[TaskKind] = set()
@@ -232,14 +227,18 @@ class RedisBroker:
             await self._ensure_group(kind)
         # The cut-off is on this clock, as the tasks' deadlines are; entry ids are on Redis's (TRIM_GRACE_S of skew).
         oldest_kept = int(time.time() * 1000) - self.max_age_ms
-        args: list[bytes | str | int] = [self.max_queue, oldest_kept, self.max_age_ms, len(tasks), len(kinds)]
-        for t in tasks:
-            fields: list[bytes | str] = ["task", t.header()]
-            for i, b in enumerate(t.blobs):
-                fields += [f"blob{i}", b]
-            args += [kinds.index(t.kind) + 1, len(fields) // 2, *fields]
+        streams = [self.keys.stream(k) for k in kinds]
         markers = [self.keys.pending(r) for r in dict.fromkeys(t.reply_to for t in tasks)]
-        full, depth = await self._admit(keys=[self.keys.stream(k) for k in kinds] + markers, args=args)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for stream in streams:
+                pipe.xtrim(stream, minid=oldest_kept, approximate=False)
+            for t in tasks:
+                fields: dict[bytes | str, bytes | str] = {"task": t.header()}
+                fields.update({f"blob{i}": b for i, b in enumerate(t.blobs)})
+                pipe.xadd(streams[kinds.index(t.kind)], fields)
+            pipe.eval(_ADMITTED, len(streams) + len(markers), *streams, *markers, self.max_queue, self.max_age_ms,
+                      *(sum(1 for t in tasks if t.kind is k) for k in kinds))
+            *_, (full, depth) = await pipe.execute()
         if full:
             raise queue_full(kinds[int(full) - 1], int(depth), self.max_queue)
 

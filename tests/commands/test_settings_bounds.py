@@ -105,6 +105,7 @@ CROSS_FIELD = [
     ({"batch_wait_ms": 5000, "batch_timeout_s": 5}, "batch_wait_ms (5000) must be shorter than batch_timeout_s"),
     ({"min_pixels": 5000, "max_pixels": 100}, "min_pixels (5000) is above max_pixels (100)"),
     ({"max_body_bytes": 1000, "max_inflight_bytes": 500}, "max_inflight_bytes (500) is below max_body_bytes (1000)"),
+    ({"max_inflight_requests": 64, "redis_max_connections": 64}, "redis_max_connections (64) must exceed max_inflight"),
     ({"lock_ttl_s": 5, "redis_timeout_s": 3}, "lock_ttl_s (5) must be at least 2 x redis_timeout_s"),
     ({"cache_max_bytes": 2**20, "idempotency_max_bytes": 2**21}, "cache_max_bytes (1048576) is below idempotency_max"),
 ]

@@ -226,6 +226,18 @@ async def test_bounded_queue_refuses_with_rate_limited_and_retry_after(make_brok
     assert await broker.queue_depth(TaskKind.decompose) == 1
 
 
+async def test_a_refused_submit_leaves_no_task_of_any_kind(make_broker: MakeBroker) -> None:
+    """Tasks of two kinds, one queue full: neither queue keeps any of them, and no worker ever sees one."""
+    broker = make_broker(max_queue=2)
+    await broker.submit([make_task("m:v0", "m"), make_task("m:v1", "m")])
+    with pytest.raises(ServiceError) as err:
+        await broker.submit([make_task("n:d0", "n", DecomposePayload(prompt="p")), make_task("n:v0", "n")])
+    assert err.value.code is ErrorCode.rate_limited and "verify queue holds 2" in err.value.message
+    assert await broker.queue_depth(TaskKind.decompose) == 0 and await broker.queue_depth(TaskKind.verify) == 2
+    assert {t.task_id for t in await claim_n(broker, TaskKind.verify, 2)} == {"m:v0", "m:v1"}
+    assert await broker.claim(TaskKind.decompose, 4, 0.05) == []
+
+
 async def test_more_tasks_than_the_queue_holds_is_413_not_a_429_forever(make_broker: MakeBroker) -> None:
     broker = make_broker(max_queue=3)
     with pytest.raises(ServiceError) as err:
