@@ -150,3 +150,25 @@ def test_unknown_model_points_to_offline_options(tmp_path: Path) -> None:
         HFVerifier.load("no-such-org/no-such-verifier")
     with pytest.raises(EngineError, match="local directory"):
         HFVerifier.load(str(tmp_path))
+
+
+def test_scoring_runs_convolutions_in_full_float32_and_restores_the_setting(
+    tiny_verifier: HFVerifier, items: list[VerifyItem]
+) -> None:
+    """On a GPU cuDNN's TF32 made p move with the batch's composition (0.04 against 7e-6 without, bench/verifier.py
+    on an H200): the patch embedding must see TF32 off, and the process's own setting must come back after."""
+    import torch
+
+    seen: list[bool] = []
+    hook = tiny_verifier.model.model.visual.patch_embed.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        tiny_verifier.verify(items[:1])
+        tiny_verifier.greedy_answers(items[:1])
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32 = before
+    assert seen and not any(seen)

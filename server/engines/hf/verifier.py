@@ -11,6 +11,7 @@ sequence per (image, question): the reference packed must equal.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -263,7 +264,7 @@ class HFVerifier:
 
         groups = [self._prepare(it) for it in items]
         preps = [p for g in groups for p in g]
-        with torch.inference_mode():
+        with torch.inference_mode(), _float32_convolutions():
             scores = self._verify_packed(preps) if self.mode == "packed" else self._verify_per_pair(preps)
         out: list[list[float]] = []
         flat = iter(scores)
@@ -288,7 +289,7 @@ class HFVerifier:
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         texts: dict[tuple[int, int], str] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), _float32_convolutions():
             for idx in self._batches([len(seq) + GREEDY_TOKENS for _, _, seq, _ in pairs]):
                 batch = [pairs[j] for j in idx]
                 L = max(len(seq) for _, _, seq, _ in batch)
@@ -331,6 +332,21 @@ class HFVerifier:
         for n, (i, _k) in enumerate(owner):
             out[i].append(flat[n])  # a pair that was never scored is a KeyError, never a silent 0
         return out
+
+
+@contextmanager
+def _float32_convolutions() -> Iterator[None]:
+    """cuDNN's TF32 off while scoring. PyTorch lets cuDNN compute float32 convolutions (the vision tower's patch
+    embedding) in TF32 by default, at an algorithm chosen by the batch's shape: on a GPU p then moved by up to 0.04
+    with the batch's composition (a random small verifier, float32, H200), against 7e-6 with it off."""
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def pixel_range(size: dict[str, int], min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
