@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dvreward_protocol.pixels import to_rgb
 from server.errors import ErrorCode, ServiceError
 
 if TYPE_CHECKING:
@@ -97,15 +98,3 @@ def load_image(data: bytes, max_pixels: int) -> Image:
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"image could not be decoded: {exc}") from exc
     return to_rgb(im)
-
-
-# 16-bit levels to 8-bit ones by their high byte, as Pillow itself reads 16-bit colour PNGs.
-_HIGH_BYTE = [level >> 8 for level in range(1 << 16)]
-
-
-def to_rgb(im: Image) -> Image:
-    """8 bits per channel. A 16-bit greyscale PNG decodes to an integer mode (I;16, or I) that `convert("RGB")`
-    clips at 255, so every level above 255 of 65535 was white: it is scaled down first."""
-    if im.mode.startswith("I"):
-        im = im.convert("I").point(_HIGH_BYTE, "L")
-    return im.convert("RGB")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dvreward_protocol.pixels import to_rgb
+
 ImageFormat = Literal["png", "jpeg", "webp"]
 DEFAULT_QUALITY = {"jpeg": 95, "webp": 90}
 _TOLERANCE = 1e-3  # float images slightly outside [0, 1] from numerical noise are clipped, not refused
@@ -159,11 +161,11 @@ def _pil_save(im: Any, opts: EncodeOptions) -> bytes:
     buf = io.BytesIO()
     if opts.format == "png":
         if im.mode not in ("1", "L", "LA", "RGB", "RGBA", "P", "I;16"):
-            im = im.convert("RGB")
+            im = to_rgb(im)
         im.save(buf, "PNG", compress_level=opts.png_compress_level)
     else:
         if im.mode not in ("L", "RGB"):
-            im = im.convert("RGB")
+            im = to_rgb(im)
         quality = opts.quality if opts.quality is not None else DEFAULT_QUALITY[opts.format]
         im.save(buf, opts.format.upper(), quality=quality)
     return buf.getvalue()

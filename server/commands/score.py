@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from dvreward_protocol.pixels import to_rgb
 from dvreward_protocol.questions import Decomposition, DecompositionError, Question, validate_questions
 from dvreward_protocol.reward import Aggregation, Gating, score_image
 from server.commands.verifier_flags import add_verifier_flags, verifier_options
@@ -78,7 +79,7 @@ def _score(args: argparse.Namespace) -> int:
         else:
             print("give --questions FILE, or --decomposer PATH with --prompt", file=sys.stderr)
             return 2
-        images = [Image.open(p).convert("RGB") for p in args.images]
+        images = [to_rgb(Image.open(p)) for p in args.images]
         verifier = HFVerifier.load(args.verifier, device=args.device, dtype=args.dtype, **verifier_options(args))
     except (OSError, ValueError, ValidationError, DecompositionError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
+from dvreward_protocol.pixels import to_rgb
 from server.engines.base import Verifier, VerifyItem
 from server.errors import ServiceError
 from server.images import FORMATS as WIRE_FORMATS
@@ -107,7 +108,7 @@ def load_image_file(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Ima
     try:
         with PILImage.open(io.BytesIO(data)) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = to_rgb(im)
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageLoadError(f"image cannot be decoded: {e}") from e
     return rgb, data, fmt or "?"

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
+from server.cli import main
+from server.eval.scoring import load_image_file
 from server.images import load_image
 from tests.tolerance import assert_p_close
+from trainer_client.encoding import EncodeOptions, encode_image
+
+pytestmark = pytest.mark.float_sensitive
 
 # A horizontal gradient over every 8-bit level; its 16-bit version has the same levels times 257 (0x00ff -> 0xffff).
 LEVELS = np.tile(np.arange(256, dtype=np.uint8), (32, 1))
@@ -56,3 +64,27 @@ def test_a_16_bit_gradient_scores_as_its_8_bit_version(embedded_server: str) -> 
     assert r.status_code == 200, r.text
     eight, sixteen = (item["p"] for item in r.json()["results"])
     assert_p_close(sixteen, eight)
+
+
+def test_every_way_in_reads_16_bits_as_their_8_bit_version(tmp_path: Path, tiny_models: dict[str, Path],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`dvreward score`, `dvreward eval`'s other formats (a 16-bit TIFF) and the client's JPEG encoding each
+    decoded the 16-bit gradient as white too."""
+    eight, sixteen = Image.fromarray(LEVELS), Image.fromarray(LEVELS.astype(np.uint16) * 257)
+    assert sixteen.mode == "I;16"
+    (tmp_path / "8.png").write_bytes(png(LEVELS))
+    (tmp_path / "16.png").write_bytes(png(LEVELS.astype(np.uint16) * 257))
+    sixteen.save(tmp_path / "16.tif")
+    want = np.asarray(eight.convert("RGB"))
+    assert np.array_equal(np.asarray(load_image_file(tmp_path / "16.tif")[0]), want)
+    jpeg = EncodeOptions("jpeg")
+    assert encode_image(sixteen, jpeg) == encode_image(eight.convert("RGB"), jpeg)
+    as_png = encode_image(sixteen.convert("I"), EncodeOptions("png"))  # 32-bit integers: no PNG mode holds them
+    assert np.array_equal(np.asarray(load_image(as_png, 10**6)), want)
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"id": "1", "text": "Is the image white?", "tag": "Attribute"},
+                                     {"id": "q1", "text": "Is it sharp?", "kind": "quality", "tag": "Texture"}]))
+    assert main(["score", "--verifier", str(tiny_models["verifier"]), "--questions", str(questions),
+                 "--prompt", "a gradient", str(tmp_path / "8.png"), str(tmp_path / "16.png")]) == 0
+    from_eight, from_sixteen = (r["p"] for r in json.loads(capsys.readouterr().out)["results"])
+    assert_p_close([from_sixteen[q] for q in ("1", "q1")], [from_eight[q] for q in ("1", "q1")])
