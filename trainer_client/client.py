@@ -222,7 +222,8 @@ class _Base:
                        advantages_std: StdMode = DEFAULT_STD, clip: float | None = DEFAULT_CLIP,
                        eps: float = DEFAULT_EPS, details: bool = True) -> Flow[RefinedResult]:
         """The reflection round's second stage: refined[g] are refinements of stage-1 images starts[g] (one index
-        for all, or one per refinement), scored against group g's stage-1 questions with its options.
+        for all, or one per refinement), scored against group g's stage-1 questions with its options (and, for
+        editing, its source image).
 
         Returns the rectified rewards (false positive rectification), `improved` flags, advantages over them
         and `any_improved`. Pick the images to refine with `select_for_refinement(stage1.rewards)`.
@@ -239,7 +240,7 @@ class _Base:
         questions = [qs or None for qs in stage1.questions]  # a group whose decomposition failed tries again
         result = yield from self._score(stage1.prompts, groups, questions=questions, on_error="nan",
                                         aggregation=r.aggregation, gating=r.gating, answer=r.answer, details=details,
-                                        advantages_std=advantages_std, clip=clip, eps=eps)
+                                        advantages_std=advantages_std, clip=clip, eps=eps, sources=stage1.sources)
         start = [[stage1.rewards[g][i] for i in idx] for g, idx in enumerate(first)]
         return RefinedResult(result, start, rectify(result.rewards, start, result.keys, advantages_std, eps, clip))
 

@@ -249,12 +249,14 @@ def merge_score(job: ScoreJob, sent: list[Sent[ScoreResponse]], wall_s: float, o
     groups, by_image = _assemble(job, sent)
     warnings = [w for s in sent for w in request_warnings(s.response, [p.group for p in s.parts])]
     response = step_response(groups, job.keys, [s.response for s in sent], job.options["advantages"], warnings)
+    sources = job.encoded_sources if any(s is not None for s in job.sources) else None
     return score_result(response, [s.response.request_id for s in sent], any(s.replayed for s in sent), wall_s,
-                        on_error, job.keys, by_image)
+                        on_error, job.keys, by_image, sources)
 
 
 def score_result(response: ScoreResponse, request_ids: list[str], replayed: bool, wall_s: float,
-                 on_error: OnError, keys: list[Hashable | None], image_requests: list[list[str]]) -> ScoreResult:
+                 on_error: OnError, keys: list[Hashable | None], image_requests: list[list[str]],
+                 sources: list[bytes | None] | None = None) -> ScoreResult:
     """The failures listed once, and raised as ImageFailed when that is the policy."""
     failures = []
     for g, gr in enumerate(response.groups):
@@ -262,7 +264,7 @@ def score_result(response: ScoreResponse, request_ids: list[str], replayed: bool
             if r is None:
                 failures.append(ImageFailure(g, i, err.code if err else "failed",
                                              err.message if err else "no reward, and the service gave no reason"))
-    result = ScoreResult(response, request_ids, replayed, wall_s, failures, on_error, keys, image_requests)
+    result = ScoreResult(response, request_ids, replayed, wall_s, failures, on_error, keys, image_requests, sources)
     if failures and on_error == "raise":
         raise ImageFailed(failures, result, request_id=response.request_id)
     return result

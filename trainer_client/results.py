@@ -38,6 +38,7 @@ class ScoreResult:
     on_error: OnError = "nan"
     keys: list[Hashable | None] | None = None  # GRPO group keys (prompt, and source for editing); None: prompts
     image_request_ids: list[list[str]] | None = None  # per group, per image: the request that scored it
+    sources: list[bytes | None] | None = None  # editing: each group's source image as sent; None: no group had one
 
     @property
     def request_id(self) -> str:

@@ -90,6 +90,7 @@ class GroupScore:
     replayed: bool
     failures: list[ImageFailure] = field(default_factory=list)  # `group` is 0: this group
     warnings: list[Warning] = field(default_factory=list)
+    source: bytes | None = None  # editing: the source image as sent
 
     @property
     def rewards(self) -> list[float]:
@@ -106,6 +107,7 @@ def group_scores(result: ScoreResult) -> list[GroupScore]:
         image_request_ids=by_image[g], replayed=result.replayed,
         failures=[ImageFailure(0, f.index, f.code, f.message) for f in result.failures if f.group == g],
         warnings=[w for w in request_warnings(result.response, list(range(len(result.groups)))) if w.group == g],
+        source=result.sources[g] if result.sources else None,
     ) for g, group in enumerate(result.groups)]
 
 
@@ -129,5 +131,6 @@ def merge_step(scored: list[GroupScore], options: StepOptions, on_error: OnError
     keys = [s.key for s in scored]
     response = step_response([s.group for s in scored], keys, responses, options.advantages(), warnings)
     request_ids = list(dict.fromkeys(r for s in scored for r in s.request_ids))
+    sources = [s.source for s in scored]
     return score_result(response, request_ids, any(s.replayed for s in scored), wall_s, on_error, keys,
-                        [s.image_request_ids for s in scored])
+                        [s.image_request_ids for s in scored], sources if any(x is not None for x in sources) else None)

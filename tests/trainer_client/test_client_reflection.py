@@ -40,3 +40,24 @@ def test_a_reflection_round(redis_service_url, make_images):
         for text, qs in zip(texts[g], failed[g], strict=True):
             assert (text == "") == (not qs) and all(q in text for q in qs)
     assert all(math.isfinite(r) for g in out.rewards for r in g)
+
+
+def test_an_editing_round_refines_against_each_groups_source(redis_service_url, make_images):
+    """Refinements of an edit are verified with the image they were edited from, and stay in its GRPO group, whether
+    stage 1 was one score() call or a step of submitted groups."""
+    prompts = ["make the cube red"] * 2  # one instruction, two sources: two GRPO groups
+    sources = make_images(2, seed=94)
+    stage1_images = [make_images(3, seed=95), make_images(3, seed=96)]
+    refined = [make_images(2, seed=97), make_images(2, seed=98)]
+    with DVRewardClient(redis_service_url, image_format="png") as client:
+        called = client.score(prompts, stage1_images, sources=sources)
+        with client.step() as step:
+            for p, imgs, src in zip(prompts, stage1_images, sources, strict=True):
+                step.submit(p, imgs, source=src)
+            stepped = step.result(timeout=60)
+        raw = client.score(prompts, refined, questions=called.questions, sources=sources)
+        outs = [client.score_refined(stage1, refined, [0, 1]) for stage1 in (called, stepped)]
+    assert len(set(called.keys)) == 2 and stepped.keys == called.keys
+    for out in outs:
+        assert out.result.keys == called.keys
+        assert_rewards_close(out.result.rewards, raw.rewards)
