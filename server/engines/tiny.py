@@ -190,10 +190,32 @@ def write_tiny_decomposer(path: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         tie_word_embeddings=True,
     )
-    Qwen2ForCausalLM._from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    model = Qwen2ForCausalLM._from_config(cfg, dtype=torch.float32)
+    _quote_closes_strings(model, tokenizer.convert_tokens_to_ids('"'))
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return path
+
+
+def _quote_closes_strings(model: Any, quote: int) -> None:
+    """Make `"` the likeliest next token wherever it may come, so that every JSON string the decomposer writes
+    ends after its first token. Left random, the strings ran to their length caps and a first decomposition
+    spent 10-50 s on a CPU (README "Try it"); now under a second.
+
+    Hidden channel 0 is a constant: every token embeds 0.1 there and no layer writes to it, so after the final
+    norm it is positive at every position; the quote embeds 2.0 in it, and as the embeddings are tied its logit
+    leads all others by ~8 everywhere. Every other channel, and so everything else, stays random.
+    """
+    import torch
+
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.1
+        emb[quote, 0] = 2.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0
+            layer.mlp.down_proj.weight[0, :] = 0
 
 
 def write_tiny_models(root: Path, seed: int = 0, arch: str = "qwen2.5-vl") -> dict[str, str]:

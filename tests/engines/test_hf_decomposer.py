@@ -44,6 +44,7 @@ from server.engines.decomposition.pipelines import (
 from server.engines.decomposition.schema import Limits, dependencies_schema, fast_schema
 from server.engines.hf.decomposer import HFDecomposer
 from server.engines.prompts import TEMPLATE_VERSION, template_version
+from server.settings import decomposer_limits
 
 SMALL = Limits(max_semantic=3, max_quality=2, max_text_chars=24, max_args=2, max_arg_chars=12)
 PROMPTS = ["a red car next to a blue house", "two cats on a sofa"]
@@ -90,6 +91,19 @@ def test_fast_pipeline_on_tiny_model_yields_valid_decompositions(engine: HFDecom
         assert len(d.semantic) <= SMALL.max_semantic and len(d.quality) <= SMALL.max_quality
         for q in d.semantic:
             assert all(int(p[1:]) < int(q.id[1:]) for p in q.depends_on)
+
+
+def test_the_tiny_decomposer_finishes_a_fast_decomposition_in_a_few_tokens(engine: HFDecomposer) -> None:
+    """The README's first run: under the service's own limits a random model's strings ran to their caps (1,024
+    tokens, unfinished, then a retry: 10-50 s on a CPU). The tiny decomposer closes every string at once."""
+    schema = JsonSchema(fast_schema(decomposer_limits()))
+    prompts = ["a red cat on a blue sofa", "the word hello written on a wall"]
+    gens = engine.backend.generate([(fast_messages(p), schema) for p in prompts], attempt=0)
+    assert all(g.finished and g.n_tokens < 100 for g in gens), [(g.finished, g.n_tokens) for g in gens]
+    for prompt, g in zip(prompts, gens, strict=True):
+        _assert_valid(parse_fast_output(g.text, prompt, pipeline="fast", model=engine.model_id,
+                                        template_version=template_version()),
+                      prompt, "fast", engine)
 
 
 def test_editing_instructions_use_the_editing_template_whatever_the_pipeline(engine: HFDecomposer,

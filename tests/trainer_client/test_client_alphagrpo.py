@@ -156,7 +156,7 @@ class FailsDark:
                 else o for it, o in zip(items, out, strict=True)]
 
 
-def test_images_the_verifier_fails_train_as_nothing(tiny_models, redis_url, make_images, monkeypatch):
+def test_images_the_verifier_fails_train_as_nothing(tiny_models, redis_url, make_images, monkeypatch, caplog):
     import torch
 
     from server.runtime import build_app, load_verifier
@@ -169,9 +169,12 @@ def test_images_the_verifier_fails_train_as_nothing(tiny_models, redis_url, make
     images = _pil(make_images(6, seed=34))
     images[2] = Image.new("RGB", (40, 40), "black")
     prompts = ["a red cube"] * 3 + ["a blue ball"] * 3
-    with serve_in_thread(build_app(settings, (engine, None))) as url, DVRewardClient(url) as client:
+    with (serve_in_thread(build_app(settings, (engine, None))) as url, DVRewardClient(url) as client,
+          caplog.at_level("WARNING", logger="trainer_client")):
         details, metas = make_alphagrpo_reward_fn(client)({"images": images, "prompts": prompts,
                                                            "metadata": [REFERENCE_META] * 6})
+    said = [r.getMessage() for r in caplog.records if r.name == "trainer_client"]
+    assert len(said) == 1 and "1 of 6 samples could not be scored (first: sample 2, verification_failed" in said[0]
     assert torch.isfinite(torch.as_tensor(details["avg"]).float()).all()
     advantages = reference_advantages(prompts, details["avg"])
     assert abs(advantages[2]) <= advantage_tol([details["avg"]], 0.0, reward_noise=SUM_ORDER)
