@@ -24,6 +24,8 @@ from tests.server.test_bad_inputs import JSON, Q, assert_refused, multipart
 from tests.service_stack import drop_service_settings
 from tests.tolerance import assert_advantages_close, assert_p_close, assert_rewards_close
 
+pytestmark = pytest.mark.float_sensitive  # the two forms' rewards and advantages are compared
+
 Kwargs = dict[str, Any]
 
 

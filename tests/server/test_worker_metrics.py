@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.queue.messages import Result, Task, VerifyPayload
+from server.queue.messages import DecomposePayload, Result, Task, VerifyPayload
 from server.runtime import build_broker
 from server.settings import Settings
 from server.worker import Worker
@@ -53,7 +53,8 @@ def test_each_worker_metric_moves_with_its_event_and_readyz_follows_the_queue(
     private_redis: Any, services: Callable[..., Any], tiny_models: dict[str, Path], kit: types.SimpleNamespace,
 ) -> None:
     port = kit.free_port()
-    env = kit.service_env(redis_url=private_redis.url, verifier=tiny_models["verifier"], decomposer="",
+    env = kit.service_env(redis_url=private_redis.url, verifier=tiny_models["verifier"],
+                          decomposer=tiny_models["decomposer"],
                           heartbeat_s=0.5, batch_size=8, batch_wait_ms=100, worker_metrics_port=port)
     worker = services("worker", "worker", env)
     base = f"http://{kit.HOST}:{port}"
@@ -67,12 +68,13 @@ def test_each_worker_metric_moves_with_its_event_and_readyz_follows_the_queue(
 
     kit.wait_for(ready, kit.STARTUP_S, "the worker's /readyz", interval=0.2)
     before = scrape(base)
-    assert value(before, "dvreward_worker_engine_load_seconds", role="verifier") > 0
-    assert ("dvreward_worker_engine_load_seconds", (("role", "decomposer"),)) not in before, "no decomposer loaded"
+    for role in ("verifier", "decomposer"):
+        assert value(before, "dvreward_worker_engine_load_seconds", role=role) > 0
     (info,) = [dict(labels) for name, labels in before if name == "dvreward_worker_info"]
     assert f"-{worker.pid}-" in info["worker_id"] and info["verifier"].startswith("verifier@sha256:")
     assert not any(name.startswith("dvreward_worker_gpu_") for name, _ in before), "a CPU worker has no GPU memory"
     assert value(before, "dvreward_worker_batches_total", kind="verify") == 0
+    assert value(before, "dvreward_worker_batches_total", kind="decompose") == 0
 
     whole = kit.png_bytes(3, (64, 64))
     now = time.time()
@@ -81,10 +83,11 @@ def test_each_worker_metric_moves_with_its_event_and_readyz_follows_the_queue(
         Task("m:one", "m", now + 60, VerifyPayload(questions=("Is there a cat?",)), [kit.png_bytes(2)]),
         Task("m:bad", "m", now + 60, VerifyPayload(questions=("Is there a cat?",)), [whole[: len(whole) // 2]]),
         Task("m:old", "m", now - 1, VerifyPayload(questions=("Is there a cat?",)), [kit.png_bytes(4)]),
+        Task("m:prompt", "m", now + 60, DecomposePayload(prompt="a red cat"), []),
     ]
     results = asyncio.run(run_tasks(private_redis.url, tasks))
     assert {t: (r.error.code.value if r.error else "ok") for t, r in results.items()} == {
-        "m:two": "ok", "m:one": "ok", "m:bad": "bad_image", "m:old": "expired"}
+        "m:two": "ok", "m:one": "ok", "m:bad": "bad_image", "m:old": "expired", "m:prompt": "ok"}
 
     after = scrape(base)
     batches = value(after, "dvreward_worker_batches_total", kind="verify")
@@ -93,13 +96,17 @@ def test_each_worker_metric_moves_with_its_event_and_readyz_follows_the_queue(
     assert value(after, "dvreward_worker_batch_size_sum", kind="verify") == 3, "expired tasks never reach the engine"
     assert value(after, "dvreward_worker_batch_seconds_count", kind="verify") == batches
     assert value(after, "dvreward_worker_batch_seconds_sum", kind="verify") > 0
+    assert value(after, "dvreward_worker_batches_total", kind="decompose") >= 1
+    assert value(after, "dvreward_worker_batch_size_sum", kind="decompose") == 1
+    assert value(after, "dvreward_worker_batch_seconds_sum", kind="decompose") > 0
     assert value(after, "dvreward_worker_images_total") == 2
     assert value(after, "dvreward_worker_questions_total") == 3
     assert value(after, "dvreward_worker_p_source_total", source="logits") == 3
     assert value(after, "dvreward_worker_failures_total", code="bad_image") == 1
     assert value(after, "dvreward_worker_failures_total", code="expired") == 1
-    assert value(after, "dvreward_worker_engine_load_seconds", role="verifier") == \
-        value(before, "dvreward_worker_engine_load_seconds", role="verifier"), "loaded once"
+    for role in ("verifier", "decomposer"):
+        assert value(after, "dvreward_worker_engine_load_seconds", role=role) == \
+            value(before, "dvreward_worker_engine_load_seconds", role=role), "loaded once"
 
     private_redis.kill()  # its heartbeat cannot reach the queue: not ready, and says why
     down = kit.wait_for(lambda: (r := httpx.get(base + "/readyz", timeout=5)).status_code == 503 and r, 20,
