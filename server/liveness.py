@@ -57,11 +57,11 @@ class WorkerWatch:
                 if done:
                     return task.result()
                 await self.require(kind)
-        except BaseException:
-            # Not awaited: a client library may finish its blocking read first, and its outcome no longer matters.
+        finally:
+            # Returned, or given up (no worker, or cancelled): a gather still running is abandoned, not awaited (a
+            # client library may finish its blocking read first), and its outcome no longer matters.
             task.cancel()
             task.add_done_callback(_outcome_read)
-            raise
 
 
 def _outcome_read(task: asyncio.Future[Any]) -> None:

@@ -297,11 +297,13 @@ class RedisBroker:
                             "persistence); making it again", kind.value, error_code(exc))
                 self._groups_ready.discard(kind)
                 fresh, again = await self._read(kind, max_n, max_wait)
+        handed_out = None
         try:
-            return await self._accept(kind, fresh, again)
-        except BaseException:
-            self._unsettled[kind] = (fresh, again)  # claimed in Redis, never handed out
-            raise
+            handed_out = await self._accept(kind, fresh, again)
+            return handed_out
+        finally:
+            if handed_out is None:  # failed or cancelled: claimed in Redis, never handed out
+                self._unsettled[kind] = (fresh, again)
 
     async def _read(self, kind: TaskKind, max_n: int, max_wait: float) -> tuple[list[Entry], list[Entry]]:
         """(first deliveries, re-deliveries): entries idle past the visibility timeout (XAUTOCLAIM), then new ones
