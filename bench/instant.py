@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -57,15 +56,12 @@ class InstantVerifier:
 
 def main() -> None:
     """One worker on the instant verifier, draining on SIGTERM like `dvreward worker`."""
-    from server.runtime import build_broker, running
+    from server.runtime import build_broker, build_worker, running
     from server.settings import Settings
-    from server.worker import Worker
 
     logging.basicConfig(level=logging.WARNING)
     s = Settings(verifier=MODEL_ID, decomposer="")
-    worker = Worker(build_broker(s), InstantVerifier(), None, template_version="instant", batch_size=s.batch_size,
-                    batch_wait=s.batch_wait_ms / 1000, heartbeat_s=s.heartbeat_s, batch_timeout_s=s.batch_timeout_s,
-                    max_image_pixels=s.max_image_pixels, worker_id=f"instant-{os.getpid()}")
+    worker = build_worker(s, build_broker(s), InstantVerifier(), None)
 
     async def run() -> None:
         stop = asyncio.Event()

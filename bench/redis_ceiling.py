@@ -29,14 +29,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.service import free_port, stop  # noqa: E402
+from bench.service import redis_cpu_s, start_redis, stop  # noqa: E402
 
 H200_IMAGES_PER_S = 60.0  # one H200's verifier throughput the deployment plans for (DESIGN.md targets)
-
-
-def redis_cpu_s(client: redis.Redis) -> float:
-    cpu = client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def bench(client: redis.Redis, port: int, n: int, clients: int, *command: str) -> dict[str, float]:
@@ -69,9 +64,7 @@ def main() -> None:
 
     image, result = "x" * args.image_bytes, "r" * args.result_bytes
     tmp = tempfile.TemporaryDirectory(prefix="dvr-redis-")
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-                               "--dir", tmp.name], stdout=subprocess.DEVNULL)
+    server, port = start_redis(tmp.name)
     try:
         client = redis.Redis(port=port)
         for _ in range(100):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
@@ -30,14 +29,14 @@ from pathlib import Path
 
 import httpx
 import redis
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.client import make_step  # noqa: E402
-from bench.service import free_port, stop, wait_ready  # noqa: E402
+from bench.service import free_port, redis_cpu_s, start_redis, stop, wait_ready  # noqa: E402
 from dvreward_protocol.schemas import VerifyItemIn, VerifyRequest  # noqa: E402
+from trainer_client.encoding import EncodeOptions, encode_image  # noqa: E402
 from trainer_client.wire import Body  # noqa: E402
 
 QUESTIONS = ["Is there a cat?", "Is the cat orange?", "Is the cat on a sofa?", "Is the image sharp?"]
@@ -52,10 +51,9 @@ def cpu_s(pid: int) -> float:
 
 def redis_usage(client: redis.Redis) -> tuple[float, int, dict[str, int]]:
     """(CPU seconds, total commands, commands by name) of the Redis server so far."""
-    cpu = client.info("cpu")
     stats = client.info("commandstats")
     calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), sum(calls.values()), calls
+    return redis_cpu_s(client), sum(calls.values()), calls
 
 
 def request_body(n: int, size: int, transport: str) -> tuple[bytes, str]:
@@ -63,9 +61,7 @@ def request_body(n: int, size: int, transport: str) -> tuple[bytes, str]:
     body = Body(transport == "multipart")
     items = []
     for a in make_step(1, n, size, seed=0)[0]:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "JPEG", quality=95)
-        items.append(VerifyItemIn(images=[body.image(buf.getvalue())], questions=QUESTIONS))
+        items.append(VerifyItemIn(images=[body.image(encode_image(a, EncodeOptions()))], questions=QUESTIONS))
     return body.encode(VerifyRequest(items=items))
 
 
@@ -124,9 +120,8 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     log = open(Path(tmp.name) / "services.log", "wb")  # noqa: SIM115 - closed below
     try:
-        rport = free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no",
-                                       "--dir", tmp.name], stdout=subprocess.DEVNULL))
+        redis_proc, rport = start_redis(tmp.name)
+        procs.append(redis_proc)
         env = {**os.environ, "DVREWARD_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "DVREWARD_VERIFIER": "instant",
                "DVREWARD_DECOMPOSER": "", "DVREWARD_MAX_IMAGES": str(max(512, args.images)),
                "DVREWARD_BATCH_SIZE": "32", "DVREWARD_MAX_QUEUE": "100000", "PYTHONUNBUFFERED": "1"}

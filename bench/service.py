@@ -40,6 +40,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(workdir: str | Path) -> tuple[subprocess.Popen[Any], int]:
+    """A private redis-server on a free port, keeping nothing on disk, and its port."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    return proc, port
+
+
+def redis_cpu_s(client: Any) -> float:
+    """Redis's own CPU seconds so far (user + system, I/O included), from a redis-py client's INFO."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def stop(procs: list[subprocess.Popen[Any]]) -> None:
     """Terminate the services, last started first (each drains), then wait for all of them."""
     for p in reversed(procs):
@@ -95,9 +109,9 @@ def main() -> None:
     log = open(tmp / "service.log", "w")  # closed in the finally below
     client = httpx.Client(timeout=600)
     try:
-        rport, aport = free_port(), free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no",
-                                       "--dir", str(tmp)], stdout=subprocess.DEVNULL))
+        redis_proc, rport = start_redis(tmp)
+        procs.append(redis_proc)
+        aport = free_port()
         env = {**os.environ, "DVREWARD_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "DVREWARD_VERIFIER": str(model),
                "DVREWARD_DECOMPOSER": "", "DVREWARD_MAX_PIXELS": str(args.px * args.px),
                "DVREWARD_MIN_PIXELS": str(args.px * args.px // 4), "DVREWARD_BATCH_SIZE": str(args.batch_size),

@@ -46,6 +46,13 @@ def runs_on(worker_id: str, host: str) -> bool:
     return re.fullmatch(rf"{re.escape(host)}-\d+-[0-9a-f]{{6}}", worker_id) is not None
 
 
+def death_reason(exc: BaseException) -> str:
+    """The errors a background task ended with (a task group's come wrapped in an ExceptionGroup that names none)."""
+    leaves = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+    return "; ".join(death_reason(e) if isinstance(e, BaseExceptionGroup) else f"{type(e).__name__}: {e}"
+                     for e in leaves)
+
+
 class WorkerHung(RuntimeError):
     """A batch ran past the batch timeout: the engine is stuck in a thread nothing can stop. The worker
     stops renewing its claims (other workers get the tasks), leaves the registry and must exit."""
@@ -106,7 +113,6 @@ class Worker:
         return self._unregistered
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._stop = stop
         """Serve until `stop` is set (then drain), or until a loop fails: then every loop ends and the error is
         raised, so that the process exits and its supervisor restarts it.
 
@@ -114,6 +120,7 @@ class Worker:
         loop can miss its cancellation (Python 3.11's asyncio.wait_for returns an inner result that finished at the
         same moment), and the one left running kept a worker alive with no heartbeat or no work.
         """
+        self._stop = stop
         halt = asyncio.Event()
 
         async def until_stopped() -> None:

@@ -24,18 +24,12 @@ from server.idempotency import Idempotency, Keeping
 from server.queue.base import Broker
 from server.service import ScoringService
 from server.settings import Settings
+from server.worker import death_reason
 
 Died = Callable[[BaseException], None]
 Background = Callable[[Died], AbstractAsyncContextManager[None]]  # given what to call if it ends by itself
 
 log = logging.getLogger("dvreward.api")
-
-
-def death_reason(exc: BaseException) -> str:
-    """The errors a background task ended with (a task group's come wrapped in an ExceptionGroup that names none)."""
-    leaves = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
-    return "; ".join(death_reason(e) if isinstance(e, BaseExceptionGroup) else f"{type(e).__name__}: {e}"
-                     for e in leaves)
 
 
 def _error(request: Request, status: int, code: str, message: str, retry_after: float | None = None,

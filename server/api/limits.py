@@ -122,6 +122,22 @@ def check_score(req: ScoreRequest, s: Settings, parts: Parts | None = None) -> S
     return ScoreImages(images, sources)
 
 
+def read_images(req: ScoreRequest | VerifyRequest,
+                checked: ScoreImages | list[list[bytes] | ServiceError]) -> dict[str, bytes]:
+    """Each image text the checks read, to its bytes: the idempotency digest hashes them without decoding again."""
+    pairs: list[tuple[str, Checked | None]]
+    if isinstance(req, ScoreRequest):
+        assert isinstance(checked, ScoreImages)
+        pairs = [(t, c) for g, cs in zip(req.groups, checked.images, strict=True)
+                 for t, c in zip(g.images, cs, strict=True)]
+        pairs += [(g.source, c) for g, c in zip(req.groups, checked.sources, strict=True) if g.source is not None]
+    else:
+        assert isinstance(checked, list)
+        pairs = [(t, b) for it, blobs in zip(req.items, checked, strict=True) if not isinstance(blobs, ServiceError)
+                 for t, b in zip(it.images, blobs, strict=True)]
+    return {t: c for t, c in pairs if isinstance(c, bytes)}
+
+
 def check_verify(req: VerifyRequest, s: Settings, parts: Parts | None = None) -> list[list[bytes] | ServiceError]:
     """Request-level limits raise; an item whose image cannot be scored gets that error as its own."""
     _too_many("images", sum(len(it.images) for it in req.items), s.max_images, "images in the request")

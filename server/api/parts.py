@@ -64,10 +64,13 @@ def with_images(req: ScoreRequest | VerifyRequest, image: Callable[[str], str]) 
                                             for it in req.items]})
 
 
-def digest(req: ScoreRequest | VerifyRequest, parts: Parts | None) -> str:
-    """SHA-256 of the request with each image as the SHA-256 of its bytes (by its text where it has none)."""
+def digest(req: ScoreRequest | VerifyRequest, parts: Parts | None, read: Mapping[str, bytes]) -> str:
+    """SHA-256 of the request with each image as the SHA-256 of its bytes (by its text where it has none). `read`:
+    the bytes the request's checks already decoded, by image text; only the others are looked up here."""
     def image(text: str) -> str:
-        data: bytes | memoryview | None = parts.find(text) if parts is not None else None
+        data: bytes | memoryview | None = read.get(text)
+        if data is None and parts is not None:
+            data = parts.find(text)
         if data is None:
             try:
                 data = decode_base64(text, "image", sys.maxsize)

@@ -193,7 +193,7 @@ def _api(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from server.runtime import build_broker, build_worker, worker_port
-    from server.worker import WorkerHung
+    from server.worker import WorkerHung, death_reason
     from server.worker_metrics import WorkerMetrics
 
     _logging()
@@ -225,8 +225,7 @@ def _worker(args: argparse.Namespace) -> int:
             os._exit(EXIT_HUNG)
         except* Exception as failed:
             log.critical("worker %s stopped because a loop failed (%s); exiting with %d for a supervisor to restart "
-                         "it", worker.worker_id, "; ".join(f"{type(e).__name__}: {e}" for e in failed.exceptions),
-                         EXIT_WORKER_DIED, exc_info=failed)
+                         "it", worker.worker_id, death_reason(failed), EXIT_WORKER_DIED, exc_info=failed)
             died = True
         finally:
             await broker.close()

@@ -73,7 +73,7 @@ async def call(broker: Any, body: ScoreRequest, scorer: Scorer, max_bytes: int,
                key: str = "k1") -> tuple[dict[str, Any], bool]:
     """What a route does: (response JSON, replayed)."""
     got = await Idempotency(broker, Keeping(60, max_bytes), 30).claim("principal", "score", key, body,
-                                                                      lambda: digest(body, None))
+                                                                      lambda: digest(body, None, {}))
     if isinstance(got, Replay):
         return got.response, True
     async with got:

@@ -84,7 +84,8 @@ async def score(req: ScoreRequest, request_id: RequestId, service: ServiceDep, s
                 idempotency_key: IdemKey = None) -> Response:
     """Rewards, per-question evidence and GRPO advantages for groups of images."""
     images = await asyncio.to_thread(limits.check_score, req, settings, parts)
-    record = await idempotency.claim(principal, "score", idempotency_key, req, lambda: digest(req, parts))
+    record = await idempotency.claim(principal, "score", idempotency_key, req,
+                                     lambda: digest(req, parts, limits.read_images(req, images)))
     if isinstance(record, Replay):  # a replay scored nothing: it counts no work
         return _answer(record, request_id)
     async with record:
@@ -116,7 +117,8 @@ async def verify(req: VerifyRequest, request_id: RequestId, service: ServiceDep,
                  idempotency_key: IdemKey = None) -> Response:
     """P(yes) for explicit questions about images; no decomposition."""
     blobs = await asyncio.to_thread(limits.check_verify, req, settings, parts)
-    record = await idempotency.claim(principal, "verify", idempotency_key, req, lambda: digest(req, parts))
+    record = await idempotency.claim(principal, "verify", idempotency_key, req,
+                                     lambda: digest(req, parts, limits.read_images(req, blobs)))
     if isinstance(record, Replay):
         return _answer(record, request_id)
     async with record:

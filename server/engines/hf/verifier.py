@@ -260,9 +260,24 @@ class HFVerifier:
 
     # ---- public ---------------------------------------------------------------------------
     def verify(self, items: Sequence[VerifyItem]) -> list[list[float]]:
+        return self._verify(items, [self._prepare(it) for it in items])
+
+    def verify_each(self, items: Sequence[VerifyItem], *, greedy: bool = False) -> list[ItemScores | EngineError]:
+        """Exact p from the full logits for every item (and the greedy answers); a failure raises for the batch.
+        Each item is prepared (image processor, chat template) once for both."""
+        groups = [self._prepare(it) for it in items]
+        ps = self._verify(items, groups)
+        answers = self._greedy_answers(items, groups) if greedy else [None] * len(items)
+        return [ItemScores.exact(p, a) for p, a in zip(ps, answers, strict=True)]
+
+    def greedy_answers(self, items: Sequence[VerifyItem]) -> list[list[str]]:
+        """Each (item, question) conversation continued greedily for up to GREEDY_TOKENS tokens, as text: what a
+        chat call at temperature 0 answers. One ordinary sequence per pair, left-padded batches."""
+        return self._greedy_answers(items, [self._prepare(it) for it in items])
+
+    def _verify(self, items: Sequence[VerifyItem], groups: list[list[_Prepared]]) -> list[list[float]]:
         import torch
 
-        groups = [self._prepare(it) for it in items]
         preps = [p for g in groups for p in g]
         with torch.inference_mode(), _float32_convolutions():
             scores = self._verify_packed(preps) if self.mode == "packed" else self._verify_per_pair(preps)
@@ -273,18 +288,10 @@ class HFVerifier:
             out.append([by_slot[k] for k in range(len(item.questions))])  # a missing p is a KeyError, never 0
         return out
 
-    def verify_each(self, items: Sequence[VerifyItem], *, greedy: bool = False) -> list[ItemScores | EngineError]:
-        """Exact p from the full logits for every item (and the greedy answers); a failure raises for the batch."""
-        ps = self.verify(items)
-        answers = self.greedy_answers(items) if greedy else [None] * len(items)
-        return [ItemScores.exact(p, a) for p, a in zip(ps, answers, strict=True)]
-
-    def greedy_answers(self, items: Sequence[VerifyItem]) -> list[list[str]]:
-        """Each (item, question) conversation continued greedily for up to GREEDY_TOKENS tokens, as text: what a
-        chat call at temperature 0 answers. One ordinary sequence per pair, left-padded batches."""
+    def _greedy_answers(self, items: Sequence[VerifyItem], groups: list[list[_Prepared]]) -> list[list[str]]:
         import torch
 
-        pairs = [(i, k, prep.prefix + blk, prep) for i, it in enumerate(items) for prep in self._prepare(it)
+        pairs = [(i, k, prep.prefix + blk, prep) for i, g in enumerate(groups) for prep in g
                  for k, blk in zip(prep.slots, prep.blocks, strict=True)]
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
